@@ -1,0 +1,165 @@
+"""Loading the SDXL teacher, the LoRA student, SDXL text conditioning (SPEC §1).
+
+One UNet lives in memory: with its LoRA adapter disabled it *is* the teacher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+DEFAULT_LORA_TARGETS = ("to_q to_k to_v to_out.0 proj_in proj_out ff.net.0.proj ff.net.2 conv1 conv2 "
+                        "conv_shortcut downsamplers.0.conv upsamplers.0.conv time_emb_proj").split()
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def _hint(path: str) -> str:
+    if os.path.isdir(path) or path.startswith(("/", "./", "../", "~")):
+        return f"check that '{path}' is a diffusers folder (saved with save_pretrained)"
+    return (f"'{path}' is not a local folder and could not be fetched from the hub (offline?): download it "
+            f"where you have network (`hf download {path}`) and set HF_HOME, or pass a local folder")
+
+
+def from_pretrained(cls, path: str, subfolder: str | None = None, flag: str = "--pretrained_teacher_model",
+                    **kwargs):
+    """``cls.from_pretrained`` with a one-line error naming the fix when the weights are missing."""
+    if path.startswith(("/", "./", "../")) and not os.path.exists(path):
+        raise UserError(f"{flag}: folder '{path}' does not exist")
+    try:
+        return cls.from_pretrained(path, subfolder=subfolder, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as e:
+        what = f"{path}" + (f" (subfolder '{subfolder}')" if subfolder else "")
+        raise UserError(f"{flag}: cannot load {cls.__name__} from {what}: {_hint(path)} "
+                        f"[{type(e).__name__}: {str(e).splitlines()[0][:160]}]") from None
+
+
+@dataclass
+class Teacher:
+    tokenizers: list
+    text_encoders: list
+    vae: object
+    unet: object
+    scheduler: object
+
+
+def load_teacher(model: str, vae_path: str | None = None, revision: str | None = None,
+                 teacher_revision: str | None = None, cache_dir: str | None = None) -> Teacher:
+    """Load the SDXL components from a hub id or a local pipeline folder (SPEC §1)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    kw = dict(revision=teacher_revision, cache_dir=cache_dir)
+    tok1 = from_pretrained(CLIPTokenizer, model, "tokenizer", **kw)
+    tok2 = from_pretrained(CLIPTokenizer, model, "tokenizer_2", **kw)
+    te1 = from_pretrained(CLIPTextModel, model, "text_encoder", **kw)
+    te2 = from_pretrained(CLIPTextModelWithProjection, model, "text_encoder_2", **kw)
+    if vae_path:
+        vae = from_pretrained(AutoencoderKL, vae_path, None, flag="--pretrained_vae_model_name_or_path",
+                              revision=revision, cache_dir=cache_dir)
+    else:
+        vae = from_pretrained(AutoencoderKL, model, "vae", **kw)
+    unet = from_pretrained(UNet2DConditionModel, model, "unet", **kw)
+    sched = from_pretrained(DDPMScheduler, model, "scheduler", **kw)
+    if getattr(unet.config, "addition_embed_type", None) != "text_time":
+        raise UserError(f"--pretrained_teacher_model {model}: the UNet is not SDXL-conditioned "
+                        "(addition_embed_type must be 'text_time')")
+    for m in (te1, te2, vae, unet):
+        m.requires_grad_(False)
+        m.eval()
+    return Teacher([tok1, tok2], [te1, te2], vae, unet, sched)
+
+
+@torch.no_grad()
+def encode_prompts(captions: list[str], tokenizers, text_encoders) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL text conditioning (SPEC §1): penultimate hidden states of both encoders concatenated,
+    and the pooled (projected) output of the second encoder."""
+    hidden, pooled = [], None
+    for tok, enc in zip(tokenizers, text_encoders):
+        ids = tok(list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(enc.device)
+        out = enc(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out.text_embeds if hasattr(out, "text_embeds") else out[0]
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def time_ids(original_sizes, crop_top_lefts, target_size) -> torch.Tensor:
+    """SDXL micro-conditioning (SPEC §1): original (h, w) + crop top-left (y, x) + target (h, w)."""
+    rows = [list(o) + list(c) + list(target_size) for o, c in zip(original_sizes, crop_top_lefts)]
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def add_lora(unet, rank: int = 64, alpha: float = 64, dropout: float = 0.0, targets=DEFAULT_LORA_TARGETS):
+    """Attach the student's LoRA adapter (SPEC §1). B is initialised to zero, so the student starts
+    as the teacher."""
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets)))
+    return unet
+
+
+@contextlib.contextmanager
+def adapters_disabled(unet):
+    """Run the shared UNet as the teacher."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+def lora_state_dict(unet) -> dict:
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def save_lora(unet, directory: str | Path) -> None:
+    """Write the LoRA in the diffusers format that ``StableDiffusionXLPipeline.load_lora_weights`` reads."""
+    from diffusers import StableDiffusionXLPipeline
+
+    StableDiffusionXLPipeline.save_lora_weights(str(directory), unet_lora_layers=lora_state_dict(unet),
+                                                safe_serialization=True)
+
+
+def load_lora_into(unet, directory: str | Path) -> None:
+    """Load LoRA weights written by :func:`save_lora` into a UNet that already has the adapter."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    directory = Path(directory)
+    if not (directory / LORA_WEIGHT_NAME).is_file():
+        raise UserError(f"no LoRA weights ({LORA_WEIGHT_NAME}) in '{directory}': train first, or point "
+                        "to a checkpoint-* folder or the training --output_dir")
+    sd, _ = StableDiffusionXLPipeline.lora_state_dict(str(directory))
+    sd = {k.replace("unet.", "", 1): v for k, v in sd.items() if k.startswith("unet.")}
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(sd), adapter_name="default")
+    if getattr(result, "unexpected_keys", None):
+        raise UserError(f"LoRA weights in '{directory}' do not fit this UNet "
+                        f"(e.g. {result.unexpected_keys[0]}): wrong --lora_target_modules or teacher?")
+
+
+def atomic_dir(final: str | Path):
+    """Context manager: write into ``final + '.tmp'``, then rename into place (never a half-written dir)."""
+
+    @contextlib.contextmanager
+    def cm():
+        final_p = Path(final)
+        tmp = final_p.with_name(final_p.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        yield tmp
+        if final_p.exists():
+            shutil.rmtree(final_p)
+        os.replace(tmp, final_p)
+
+    return cm()

@@ -1,0 +1,128 @@
+"""The teacher's discrete VP noise schedule, the N-step grid and the boundary scalings.
+
+SPEC §1 (schedule), §2 (grid and timestep-value convention), §5 (consistency boundary condition).
+All tables are float64; values are returned as float32 tensors shaped for broadcasting over
+latents, so the ODE state stays in float32 whatever the UNet's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UserError
+
+
+def scaled_linear_betas(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
+                        beta_end: float = 0.012) -> torch.Tensor:
+    """SDXL's ``scaled_linear`` betas (SPEC §1), in float64."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.to(device=like.device, dtype=torch.float32).view(-1, *([1] * (like.ndim - 1)))
+
+
+class NoiseSchedule:
+    """Noise levels indexed by timestep *value* t in 0..T (SPEC §2).
+
+    alpha_t = sqrt(alphas_cumprod[t-1]), sigma_t = sqrt(1 - alphas_cumprod[t-1]); t = 0 is clean data
+    (alpha = 1, sigma = 0). beta(t) = T * betas[t-1] is the continuous-time VP rate used by Euler/Heun.
+    """
+
+    def __init__(self, betas: torch.Tensor):
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        self.T = int(betas.numel())
+        self.betas = betas
+        acp = torch.cumprod(1.0 - betas, 0)
+        self.alphas_cumprod = acp
+        one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+        self._alpha = torch.cat([one, acp.sqrt()])
+        self._sigma = torch.cat([zero, (1.0 - acp).sqrt()])
+        # beta(0) is undefined (SPEC §4); the table holds NaN there so that misuse is loud.
+        self._beta = torch.cat([torch.full((1,), float("nan"), dtype=torch.float64), self.T * betas])
+
+    @classmethod
+    def from_scheduler(cls, scheduler) -> "NoiseSchedule":
+        """Build from a diffusers scheduler (its ``betas``), e.g. the teacher's ``scheduler`` folder."""
+        cfg = scheduler.config
+        if getattr(cfg, "prediction_type", "epsilon") != "epsilon":
+            raise UserError(f"the teacher's scheduler predicts '{cfg.prediction_type}'; only epsilon "
+                            "prediction (SDXL base) is supported")
+        return cls(scheduler.betas.to(torch.float64))
+
+    @classmethod
+    def sdxl(cls) -> "NoiseSchedule":
+        return cls(scaled_linear_betas())
+
+    def _lookup(self, table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device="cpu").long().reshape(-1)
+        if t.numel() == 1 and like.shape[0] != 1:
+            t = t.expand(like.shape[0])
+        return _bcast(table[t], like)
+
+    def alpha(self, t, like):
+        return self._lookup(self._alpha, t, like)
+
+    def sigma(self, t, like):
+        return self._lookup(self._sigma, t, like)
+
+    def beta(self, t, like):
+        return self._lookup(self._beta, t, like)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """x_t = alpha_t x0 + sigma_t eps (DDPM ``add_noise`` at index t - 1), in float32."""
+        x0, noise = x0.float(), noise.float()
+        return self.alpha(t, x0) * x0 + self.sigma(t, x0) * noise
+
+    def x0_from_eps(self, x: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
+        """The DDIM data estimate (x - sigma_t eps) / alpha_t (SPEC §4, §5)."""
+        return (x - self.sigma(t, x) * eps) / self.alpha(t, x)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The N-interval discretisation of SPEC §2: start timesteps T, T-k, ..., k; next(t) = t - k."""
+
+    T: int
+    N: int
+
+    def __post_init__(self):
+        if self.N <= 0 or self.T % self.N != 0:
+            divisors = [d for d in (10, 20, 25, 50, 100, 200, 250, 500, 1000) if self.T % d == 0]
+            raise UserError(f"--num_discr_timesteps {self.N} must divide the {self.T} train timesteps "
+                            f"(e.g. {', '.join(map(str, divisors))})")
+
+    @property
+    def k(self) -> int:
+        return self.T // self.N
+
+    def timestep(self, index: torch.Tensor) -> torch.Tensor:
+        """Grid index n (0 = noisiest) -> timestep value T - n k."""
+        return self.T - self.k * torch.as_tensor(index).long()
+
+    def start_timesteps(self) -> torch.Tensor:
+        return self.timestep(torch.arange(self.N))
+
+    def sampling_indices(self, num_steps: int) -> list[int]:
+        """SPEC §8: grid indices round(linspace(0, N, K, endpoint=False)) (NumPy's round-half-even)."""
+        import numpy as np
+
+        if not 1 <= num_steps <= self.N:
+            raise UserError(f"--num_inference_steps {num_steps} must lie in 1..{self.N} (the grid size)")
+        return [int(i) for i in np.round(np.linspace(0, self.N, num_steps, endpoint=False))]
+
+    def sampling_timesteps(self, num_steps: int) -> list[int]:
+        return [self.T - self.k * i for i in self.sampling_indices(num_steps)]
+
+
+def boundary_scalings(t, like: torch.Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5):
+    """LCM-style c_skip, c_out (SPEC §5): c_skip(0) = 1, c_out(0) = 0, so f(x, 0) = x exactly."""
+    t = torch.as_tensor(t, device="cpu").to(torch.float64).reshape(-1)
+    if t.numel() == 1 and like.shape[0] != 1:
+        t = t.expand(like.shape[0])
+    ct = timestep_scaling * t
+    c_skip = sigma_data**2 / (ct**2 + sigma_data**2)
+    c_out = ct / (ct**2 + sigma_data**2).sqrt()
+    return _bcast(c_skip, like), _bcast(c_out, like)
