@@ -1,0 +1,94 @@
+"""Command-line flags of the training scripts, compatible with the paper's launch lines (SPEC §7)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .models import DEFAULT_LORA_TARGETS
+
+
+def _comma_list(s: str) -> list[str]:
+    return [x.strip() for x in s.replace(" ", ",").split(",") if x.strip()]
+
+
+def training_parser(objective: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=f"Distill an SDXL teacher into a LoRA student with the {objective} objective "
+                    "(Vouitsis et al., arXiv 2411.08954).")
+    a = p.add_argument
+    g = p.add_argument_group("models")
+    g.add_argument("--pretrained_teacher_model", default="stabilityai/stable-diffusion-xl-base-1.0",
+                   help="hub id or local SDXL pipeline folder")
+    g.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                   help="a VAE to use instead of the teacher's (paper: madebyollin/sdxl-vae-fp16-fix)")
+    g.add_argument("--teacher_revision", default=None)
+    g.add_argument("--revision", default=None)
+    g.add_argument("--cache_dir", default=None)
+    g = p.add_argument_group("output and logging")
+    g.add_argument("--output_dir", default=f"runs/{objective}")
+    g.add_argument("--seed", type=int, default=24, help="paper: 24")
+    g.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir")
+    g.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none")
+    g.add_argument("--tracker_project_name", default=f"{objective}-distill")
+    g.add_argument("--checkpointing_steps", type=int, default=50, help="paper: every 50 steps")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-* folder, or 'latest'")
+    g.add_argument("--push_to_hub", action="store_true")
+    g.add_argument("--hub_token", default=None)
+    g.add_argument("--hub_model_id", default=None)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset_name", default=None)
+    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--train_data_dir", default=None, help="image folder with metadata.csv (file_name,text)")
+    g.add_argument("--image_column", default="image")
+    g.add_argument("--caption_column", default="text")
+    g.add_argument("--resolution", type=int, default=1024)
+    g.add_argument("--interpolation_type", default="bilinear")
+    g.add_argument("--center_crop", action="store_true", help="default: random crop (paper)")
+    g.add_argument("--random_flip", action="store_true", help="default: no flip (paper)")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--max_train_samples", type=int, default=None)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=int, default=16, help="per device (paper: 16 on one GPU)")
+    g.add_argument("--num_train_epochs", type=int, default=100)
+    g.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps (paper: 250); overrides epochs")
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--scale_lr", action="store_true", help="lr *= accumulation x batch x processes")
+    g.add_argument("--lr_scheduler", default="constant")
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--use_8bit_adam", action="store_true")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g = p.add_argument_group("distillation (SPEC §2-§6)")
+    g.add_argument("--w", type=float, default=9.0, help="teacher guidance, Imagen form (paper: 9.0)")
+    g.add_argument("--solver", default="ddim", choices=["ddim", "euler", "heun"])
+    g.add_argument("--num_discr_timesteps", type=int, default=100, help="N, must divide 1000 (paper: 100)")
+    g.add_argument("--loss_type", default="l2", choices=["l2", "huber"])
+    g.add_argument("--huber_c", type=float, default=0.001)
+    g.add_argument("--timestep_scaling_factor", type=float, default=10.0)
+    g.add_argument("--lora_rank", type=int, default=64)
+    g.add_argument("--lora_alpha", type=float, default=64)
+    g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument("--lora_target_modules", type=_comma_list, default=list(DEFAULT_LORA_TARGETS),
+                   help="comma-separated module names")
+    g.add_argument("--vae_encode_batch_size", type=int, default=8)
+    g.add_argument("--teacher_max_batch", type=int, default=None,
+                   help="most samples per teacher call in the Direct CM loop (memory bound)")
+    g.add_argument("--cfg_batched", action="store_true",
+                   help="run conditional and unconditional teacher passes as one batch of 2B")
+    g.add_argument("--reference_loop", action="store_true",
+                   help="Direct CM: the reference's masked full-batch loop instead of per-sample steps")
+    g = p.add_argument_group("validation")
+    g.add_argument("--validation_steps", type=int, default=200)
+    g.add_argument("--validation_prompts", nargs="*", default=None)
+    g.add_argument("--num_inference_steps", type=int, nargs="+", default=[1, 4])
+    g.add_argument("--num_images_per_prompt", type=int, default=1)
+    return p

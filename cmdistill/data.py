@@ -1,0 +1,175 @@
+"""Training data: LAION-Aesthetics image folders (``metadata.csv`` with ``file_name,text``), any
+``datasets`` image folder or hub dataset with image/caption columns, and SDXL size/crop
+conditioning (SPEC §1, §7).
+
+The data stream is a pure function of (seed, position): position p is sample
+``perm_{p // n}[p % n]`` of the epoch permutation seeded by (seed, epoch). Process r of P takes
+positions ``b*P*B + r*B ... + B`` of global batch b. Resuming from ``samples_seen`` therefore
+continues exactly where training stopped, on any number of processes.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import UserError
+from .noise import generator_for
+
+logger = logging.getLogger(__name__)
+
+
+def load_caption_dataset(train_data_dir=None, dataset_name=None, dataset_config_name=None, image_column="image",
+                         caption_column="text", cache_dir=None, max_train_samples=None):
+    """A ``datasets.Dataset`` with undecoded images (so that corrupt files can be skipped)."""
+    import datasets
+
+    if train_data_dir:
+        if not os.path.isdir(train_data_dir):
+            raise UserError(f"--train_data_dir '{train_data_dir}' does not exist (get LAION-11k with "
+                            "`bash scripts/get_laion_data.sh preprocessed_11k`)")
+        if not os.path.isfile(os.path.join(train_data_dir, "metadata.csv")) and not any(
+                f.endswith((".jsonl", ".csv", ".parquet")) for f in os.listdir(train_data_dir)):
+            logger.warning("no metadata.csv in %s: captions must come from the folder's metadata", train_data_dir)
+        try:
+            ds = datasets.load_dataset("imagefolder", data_dir=train_data_dir, split="train", cache_dir=cache_dir)
+        except Exception as e:  # datasets raises many kinds here; all are input problems
+            raise UserError(f"--train_data_dir '{train_data_dir}' is not a readable image folder with "
+                            f"metadata.csv (file_name,text): {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    elif dataset_name:
+        try:
+            ds = datasets.load_dataset(dataset_name, dataset_config_name, split="train", cache_dir=cache_dir)
+        except Exception as e:
+            raise UserError(f"--dataset_name {dataset_name}: cannot load it ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:160]}); offline? download it where you have network, "
+                            "or pass --train_data_dir with an image folder + metadata.csv") from None
+    else:
+        raise UserError("give --train_data_dir (an image folder with metadata.csv) or --dataset_name")
+    for flag, col in (("--image_column", image_column), ("--caption_column", caption_column)):
+        if col not in ds.column_names:
+            raise UserError(f"{flag} '{col}' is not a column of the data set; its columns are: "
+                            f"{', '.join(ds.column_names)}")
+    if isinstance(ds.features[image_column], datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    if max_train_samples is not None:
+        ds = ds.select(range(min(max_train_samples, len(ds))))
+    if len(ds) == 0:
+        raise UserError("the training data set is empty")
+    return ds
+
+
+def open_image(value) -> Image.Image:
+    """Decode an undecoded ``datasets`` image ({'bytes', 'path'}), a path or a PIL image to RGB."""
+    if isinstance(value, Image.Image):
+        img = value
+    elif isinstance(value, dict):
+        img = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+    else:
+        img = Image.open(value)
+    img.load()
+    return img.convert("RGB")
+
+
+class SDXLImageCaptions(torch.utils.data.Dataset):
+    """Resize (shorter side), crop, flip, normalise to [-1, 1], with SDXL micro-conditioning.
+
+    Items are addressed by (epoch, index) so that crops and flips are deterministic per sample.
+    A corrupt image is replaced by the next readable one; the item reports how many it skipped.
+    """
+
+    def __init__(self, ds, image_column="image", caption_column="text", resolution=1024,
+                 interpolation="bilinear", center_crop=False, random_flip=False, seed=0):
+        from torchvision.transforms import InterpolationMode
+
+        self.ds, self.image_column, self.caption_column = ds, image_column, caption_column
+        self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
+        try:
+            self.interpolation = InterpolationMode[interpolation.upper()]
+        except KeyError:
+            raise UserError(f"--interpolation_type {interpolation!r}: choose one of "
+                            f"{', '.join(m.name.lower() for m in InterpolationMode)}") from None
+
+    def __len__(self):
+        return len(self.ds)
+
+    def _load(self, index):
+        row = self.ds[index]
+        return open_image(row[self.image_column]), str(row[self.caption_column])
+
+    def __getitem__(self, key):
+        import torchvision.transforms.functional as TF
+
+        epoch, index = key
+        skipped = 0
+        while True:
+            try:
+                img, caption = self._load(index)
+                break
+            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+                skipped += 1
+                warnings.warn(f"skipping unreadable image #{index} ({type(e).__name__}: {e})")
+                if skipped >= len(self.ds):
+                    raise UserError("no readable image in the training data") from None
+                index = (index + 1) % len(self.ds)
+        res = self.resolution
+        orig = (img.height, img.width)
+        img = TF.resize(img, res, interpolation=self.interpolation)
+        g = generator_for(self.seed, epoch, index, 7)
+        if self.center_crop:
+            top, left = max(0, round((img.height - res) / 2)), max(0, round((img.width - res) / 2))
+        else:
+            top = int(torch.randint(0, img.height - res + 1, (1,), generator=g))
+            left = int(torch.randint(0, img.width - res + 1, (1,), generator=g))
+        resized_width = img.width
+        img = TF.crop(img, top, left, res, res)
+        if self.random_flip and float(torch.rand((), generator=g)) < 0.5:
+            img = TF.hflip(img)
+            left = resized_width - left - res  # the crop's left edge in the mirrored image
+        x = TF.normalize(TF.to_tensor(img), [0.5], [0.5])
+        return {"pixel_values": x, "caption": caption, "original_size": orig, "crop_top_left": (top, left),
+                "skipped": skipped}
+
+
+def collate(items):
+    return {"pixel_values": torch.stack([i["pixel_values"] for i in items]),
+            "captions": [i["caption"] for i in items],
+            "original_sizes": [i["original_size"] for i in items],
+            "crop_top_lefts": [i["crop_top_left"] for i in items],
+            "skipped": sum(i["skipped"] for i in items)}
+
+
+class StreamBatchSampler(torch.utils.data.Sampler):
+    """Infinite per-process batches of (epoch, index) keys from the seeded sample stream."""
+
+    def __init__(self, n: int, batch_size: int, num_processes: int = 1, rank: int = 0, seed: int = 0,
+                 start_position: int = 0):
+        self.n, self.B, self.P, self.rank, self.seed = n, batch_size, num_processes, rank, seed
+        self.start = start_position
+        self._perm_cache: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch):
+        if epoch not in self._perm_cache:
+            self._perm_cache = {epoch: torch.randperm(self.n, generator=generator_for(self.seed, epoch, 11))}
+        return self._perm_cache[epoch]
+
+    def key(self, position: int):
+        epoch = position // self.n
+        return epoch, int(self._perm(epoch)[position % self.n])
+
+    def __iter__(self):
+        pos = self.start
+        while True:
+            first = pos + self.rank * self.B
+            yield [self.key(p) for p in range(first, first + self.B)]
+            pos += self.P * self.B
+
+
+def make_dataloader(dataset: SDXLImageCaptions, batch_size, num_processes, rank, seed, start_position, num_workers):
+    sampler = StreamBatchSampler(len(dataset), batch_size, num_processes, rank, seed, start_position)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                                       persistent_workers=False, pin_memory=torch.cuda.is_available())

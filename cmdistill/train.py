@@ -1,0 +1,382 @@
+"""The shared training loop of ``train_cm.py`` and ``train_direct_cm.py`` (SPEC §6-§7).
+
+The loop never branches on the objective: it receives a target function from
+``objectives.OBJECTIVES`` and computes ``distance(f_theta(x_t, t_n), target)``.
+Randomness (timesteps, noise, VAE sampling, crops, data order) is a pure function of
+(seed, step, process), so a resumed run reproduces the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import models
+from .args import training_parser
+from .data import SDXLImageCaptions, load_caption_dataset, make_dataloader
+from .errors import UserError
+from .guidance import GuidedEps, UNetEps
+from .noise import generator_for
+from .objectives import OBJECTIVES, DistillContext, distance
+from .solvers import solve_to_zero_reference
+from .sampling import consistency_fn, student_sample
+from .schedule import Grid, NoiseSchedule
+from .solvers import get_solver
+
+logger = logging.getLogger("cmdistill")
+STATE_NAME = "training_state.pt"
+CONFIG_NAME = "training_config.json"
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    found = [p for p in output_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and
+             (p / STATE_NAME).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
+    if not resume:
+        return None
+    if resume == "latest":
+        ckpts = list_checkpoints(output_dir)
+        if not ckpts:
+            logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting fresh", output_dir)
+            return None
+        return ckpts[-1]
+    path = Path(resume)
+    if not path.is_absolute() and not path.exists():
+        path = output_dir / resume
+    if not (path / STATE_NAME).is_file():
+        raise UserError(f"--resume_from_checkpoint '{resume}' is not a checkpoint folder (no {STATE_NAME}); "
+                        "use 'latest' or a checkpoint-* folder of --output_dir")
+    return path
+
+
+def make_optimizer(args, params):
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                       weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+        except ImportError:
+            logger.warning("--use_8bit_adam: bitsandbytes is not installed; using torch.optim.AdamW (fp32 states)")
+    return torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+def validate_args(args):
+    Grid(1000, args.num_discr_timesteps)  # raises a one-line error when N does not divide T
+    if args.resolution % 8:
+        raise UserError(f"--resolution {args.resolution} must be a multiple of 8 (the VAE downsamples 8x)")
+    if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
+        raise UserError("--train_batch_size and --gradient_accumulation_steps must be >= 1")
+    if not args.train_data_dir and not args.dataset_name:
+        raise UserError("give --train_data_dir (an image folder with metadata.csv) or --dataset_name")
+
+
+class Trainer:
+    """State and steps of one distillation run."""
+
+    def __init__(self, args, objective: str):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        self.args, self.objective_name = args, objective
+        self.objective = OBJECTIVES[objective]
+        self.output_dir = Path(args.output_dir)
+        report_to = None if args.report_to in (None, "none") else args.report_to
+        self.accelerator = acc = Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+            log_with=report_to, project_config=ProjectConfiguration(
+                project_dir=str(self.output_dir), logging_dir=str(self.output_dir / args.logging_dir)))
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        if not acc.is_main_process:
+            logger.setLevel(logging.WARNING)
+        set_seed(args.seed)
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
+        if args.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        # Models (SPEC §1): one UNet; its LoRA adapter disabled is the teacher.
+        t = models.load_teacher(args.pretrained_teacher_model, args.pretrained_vae_model_name_or_path,
+                                args.revision, args.teacher_revision, args.cache_dir)
+        self.tokenizers, self.text_encoders, self.vae, unet = t.tokenizers, t.text_encoders, t.vae, t.unet
+        self.sched = NoiseSchedule.from_scheduler(t.scheduler)
+        self.grid = Grid(self.sched.T, args.num_discr_timesteps)
+        self.step_fn = get_solver(args.solver)
+        dev = acc.device
+        # The stock SDXL VAE overflows in fp16; keep it fp32 unless an fp16-safe VAE was given (as the reference).
+        self.vae.to(dev, dtype=torch.float32 if args.pretrained_vae_model_name_or_path is None else self.weight_dtype)
+        for te in self.text_encoders:
+            te.to(dev, dtype=self.weight_dtype)
+        unet.to(dev, dtype=self.weight_dtype)
+        if args.enable_xformers_memory_efficient_attention:
+            try:
+                import xformers  # noqa: F401
+
+                unet.enable_xformers_memory_efficient_attention()
+            except ImportError:
+                logger.info("--enable_xformers_memory_efficient_attention: xformers not installed; "
+                            "using torch scaled_dot_product_attention (equivalent memory savings)")
+        models.add_lora(unet, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
+        for p in unet.parameters():  # fp32 LoRA parameters under mixed precision (SPEC §7)
+            if p.requires_grad:
+                p.data = p.data.float()
+        if args.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.params = [p for p in unet.parameters() if p.requires_grad]
+        if args.scale_lr:
+            args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * acc.num_processes
+        optimizer = make_optimizer(args, self.params)
+
+        # Data.
+        ds = load_caption_dataset(args.train_data_dir, args.dataset_name, args.dataset_config_name,
+                                  args.image_column, args.caption_column, args.cache_dir, args.max_train_samples)
+        self.dataset = SDXLImageCaptions(ds, args.image_column, args.caption_column, args.resolution,
+                                         args.interpolation_type, args.center_crop, args.random_flip, args.seed)
+        self.global_batch = args.train_batch_size * acc.num_processes * args.gradient_accumulation_steps
+        if args.max_train_steps is None:
+            args.max_train_steps = math.ceil(args.num_train_epochs * len(self.dataset) / self.global_batch)
+
+        # The schedule counts optimizer steps, whatever the number of processes: it is stepped once per
+        # optimizer step and not handed to accelerate (which would step it once per process).
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                          num_warmup_steps=args.lr_warmup_steps,
+                                          num_training_steps=args.max_train_steps)
+        self.unet, self.optimizer = acc.prepare(unet, optimizer)
+        self.base_unet = acc.unwrap_model(self.unet)
+        self.global_step, self.samples_seen, self.skipped_images = 0, 0, 0
+
+        resume = resolve_resume(self.output_dir, args.resume_from_checkpoint)
+        if resume is not None:
+            self.load_checkpoint(resume)
+        self.config = {k: v for k, v in vars(args).items()}
+        self.config.update(objective=objective, num_processes=acc.num_processes, global_batch_size=self.global_batch,
+                           mixed_precision=acc.mixed_precision, vae_scale_factor=self.vae_scale_factor)
+        if acc.is_main_process:
+            write_json_atomic(self.output_dir / CONFIG_NAME, self.config)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # --- checkpoints -------------------------------------------------------------------------------
+    def save_checkpoint(self):
+        acc, args = self.accelerator, self.args
+        if acc.is_main_process:
+            ckpts = list_checkpoints(self.output_dir)
+            if args.checkpoints_total_limit is not None:
+                for old in ckpts[: max(0, len(ckpts) - args.checkpoints_total_limit + 1)]:
+                    logger.info("removing old checkpoint %s", old.name)
+                    shutil.rmtree(old)
+            final = self.output_dir / f"checkpoint-{self.global_step}"
+            with models.atomic_dir(final) as tmp:
+                models.save_lora(self.base_unet, tmp)
+                state = {"global_step": self.global_step, "samples_seen": self.samples_seen,
+                         "skipped_images": self.skipped_images,
+                         "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                         "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                         "objective": self.objective_name}
+                torch.save(state, tmp / STATE_NAME)
+                write_json_atomic(tmp / CONFIG_NAME, self.config)
+            logger.info("saved %s", final)
+        acc.wait_for_everyone()
+
+    def load_checkpoint(self, path: Path):
+        logger.info("resuming from %s", path)
+        models.load_lora_into(self.base_unet, path)
+        state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=False)
+        if state.get("objective", self.objective_name) != self.objective_name:
+            raise UserError(f"checkpoint {path} was trained with objective '{state['objective']}', "
+                            f"not '{self.objective_name}': use another --output_dir")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if state.get("scaler") is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        self.global_step, self.samples_seen = state["global_step"], state["samples_seen"]
+        self.skipped_images = state.get("skipped_images", 0)
+
+    # --- one micro-batch ---------------------------------------------------------------------------
+    def conditioning(self, batch) -> dict:
+        dev = self.accelerator.device
+        prompt_embeds, pooled = models.encode_prompts(batch["captions"], self.tokenizers, self.text_encoders)
+        ids = models.time_ids(batch["original_sizes"], batch["crop_top_lefts"], (self.args.resolution,) * 2)
+        return {"prompt_embeds": prompt_embeds.to(dev, self.weight_dtype),
+                "text_embeds": pooled.to(dev, self.weight_dtype), "time_ids": ids.to(dev, self.weight_dtype)}
+
+    @torch.no_grad()
+    def encode_latents(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        pixels = pixels.to(self.accelerator.device, dtype=self.vae.dtype)
+        out = []
+        for chunk in pixels.split(self.args.vae_encode_batch_size):
+            out.append(self.vae.encode(chunk).latent_dist.sample(generator=generator))
+        return torch.cat(out).float() * self.vae.config.scaling_factor
+
+    def distill_context(self) -> DistillContext:
+        teacher = GuidedEps(UNetEps(self.base_unet), self.args.w, batched=self.args.cfg_batched)
+
+        def teacher_eps(x, t, cond):
+            with models.adapters_disabled(self.base_unet):
+                return teacher(x, t, cond)
+
+        return DistillContext(teacher_eps=teacher_eps, student_eps_nograd=UNetEps(self.base_unet), step=self.step_fn,
+                              sched=self.sched, grid=self.grid, timestep_scaling=self.args.timestep_scaling_factor,
+                              max_batch=self.args.teacher_max_batch)
+
+    def loss(self, batch, micro_step: int) -> torch.Tensor:
+        acc, args = self.accelerator, self.args
+        g = generator_for(args.seed, self.global_step, micro_step, acc.process_index)
+        latents = self.encode_latents(batch["pixel_values"], g)
+        cond = self.conditioning(batch)
+        B = latents.shape[0]
+        start = torch.randint(0, self.grid.N, (B,), generator=g)
+        noise = torch.randn(latents.shape, generator=g).to(latents.device)
+        t = self.grid.timestep(start)
+        x_t = self.sched.add_noise(latents, noise, t)
+        ctx = self.distill_context()
+        with acc.autocast():
+            if args.reference_loop and self.objective_name == "direct_cm":
+                with torch.no_grad():
+                    target = solve_to_zero_reference(ctx.step, ctx.teacher_eps, x_t, start, cond, ctx.sched, ctx.grid)
+            else:
+                target = self.objective(ctx, x_t, start, cond)
+            pred = consistency_fn(UNetEps(self.unet), x_t, t, cond, self.sched, args.timestep_scaling_factor)
+        return distance(pred, target, args.loss_type, args.huber_c)
+
+    # --- validation --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self):
+        acc, args = self.accelerator, self.args
+        prompts = args.validation_prompts or [self.dataset.ds[i][args.caption_column]
+                                              for i in range(min(4, len(self.dataset)))]
+        prompts = [p for p in prompts for _ in range(args.num_images_per_prompt)]
+        res = args.resolution
+        cond = self.conditioning({"captions": prompts, "original_sizes": [(res, res)] * len(prompts),
+                                  "crop_top_lefts": [(0, 0)] * len(prompts)})
+        from .noise import per_sample_noise
+
+        h = res // self.vae_scale_factor
+        idx = list(range(len(prompts)))
+        x_T = per_sample_noise(args.seed, idx, (4, h, h)).to(acc.device)
+        images = {}
+        for k in args.num_inference_steps:
+            with acc.autocast():
+                x0 = student_sample(UNetEps(self.base_unet), x_T, cond, self.sched, self.grid, k,
+                                    fresh_noise=lambda j: per_sample_noise(args.seed, idx, (4, h, h), stream=j + 1),
+                                    timestep_scaling=args.timestep_scaling_factor)
+            img = self.vae.decode((x0 / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
+            images[k] = ((img.float().clamp(-1, 1) + 1) / 2).cpu()
+        for tracker in acc.trackers:
+            if tracker.name == "tensorboard":
+                for k, img in images.items():
+                    tracker.writer.add_images(f"validation/{k}_steps", img, self.global_step, dataformats="NCHW")
+
+    # --- the loop ----------------------------------------------------------------------------------
+    def train(self):
+        from tqdm.auto import tqdm
+
+        acc, args = self.accelerator, self.args
+        if acc.is_main_process:
+            cfg = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in self.config.items()}
+            acc.init_trackers(args.tracker_project_name, config=cfg)
+        loader = make_dataloader(self.dataset, args.train_batch_size, acc.num_processes, acc.process_index,
+                                 args.seed, self.samples_seen, args.dataloader_num_workers)
+        batches = iter(loader)
+        logger.info("training %s: %d samples, %d steps of global batch %d (%d per device x %d processes x %d "
+                    "accumulation)", self.objective_name, len(self.dataset), args.max_train_steps, self.global_batch,
+                    args.train_batch_size, acc.num_processes, args.gradient_accumulation_steps)
+        bar = tqdm(total=args.max_train_steps, initial=self.global_step, desc=f"{self.objective_name} steps",
+                   disable=not acc.is_local_main_process)
+        log_path = self.output_dir / "train_log.jsonl"
+        if acc.is_main_process and self.global_step == 0 and log_path.exists():
+            log_path.unlink()
+        self.unet.train()
+        while self.global_step < args.max_train_steps:
+            losses, skipped, grad_norm = [], 0, None
+            for micro in range(args.gradient_accumulation_steps):
+                batch = next(batches)
+                skipped += batch["skipped"]
+                with acc.accumulate(self.unet):
+                    loss = self.loss(batch, micro)
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        grad_norm = acc.clip_grad_norm_(self.params, args.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.detach())
+            self.lr_scheduler.step()
+            self.global_step += 1
+            self.samples_seen += self.global_batch
+            loss_mean = acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
+            self.skipped_images += int(acc.reduce(torch.tensor(skipped, device=acc.device), reduction="sum").item())
+            logs = {"loss": loss_mean, "lr": self.lr_scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "skipped_images": self.skipped_images}
+            acc.log(logs, step=self.global_step)
+            if acc.is_main_process:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": self.global_step, **logs}) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_mean:.4g}")
+            if args.checkpointing_steps and self.global_step % args.checkpointing_steps == 0:
+                self.save_checkpoint()
+            if acc.is_main_process and args.validation_steps and self.global_step % args.validation_steps == 0:
+                self.validate()
+        bar.close()
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            with models.atomic_dir(self.output_dir / "final_lora") as tmp:
+                models.save_lora(self.base_unet, tmp)
+            # Also at the top of --output_dir, where load_lora_weights(output_dir) looks.
+            shutil.copyfile(self.output_dir / "final_lora" / models.LORA_WEIGHT_NAME, self.output_dir / "lora.tmp")
+            os.replace(self.output_dir / "lora.tmp", self.output_dir / models.LORA_WEIGHT_NAME)
+            logger.info("saved the final LoRA to %s (load with StableDiffusionXLPipeline.load_lora_weights)",
+                        self.output_dir)
+            if self.skipped_images:
+                logger.warning("%d unreadable images were skipped", self.skipped_images)
+            if args.push_to_hub:
+                self.push_to_hub()
+        acc.end_training()
+
+    def push_to_hub(self):
+        args = self.args
+        try:
+            from huggingface_hub import create_repo, upload_folder
+
+            repo = create_repo(args.hub_model_id or self.output_dir.name, exist_ok=True, token=args.hub_token).repo_id
+            upload_folder(repo_id=repo, folder_path=str(self.output_dir), token=args.hub_token,
+                          ignore_patterns=["checkpoint-*", "*.tmp"])
+        except Exception as e:
+            raise UserError(f"--push_to_hub failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); the weights "
+                            f"are saved in {self.output_dir}: upload them later with `hf upload`") from None
+
+
+def main(objective: str, argv=None):
+    from .errors import exit_on_user_error
+
+    @exit_on_user_error
+    def run():
+        args = training_parser(objective).parse_args(argv)
+        validate_args(args)
+        Trainer(args, objective).train()
+
+    run()
