@@ -27,6 +27,34 @@ def _hint(path: str) -> str:
             f"where you have network (`hf download {path}`) and set HF_HOME, or pass a local folder")
 
 
+def resolve_model_path(path: str, revision: str | None = None, cache_dir: str | None = None,
+                       flag: str = "--pretrained_teacher_model") -> str:
+    """A local folder as is; a hub id from the local cache when it is there; otherwise check quickly
+    that the hub is reachable, so that an offline machine gets one clear line instead of minutes
+    of retries."""
+    if os.path.isdir(os.path.expanduser(path)) or path.startswith(("/", "./", "../", "~")):
+        if not os.path.exists(os.path.expanduser(path)):
+            raise UserError(f"{flag}: folder '{path}' does not exist")
+        return os.path.expanduser(path)
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return snapshot_download(path, revision=revision, cache_dir=cache_dir, local_files_only=True)
+    except Exception:
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"{flag}: {_hint(path)} (HF_HUB_OFFLINE is set)")
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
+    except OSError:
+        raise UserError(f"{flag}: {_hint(path)}") from None
+    return path
+
+
 def from_pretrained(cls, path: str, subfolder: str | None = None, flag: str = "--pretrained_teacher_model",
                     **kwargs):
     """``cls.from_pretrained`` with a one-line error naming the fix when the weights are missing."""
@@ -55,6 +83,9 @@ def load_teacher(model: str, vae_path: str | None = None, revision: str | None =
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    model = resolve_model_path(model, teacher_revision, cache_dir)
+    if vae_path:
+        vae_path = resolve_model_path(vae_path, revision, cache_dir, flag="--pretrained_vae_model_name_or_path")
     kw = dict(revision=teacher_revision, cache_dir=cache_dir)
     tok1 = from_pretrained(CLIPTokenizer, model, "tokenizer", **kw)
     tok2 = from_pretrained(CLIPTokenizer, model, "tokenizer_2", **kw)
@@ -116,10 +147,12 @@ def adapters_disabled(unet):
 
 
 def lora_state_dict(unet) -> dict:
-    from diffusers.utils import convert_state_dict_to_diffusers
+    # PEFT-format keys (lora_A / lora_B): diffusers' loader maps every one of them back. (The older
+    # "lora.down/up" naming from convert_state_dict_to_diffusers loses the attention projections
+    # when read back by load_lora_weights in diffusers 0.42.)
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return get_peft_model_state_dict(unet)
 
 
 def save_lora(unet, directory: str | Path) -> None:

@@ -1,0 +1,182 @@
+"""End to end: both training scripts on a tiny SDXL-architecture pipeline, on the CPU."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    from cmdistill.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("teacher") / "tiny-sdxl")
+
+
+def make_image_folder(folder: Path, n: int = 6, corrupt: int = 0) -> Path:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        arr = (rng.random((64 + 8 * i, 72, 3)) * 255).astype("uint8")
+        Image.fromarray(arr).save(folder / f"{i}.png")
+        rows.append((f"{i}.png", f"a picture with number {i}"))
+    for j in range(corrupt):
+        (folder / f"bad{j}.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+        rows.append((f"bad{j}.png", "a broken picture"))
+    with open(folder / "metadata.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file_name", "text"])
+        w.writerows(rows)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("data") / "imgs")
+
+
+def run_script(script, *args, env=None, check=True):
+    e = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    r = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True, env=e,
+                       cwd=ROOT)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def common(teacher_dir, data_dir, out, *extra):
+    return ["--pretrained_teacher_model", teacher_dir, "--train_data_dir", data_dir, "--output_dir", out,
+            "--resolution", 64, "--train_batch_size", 2, "--num_discr_timesteps", 10, "--lora_rank", 4,
+            "--lora_alpha", 4, "--learning_rate", 1e-3, *extra]
+
+
+def losses(out: Path):
+    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("script,solver", [("train_cm.py", "heun"), ("train_direct_cm.py", "heun"),
+                                           ("train_direct_cm.py", "euler")])
+def test_script_trains_checkpoints_and_leaves_loadable_lora(teacher_dir, data_dir, tmp_path, script, solver):
+    out = tmp_path / "run"
+    run_script(script, *common(teacher_dir, data_dir, out, "--max_train_steps", 3, "--solver", solver,
+                               "--checkpointing_steps", 2, "--validation_steps", 3, "--num_inference_steps", 1, 2))
+    assert (out / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "checkpoint-2" / "training_state.pt").is_file()
+    cfg = json.loads((out / "training_config.json").read_text())
+    assert cfg["solver"] == solver and cfg["objective"] == script[len("train_"):-3]
+    assert len(losses(out)) == 3 and all(np.isfinite(losses(out)))
+    assert list((out / "logs").rglob("events.out.tfevents*")), "no TensorBoard events"
+
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(teacher_dir)
+    x = torch.randn(1, 4, 8, 8)
+    kw = dict(encoder_hidden_states=torch.randn(1, 77, 64),
+              added_cond_kwargs={"text_embeds": torch.randn(1, 32), "time_ids": torch.ones(1, 6) * 64})
+    with torch.no_grad():
+        before = pipe.unet(x, 500, **kw).sample
+        pipe.load_lora_weights(str(out))
+        after = pipe.unet(x, 500, **kw).sample
+    assert not torch.allclose(before, after), "the trained LoRA did not change the UNet"
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "pytorch_lora_weights.safetensors")
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name=next(iter(pipe.unet.peft_config)))
+    assert len(loaded) == len(saved) and any("attn1.to_q" in k for k in loaded)
+    for k, v in loaded.items():
+        torch.testing.assert_close(v, saved["unet." + k])
+
+
+def test_resume_latest_reproduces_the_uninterrupted_run(teacher_dir, data_dir, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    extra = ("--checkpointing_steps", 2, "--validation_steps", 0, "--report_to", "none")
+    run_script("train_cm.py", *common(teacher_dir, data_dir, full, "--max_train_steps", 4, *extra))
+    run_script("train_cm.py", *common(teacher_dir, data_dir, part, "--max_train_steps", 2, *extra))
+    r = run_script("train_cm.py", *common(teacher_dir, data_dir, part, "--max_train_steps", 4,
+                                          "--resume_from_checkpoint", "latest", *extra))
+    assert "resuming from" in r.stderr + r.stdout
+    np.testing.assert_allclose(losses(part)[-2:], losses(full)[-2:], rtol=1e-4)
+    from safetensors.torch import load_file
+
+    a, b = load_file(full / "pytorch_lora_weights.safetensors"), load_file(part / "pytorch_lora_weights.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_checkpoint_rotation_and_gradient_accumulation(teacher_dir, data_dir, tmp_path):
+    out = tmp_path / "rot"
+    run_script("train_direct_cm.py", *common(teacher_dir, data_dir, out, "--max_train_steps", 4,
+                                             "--checkpointing_steps", 1, "--checkpoints_total_limit", 2,
+                                             "--gradient_accumulation_steps", 2, "--validation_steps", 0,
+                                             "--report_to", "none", "--solver", "ddim"))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    state = torch.load(out / "checkpoint-4" / "training_state.pt", weights_only=False)
+    assert state["global_step"] == 4 and state["samples_seen"] == 4 * 2 * 2
+
+
+def test_corrupt_image_is_skipped_with_a_warning_and_counted(teacher_dir, tmp_path):
+    data = make_image_folder(tmp_path / "bad", n=3, corrupt=2)
+    out = tmp_path / "out"
+    r = run_script("train_cm.py", *common(teacher_dir, data, out, "--max_train_steps", 4, "--validation_steps", 0,
+                                          "--report_to", "none", "--checkpointing_steps", 0,
+                                          "--max_train_samples", 5),
+                   env={"PYTHONWARNINGS": "default"})
+    assert "skipping unreadable image" in r.stderr
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["skipped_images"] >= 1
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"--pretrained_teacher_model": "/nonexistent/sdxl"}, "does not exist"),
+    ({"--pretrained_teacher_model": "stabilityai/stable-diffusion-xl-base-1.0"}, "not a local folder"),
+    ({"--caption_column": "caption"}, "--caption_column 'caption' is not a column"),
+    ({"--num_discr_timesteps": 33}, "must divide"),
+    ({"--train_data_dir": "/nonexistent/data"}, "does not exist"),
+])
+def test_bad_input_gives_one_line_error(teacher_dir, data_dir, tmp_path, change, message):
+    args = common(teacher_dir, data_dir, tmp_path / "x", "--max_train_steps", 1)
+    for flag, value in change.items():
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    r = run_script("train_cm.py", *args, check=False)
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_gradient_clipping_really_clips(teacher_dir, data_dir, tmp_path):
+    """The gradient that the optimizer sees has norm <= --max_grad_norm."""
+    from cmdistill.args import training_parser
+    from cmdistill.train import Trainer
+
+    args = training_parser("direct_cm").parse_args(list(map(str, common(
+        teacher_dir, data_dir, tmp_path / "clip", "--max_train_steps", 2, "--max_grad_norm", 1e-4,
+        "--report_to", "none", "--validation_steps", 0, "--checkpointing_steps", 0))))
+    tr = Trainer(args, "direct_cm")
+    seen = []
+    inner = tr.optimizer.optimizer
+    orig = inner.step
+
+    def step(*a, **k):
+        seen.append(torch.norm(torch.stack([p.grad.norm() for p in tr.params if p.grad is not None])).item())
+        return orig(*a, **k)
+
+    inner.step = step
+    tr.train()
+    assert len(seen) == 2 and all(s <= 1e-4 * 1.001 for s in seen)
+    log = [json.loads(line) for line in (tmp_path / "clip" / "train_log.jsonl").read_text().splitlines()]
+    assert all(entry["grad_norm"] > 1e-4 for entry in log)  # the logged norm is the one before clipping
