@@ -123,10 +123,10 @@ class Trainer:
         self.step_fn = get_solver(args.solver)
         dev = acc.device
         # The stock SDXL VAE overflows in fp16; keep it fp32 unless an fp16-safe VAE was given (as the reference).
-        self.vae.to(dev, dtype=torch.float32 if args.pretrained_vae_model_name_or_path is None else self.weight_dtype)
-        for te in self.text_encoders:
-            te.to(dev, dtype=self.weight_dtype)
-        unet.to(dev, dtype=self.weight_dtype)
+        vae_dtype = torch.float32 if args.pretrained_vae_model_name_or_path is None else self.weight_dtype
+        for m, dtype in [(self.vae, vae_dtype), (unet, self.weight_dtype)] + [(te, self.weight_dtype)
+                                                                               for te in self.text_encoders]:
+            m.to(dev) if dtype == torch.float32 else m.to(dev, dtype=dtype)
         if args.enable_xformers_memory_efficient_attention:
             try:
                 import xformers  # noqa: F401
