@@ -5,7 +5,9 @@ conditioning (SPEC §1, §7).
 The data stream is a pure function of (seed, position): position p is sample
 ``perm_{p // n}[p % n]`` of the epoch permutation seeded by (seed, epoch). Process r of P takes
 positions ``b*P*B + r*B ... + B`` of global batch b. Resuming from ``samples_seen`` therefore
-continues exactly where training stopped, on any number of processes.
+continues exactly where training stopped, on any number of processes; and since the training
+step draws each sample's timestep and noise from (seed, position), P processes with batch B
+compute the same global batch as one process with batch P*B.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def open_image(value) -> Image.Image:
 class SDXLImageCaptions(torch.utils.data.Dataset):
     """Resize (shorter side), crop, flip, normalise to [-1, 1], with SDXL micro-conditioning.
 
-    Items are addressed by (epoch, index) so that crops and flips are deterministic per sample.
+    Items are addressed by (epoch, index, position) so that crops and flips are deterministic per sample.
     A corrupt image is replaced by the next readable one; the item reports how many it skipped.
     """
 
@@ -104,7 +106,7 @@ class SDXLImageCaptions(torch.utils.data.Dataset):
     def __getitem__(self, key):
         import torchvision.transforms.functional as TF
 
-        epoch, index = key
+        epoch, index, position = key
         skipped = 0
         while True:
             try:
@@ -132,7 +134,7 @@ class SDXLImageCaptions(torch.utils.data.Dataset):
             left = resized_width - left - res  # the crop's left edge in the mirrored image
         x = TF.normalize(TF.to_tensor(img), [0.5], [0.5])
         return {"pixel_values": x, "caption": caption, "original_size": orig, "crop_top_left": (top, left),
-                "skipped": skipped}
+                "skipped": skipped, "position": position}
 
 
 def collate(items):
@@ -140,11 +142,12 @@ def collate(items):
             "captions": [i["caption"] for i in items],
             "original_sizes": [i["original_size"] for i in items],
             "crop_top_lefts": [i["crop_top_left"] for i in items],
-            "skipped": sum(i["skipped"] for i in items)}
+            "skipped": sum(i["skipped"] for i in items),
+            "positions": [i["position"] for i in items]}
 
 
 class StreamBatchSampler(torch.utils.data.Sampler):
-    """Infinite per-process batches of (epoch, index) keys from the seeded sample stream."""
+    """Infinite per-process batches of (epoch, index, position) keys from the seeded sample stream."""
 
     def __init__(self, n: int, batch_size: int, num_processes: int = 1, rank: int = 0, seed: int = 0,
                  start_position: int = 0):
@@ -159,7 +162,7 @@ class StreamBatchSampler(torch.utils.data.Sampler):
 
     def key(self, position: int):
         epoch = position // self.n
-        return epoch, int(self._perm(epoch)[position % self.n])
+        return epoch, int(self._perm(epoch)[position % self.n]), position
 
     def __iter__(self):
         pos = self.start

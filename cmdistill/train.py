@@ -2,8 +2,9 @@
 
 The loop never branches on the objective: it receives a target function from
 ``objectives.OBJECTIVES`` and computes ``distance(f_theta(x_t, t_n), target)``.
-Randomness (timesteps, noise, VAE sampling, crops, data order) is a pure function of
-(seed, step, process), so a resumed run reproduces the uninterrupted one.
+Randomness (timesteps, noise, VAE sampling, crops, data order) is a pure function of the seed and
+each sample's position in the data stream, so a resumed run reproduces the uninterrupted one and
+P processes reproduce one process with the same global batch.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .args import training_parser
 from .data import SDXLImageCaptions, load_caption_dataset, make_dataloader
 from .errors import UserError
 from .guidance import GuidedEps, UNetEps
-from .noise import generator_for
+from .noise import generator_for, per_sample_noise
 from .objectives import OBJECTIVES, DistillContext, distance
 from .solvers import solve_to_zero_reference
 from .sampling import consistency_fn, student_sample
@@ -32,6 +33,7 @@ from .solvers import get_solver
 
 logger = logging.getLogger("cmdistill")
 STATE_NAME = "training_state.pt"
+STREAM_T, STREAM_NOISE, STREAM_VAE = 101, 102, 103  # noise streams of the training step (noise.per_sample_noise)
 CONFIG_NAME = "training_config.json"
 
 
@@ -224,12 +226,17 @@ class Trainer:
                 "text_embeds": pooled.to(dev, self.weight_dtype), "time_ids": ids.to(dev, self.weight_dtype)}
 
     @torch.no_grad()
-    def encode_latents(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def encode_latents(self, pixels: torch.Tensor, positions) -> torch.Tensor:
+        """VAE posterior sample mean + std * z, z drawn per sample from (seed, stream position)."""
         pixels = pixels.to(self.accelerator.device, dtype=self.vae.dtype)
-        out = []
+        mean, std = [], []
         for chunk in pixels.split(self.args.vae_encode_batch_size):
-            out.append(self.vae.encode(chunk).latent_dist.sample(generator=generator))
-        return torch.cat(out).float() * self.vae.config.scaling_factor
+            dist = self.vae.encode(chunk).latent_dist
+            mean.append(dist.mean.float())
+            std.append(dist.std.float())
+        mean, std = torch.cat(mean), torch.cat(std)
+        z = per_sample_noise(self.args.seed, positions, tuple(mean.shape[1:]), stream=STREAM_VAE).to(mean.device)
+        return (mean + std * z) * self.vae.config.scaling_factor
 
     def distill_context(self) -> DistillContext:
         teacher = GuidedEps(UNetEps(self.base_unet), self.args.w, batched=self.args.cfg_batched)
@@ -242,14 +249,16 @@ class Trainer:
                               sched=self.sched, grid=self.grid, timestep_scaling=self.args.timestep_scaling_factor,
                               max_batch=self.args.teacher_max_batch)
 
-    def loss(self, batch, micro_step: int) -> torch.Tensor:
+    def loss(self, batch) -> torch.Tensor:
+        """One micro-batch. Each sample's grid index and noise are drawn from (seed, stream position),
+        so the result does not depend on how the global batch is split over processes."""
         acc, args = self.accelerator, self.args
-        g = generator_for(args.seed, self.global_step, micro_step, acc.process_index)
-        latents = self.encode_latents(batch["pixel_values"], g)
+        positions = batch["positions"]
+        latents = self.encode_latents(batch["pixel_values"], positions)
         cond = self.conditioning(batch)
-        B = latents.shape[0]
-        start = torch.randint(0, self.grid.N, (B,), generator=g)
-        noise = torch.randn(latents.shape, generator=g).to(latents.device)
+        start = torch.cat([torch.randint(0, self.grid.N, (1,), generator=generator_for(args.seed, STREAM_T, p))
+                           for p in positions])
+        noise = per_sample_noise(args.seed, positions, tuple(latents.shape[1:]), stream=STREAM_NOISE).to(latents.device)
         t = self.grid.timestep(start)
         x_t = self.sched.add_noise(latents, noise, t)
         ctx = self.distill_context()
@@ -272,8 +281,6 @@ class Trainer:
         res = args.resolution
         cond = self.conditioning({"captions": prompts, "original_sizes": [(res, res)] * len(prompts),
                                   "crop_top_lefts": [(0, 0)] * len(prompts)})
-        from .noise import per_sample_noise
-
         h = res // self.vae_scale_factor
         idx = list(range(len(prompts)))
         x_T = per_sample_noise(args.seed, idx, (4, h, h)).to(acc.device)
@@ -312,11 +319,11 @@ class Trainer:
         self.unet.train()
         while self.global_step < args.max_train_steps:
             losses, skipped, grad_norm = [], 0, None
-            for micro in range(args.gradient_accumulation_steps):
+            for _ in range(args.gradient_accumulation_steps):
                 batch = next(batches)
                 skipped += batch["skipped"]
                 with acc.accumulate(self.unet):
-                    loss = self.loss(batch, micro)
+                    loss = self.loss(batch)
                     acc.backward(loss)
                     if acc.sync_gradients:
                         grad_norm = acc.clip_grad_norm_(self.params, args.max_grad_norm)

@@ -98,20 +98,45 @@ def test_script_trains_checkpoints_and_leaves_loadable_lora(teacher_dir, data_di
         torch.testing.assert_close(v, saved["unet." + k])
 
 
-def test_resume_latest_reproduces_the_uninterrupted_run(teacher_dir, data_dir, tmp_path):
+def run_two_processes(script, *args):
+    """The script on 2 CPU processes (gloo), as `accelerate launch` would start it on 2 GPUs."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "ACCELERATE_USE_CPU": "1",
+           "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                        "127.0.0.1", "--master_port", str(port), str(ROOT / script), *map(str, args)],
+                       capture_output=True, text=True, env=env, cwd=ROOT)
+    if r.returncode != 0:
+        raise AssertionError(f"{script} on 2 processes failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def test_resume_and_process_count_reproduce_the_uninterrupted_run(teacher_dir, data_dir, tmp_path):
+    """4 steps on 1 process with batch 2 == 2 steps on 2 processes with batch 1 each (same global batch),
+    then resumed from `latest` on 1 process: same losses, same final LoRA."""
     full, part = tmp_path / "full", tmp_path / "part"
     extra = ("--checkpointing_steps", 2, "--validation_steps", 0, "--report_to", "none")
     run_script("train_cm.py", *common(teacher_dir, data_dir, full, "--max_train_steps", 4, *extra))
-    run_script("train_cm.py", *common(teacher_dir, data_dir, part, "--max_train_steps", 2, *extra))
+    two = common(teacher_dir, data_dir, part, "--max_train_steps", 2, *extra)
+    two[two.index("--train_batch_size") + 1] = 1
+    r = run_two_processes("train_cm.py", *two)
+    assert "2 per device" not in r.stderr and "1 per device x 2 processes" in r.stderr
+    np.testing.assert_allclose(losses(part), losses(full)[:2], rtol=1e-4)
     r = run_script("train_cm.py", *common(teacher_dir, data_dir, part, "--max_train_steps", 4,
                                           "--resume_from_checkpoint", "latest", *extra))
     assert "resuming from" in r.stderr + r.stdout
-    np.testing.assert_allclose(losses(part)[-2:], losses(full)[-2:], rtol=1e-4)
+    np.testing.assert_allclose(losses(part), losses(full), rtol=1e-4)
     from safetensors.torch import load_file
 
     a, b = load_file(full / "pytorch_lora_weights.safetensors"), load_file(part / "pytorch_lora_weights.safetensors")
+    # All-reduce sums gradients in another order than one process does; Adam's g / sqrt(v) turns those
+    # last-bit differences into visible ones on parameters whose gradients are ~0.
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-2, atol=1e-3)
 
 
 def test_checkpoint_rotation_and_gradient_accumulation(teacher_dir, data_dir, tmp_path):
