@@ -1,0 +1,519 @@
+"""The evaluation programs: ``test_teacher.py`` (teacher ODE reference samples), ``test.py`` (student
+samples) and ``make_init_noise`` (SPEC §8, §9). Flags keep the reference scripts' names.
+
+Both programs run the same driver: validate the inputs, shard the caption indices over the
+processes (process r takes r, r + P, ...), generate what is not already on disk, then on the main
+process merge the latents, score, log to TensorBoard and record ``metrics.json`` / ``results.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import results
+from ..errors import UserError, exit_on_user_error
+from ..models import DEFAULT_LORA_TARGETS, LORA_WEIGHT_NAME
+from . import scoring
+from .generate import DTYPES, Models, generate, load_models, student_sampler, teacher_sampler
+from .inputs import (InitNoise, latent_shape, make_init_noise, prepare_reference_image, read_captions_file,
+                     read_metadata)
+from .store import CAPTIONS_NAME, CONFIG_NAME, LATENTS_NAME, SampleStore
+
+PAPER_TEACHER = "stabilityai/stable-diffusion-xl-base-1.0"
+TRAINING_CONFIG = "training_config.json"
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags
+
+
+def _parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    g = p.add_argument_group("models")
+    g.add_argument("--pretrained_teacher_model", default=None, help="hub id or local SDXL pipeline folder")
+    g.add_argument("--pretrained_vae_model_name_or_path", default=None, help="paper: madebyollin/sdxl-vae-fp16-fix")
+    g.add_argument("--revision", default=None)
+    g.add_argument("--teacher_revision", default=None)
+    g.add_argument("--weight_dtype", default="fp32", choices=list(DTYPES), help="paper scripts: fp16")
+    g = p.add_argument_group("captions and noise")
+    g.add_argument("--captions_file", default=None, help="one caption a line (or a JSON list)")
+    g.add_argument("--max_prompts", type=int, default=None, help="evaluate only the first N captions (quick look)")
+    g.add_argument("--seed", type=int, default=None, help="per-caption noise seed (default 24, paper)")
+    g.add_argument("--resolution", type=int, default=None, help="default 1024")
+    g.add_argument("--init_noise", default=None,
+                   help="[num_captions, 4, H/8, W/8] tensor of initial noise (e.g. data/init_noise.pt); "
+                        "default: per-caption noise from --seed, the same values scripts/make_init_noise.py writes")
+    g = p.add_argument_group("generation")
+    g.add_argument("--output_dir", default=None)
+    g.add_argument("--batch_size", type=int, default=8, help="captions per sampling batch, per process")
+    g.add_argument("--vae_decode_batch_size", type=int, default=4)
+    g.add_argument("--overwrite", action="store_true", help="regenerate samples already on disk")
+    g = p.add_argument_group("metrics (SPEC §9)")
+    g.add_argument("--dgm_metrics", nargs="+", default=["fd"], help="'fd', or 'none'")
+    g.add_argument("--dgm_models", nargs="+", default=["inception", "dinov2"], help="FD feature extractors")
+    g.add_argument("--instance_metrics", nargs="+", default=["clip_score", "aesthetic"], help="or 'none'")
+    g.add_argument("--dgm_metrics_batch_size", type=int, default=64)
+    g.add_argument("--metrics_weights_dir", default=None, help="local weights of the metric networks")
+    g.add_argument("--metrics_cache_dir", default=None, help="reference-feature cache (default: beside the reference)")
+    g = p.add_argument_group("logging")
+    g.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir")
+    g.add_argument("--num_log_images", type=int, default=4, help="captions shown in the comparison grids")
+    return p
+
+
+def teacher_parser() -> argparse.ArgumentParser:
+    p = _parser("Teacher reference samples: deterministic ODE sampling with classifier-free guidance (SPEC §8), "
+                "scored against the real training images.")
+    g = p.add_argument_group("teacher sampling")
+    g.add_argument("--train_data_dir", default=None, help="training image folder with metadata.csv (captions and "
+                                                          "the real reference images)")
+    g.add_argument("--caption_column", default="text")
+    g.add_argument("--image_column", default="file_name")
+    g.add_argument("--scheduler", default="ddim", choices=["ddim", "euler", "heun"], help="the ODE solver")
+    g.add_argument("--num_original_inference_steps", type=int, default=100, help="N solver steps (paper: 100)")
+    g.add_argument("--guidance_scale", type=float, default=9.0, help="w, Imagen form (paper: 9.0)")
+    g.add_argument("--cfg_batched", action="store_true", help="conditional and unconditional passes as one batch")
+    p.set_defaults(output_dir="results/teacher")
+    return p
+
+
+def student_parser() -> argparse.ArgumentParser:
+    p = _parser("Student samples: multistep consistency sampling with the LoRA of a training run (SPEC §8), "
+                "scored against the teacher's samples from the same noise.")
+    g = p.add_argument_group("student sampling")
+    g.add_argument("--train_data_dir", default=None,
+                   help="the teacher reference folder (.../train_gen_images/{N}_steps/{w}_gscale of test_teacher.py)")
+    g.add_argument("--lora_weights", default="auto",
+                   help="'auto' (final weights, else the latest checkpoint), 'final', 'latest', a checkpoint-* "
+                        "name or a folder")
+    g.add_argument("--lora_scale", type=float, default=1.0)
+    g.add_argument("--fuse_lora", action=argparse.BooleanOptionalAction, default=True,
+                   help="merge the LoRA into the UNet weights (faster; as the reference)")
+    g.add_argument("--num_inference_steps", type=int, nargs="+", default=[1, 2, 4, 8])
+    g.add_argument("--num_original_inference_steps", type=int, default=None,
+                   help="grid size N (default: training_config.json's num_discr_timesteps)")
+    g.add_argument("--timestep_scaling_factor", type=float, default=None)
+    g.add_argument("--lora_rank", type=int, default=None)
+    g.add_argument("--lora_alpha", type=float, default=None)
+    g.add_argument("--lora_target_modules", nargs="+", default=None)
+    g.add_argument("--guidance_scale", type=float, default=0.0, help="must be 0: the student is never guided")
+    p.set_defaults(output_dir=None)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared driver
+
+
+@dataclass
+class Job:
+    """One evaluated setting: where its samples go, how to make and score them."""
+
+    store: SampleStore
+    identity: dict                      # what the samples depend on (the resume check)
+    config: dict                        # written beside the samples
+    desc: str
+    setting: str                        # key in metrics.json / results.csv
+    row: dict                           # fixed fields of its results row
+    tb_group: str
+    tb_step: int
+    make_sampler: Callable[[Models], Callable]
+    score: Callable[[int], dict]
+    grid: Callable[[int], list]         # count -> rows of image paths for the comparison grid
+    prepare: Callable[[list[int]], None] | None = None  # per-process work on its indices (reference images)
+
+
+def _state():
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _quiet_hub_logs() -> None:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def run_jobs(args, state, jobs: list[Job], captions: list[str], count: int, init_noise: InitNoise,
+             load: Callable[[torch.device], Models]) -> list[dict]:
+    main = state.is_main_process
+    clear = [job.store.check_config(job.identity, captions, args.overwrite) for job in jobs]
+    state.wait_for_everyone()
+    if main:
+        for job, c in zip(jobs, clear):
+            if c:
+                job.store.reset()
+            job.store.write_config(job.config, captions)
+    state.wait_for_everyone()
+
+    mine = list(range(state.process_index, count, state.num_processes))
+    todo = []
+    for job in jobs:
+        done = job.store.done(mine)
+        todo.append([i for i in mine if i not in done])
+        if main and done:
+            print(f"{job.desc}: {len(done)} of this process's {len(mine)} captions already done, skipped", flush=True)
+    if any(todo):
+        _quiet_hub_logs()
+        models = load(state.device)
+        for job, td in zip(jobs, todo):
+            generate(job.store, td, captions, init_noise, job.make_sampler(models), models, args.batch_size,
+                     args.vae_decode_batch_size, job.desc, show_progress=main)
+        del models
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    for job in jobs:
+        if job.prepare is not None:
+            job.prepare(mine)
+    state.wait_for_everyone()
+    if not main:
+        return []
+
+    out = []
+    log_dir = Path(args.output_dir) / args.logging_dir / "evaluation"
+    for job in jobs:
+        n = job.store.merge()
+        if n < count:
+            raise UserError(f"{job.store.folder} has samples for {n} of {count} captions after generation: rerun to "
+                            "complete it")
+        metrics = job.score(count)
+        row = {**job.row, "num_images": count, **metrics, "folder": str(job.store.folder),
+               "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        results.record(args.output_dir, job.setting, row)
+        scoring.log_tensorboard(log_dir, job.tb_group, job.tb_step, metrics, job.grid(count), "comparison")
+        shown = ", ".join(f"{k}={v:.5g}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"{job.desc}: {count} samples in {job.store.folder}; {shown or 'no metrics'}", flush=True)
+        out.append(row)
+    print(f"results: {Path(args.output_dir) / results.METRICS_NAME}, {Path(args.output_dir) / results.RESULTS_NAME}; "
+          f"TensorBoard: {log_dir}", flush=True)
+    return out
+
+
+def _count(args, captions: list[str]) -> int:
+    if not captions:
+        raise UserError("no captions to evaluate")
+    if args.batch_size < 1 or (args.max_prompts is not None and args.max_prompts < 1):
+        raise UserError("--batch_size and --max_prompts must be positive")
+    return len(captions) if args.max_prompts is None else min(args.max_prompts, len(captions))
+
+
+def _resolved_config(args, identity: dict, state, **extra) -> dict:
+    return {"identity": identity, "args": vars(args), "num_processes": state.num_processes,
+            "written": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
+
+
+def _abs(path: str | None) -> str | None:
+    return str(Path(path).resolve()) if path else None
+
+
+# ---------------------------------------------------------------------------------------------
+# test_teacher.py
+
+
+@exit_on_user_error
+def teacher_main(argv=None) -> list[dict]:
+    args = teacher_parser().parse_args(argv)
+    args.pretrained_teacher_model = args.pretrained_teacher_model or PAPER_TEACHER
+    args.seed = 24 if args.seed is None else args.seed
+    args.resolution = args.resolution or 1024
+    args.init_noise = _abs(args.init_noise)
+    dgm = scoring.metric_names(args.dgm_metrics)
+
+    real = None
+    if args.train_data_dir:
+        captions, real = read_metadata(args.train_data_dir, args.caption_column, args.image_column)
+    if args.captions_file:
+        captions = read_captions_file(args.captions_file)
+    elif not args.train_data_dir:
+        raise UserError("give the captions: --train_data_dir (the training image folder with metadata.csv) or "
+                        "--captions_file")
+    if dgm and real is None:
+        raise UserError("FID / FD-DINO of the teacher need the real images: pass --train_data_dir, or "
+                        "--dgm_metrics none")
+    count = _count(args, captions)
+    missing = next((p for p in (real or [])[:count] if not p.is_file()), None)
+    if missing is not None:
+        raise UserError(f"real image '{missing}' listed in the metadata of --train_data_dir does not exist")
+    init = InitNoise(args.seed, args.resolution, len(captions), args.init_noise)
+    state = _state()
+
+    N, w = args.num_original_inference_steps, float(args.guidance_scale)
+    folder = Path(args.output_dir) / "train_gen_images" / f"{N}_steps" / f"{w}_gscale"
+    store = SampleStore(folder, args.resolution)
+    identity = {"kind": "teacher", "model": args.pretrained_teacher_model,
+                "vae": args.pretrained_vae_model_name_or_path, "revision": args.revision,
+                "teacher_revision": args.teacher_revision, "scheduler": args.scheduler, "num_steps": N,
+                "guidance_scale": w, "resolution": args.resolution, "weight_dtype": args.weight_dtype,
+                **init.fingerprint()}
+    real_dir = Path(args.output_dir) / "real_images" / f"{args.resolution}px"
+
+    def real_paths(indices, write):
+        return [prepare_reference_image(real[i], real_dir / f"{i}.png", args.resolution, write) for i in indices
+                if i < len(real)]
+
+    def prepare(indices):
+        if real is not None and (dgm or args.num_log_images):
+            real_paths(indices, True)
+
+    def score(n):
+        refs = real_paths(range(n), False) if dgm else None
+        cache = args.metrics_cache_dir or Path(args.output_dir) / "metrics_cache"
+        return scoring.quality_metrics(args, [store.image_path(i) for i in range(n)], refs, captions[:n],
+                                       state.device, cache)
+
+    def grid(n):
+        k = min(n, args.num_log_images)
+        top = real_paths(range(k), False) if real is not None else []
+        return ([top] if len(top) == k else []) + [[store.image_path(i) for i in range(k)]]
+
+    job = Job(store=store, identity=identity, config=_resolved_config(args, identity, state),
+              desc=f"teacher {args.scheduler} N={N} w={w}", setting=f"teacher/{args.scheduler}/{N}_steps/{w}_gscale",
+              row={"kind": "teacher", "method": "teacher", "solver": args.scheduler,
+                   "num_original_inference_steps": N, "guidance_scale": w, "num_inference_steps": N,
+                   "resolution": args.resolution, "seed": args.seed},
+              tb_group=f"teacher_{args.scheduler}_w{w}", tb_step=N,
+              make_sampler=lambda m: teacher_sampler(m, args.scheduler, N, w, args.cfg_batched),
+              score=score, grid=grid, prepare=prepare)
+    return run_jobs(args, state, [job], captions, count, init, lambda dev: load_models(args, dev))
+
+
+# ---------------------------------------------------------------------------------------------
+# test.py
+
+
+def resolve_lora(output_dir: Path, choice: str) -> tuple[Path, str]:
+    """(folder holding pytorch_lora_weights.safetensors, its name) for --lora_weights."""
+    if not output_dir.is_dir():
+        raise UserError(f"--output_dir '{output_dir}' does not exist (the training run's folder with the LoRA)")
+    ckpts = sorted((p for p in output_dir.glob("checkpoint-*")
+                    if re.fullmatch(r"checkpoint-\d+", p.name) and (p / LORA_WEIGHT_NAME).is_file()),
+                   key=lambda p: int(p.name.split("-")[1]))
+    final = (output_dir / LORA_WEIGHT_NAME).is_file()
+    if choice in ("auto", "final") and final:
+        return output_dir, "final"
+    if choice in ("auto", "latest") and ckpts:
+        return ckpts[-1], ckpts[-1].name
+    if choice not in ("auto", "final", "latest"):
+        path = Path(choice) if Path(choice).is_dir() else output_dir / choice
+        if (path / LORA_WEIGHT_NAME).is_file():
+            return path, path.name
+        raise UserError(f"--lora_weights '{choice}': no {LORA_WEIGHT_NAME} in '{path}'")
+    what = {"auto": f"{LORA_WEIGHT_NAME} or checkpoint-*/{LORA_WEIGHT_NAME}", "final": LORA_WEIGHT_NAME,
+            "latest": f"checkpoint-*/{LORA_WEIGHT_NAME}"}[choice]
+    raise UserError(f"no LoRA weights in '{output_dir}' (looked for {what}): train first, or pass --lora_weights")
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _teacher_folder(path: str | None) -> Path:
+    if not path:
+        raise UserError("--train_data_dir: give the teacher reference folder "
+                        "(.../train_gen_images/{N}_steps/{w}_gscale written by test_teacher.py)")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UserError(f"--train_data_dir: folder '{folder}' does not exist (run test_teacher.py first)")
+    if not any(folder.glob("0.*")) and (folder / "train_gen_images").is_dir():
+        found = sorted(str(p) for p in (folder / "train_gen_images").glob("*/*") if p.is_dir())
+        raise UserError(f"--train_data_dir '{folder}' is a test_teacher.py output folder; pass one of its sample "
+                        f"folders: {', '.join(found) or 'none yet'}")
+    return folder
+
+
+def _teacher_image(folder: Path, i: int) -> Path:
+    png = folder / f"{i}.png"
+    return png if png.is_file() else folder / f"{i}.jpg"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@exit_on_user_error
+def student_main(argv=None) -> list[dict]:
+    args = student_parser().parse_args(argv)
+    if args.output_dir is None:
+        raise UserError("--output_dir: give the training run's output folder (it holds the LoRA)")
+    out = Path(args.output_dir)
+    lora_dir, weights = resolve_lora(out, args.lora_weights)
+    if args.guidance_scale != 0:
+        raise UserError("--guidance_scale must be 0: the student samples unguided (SPEC §3, §8)")
+    teacher_dir = _teacher_folder(args.train_data_dir)
+    notes = []  # warnings, printed once the inputs are known to be valid
+    train_cfg = _read_json(lora_dir / TRAINING_CONFIG) or _read_json(out / TRAINING_CONFIG)
+    if not train_cfg:
+        notes.append(f"no {TRAINING_CONFIG} in '{out}': LoRA and grid settings fall back to flags and paper defaults")
+    t_args = _read_json(teacher_dir / CONFIG_NAME).get("args", {})
+
+    # Defaults: flag > training config > the teacher folder's config > paper.
+    def pick(flag, train_key, teacher_key, default):
+        for v in (flag, train_cfg.get(train_key), t_args.get(teacher_key) if teacher_key else None):
+            if v is not None:
+                return v
+        return default
+
+    args.pretrained_teacher_model = pick(args.pretrained_teacher_model, "pretrained_teacher_model",
+                                         "pretrained_teacher_model", PAPER_TEACHER)
+    args.pretrained_vae_model_name_or_path = pick(args.pretrained_vae_model_name_or_path,
+                                                  "pretrained_vae_model_name_or_path",
+                                                  "pretrained_vae_model_name_or_path", None)
+    args.num_original_inference_steps = int(pick(args.num_original_inference_steps, "num_discr_timesteps",
+                                                 "num_original_inference_steps", 100))
+    args.timestep_scaling_factor = float(pick(args.timestep_scaling_factor, "timestep_scaling_factor", None, 10.0))
+    args.lora_rank = int(pick(args.lora_rank, "lora_rank", None, 64))
+    args.lora_alpha = float(pick(args.lora_alpha, "lora_alpha", None, 64))
+    args.lora_target_modules = list(pick(args.lora_target_modules, "lora_target_modules", None, DEFAULT_LORA_TARGETS))
+    # The noise and the resolution must be the teacher's for a one-to-one comparison (SPEC §8).
+    for key, default in (("seed", 24), ("resolution", 1024), ("init_noise", None)):
+        mine, theirs = getattr(args, key), t_args.get(key)
+        if mine is None:
+            setattr(args, key, theirs if theirs is not None else default)
+        elif theirs is not None and key != "init_noise" and mine != theirs:
+            notes.append(f"--{key} {mine} differs from the teacher folder's ({theirs}): the samples do not start "
+                         "from the same noise")
+    args.init_noise = _abs(args.init_noise)
+
+    if args.captions_file:
+        captions = read_captions_file(args.captions_file)
+    elif (teacher_dir / CAPTIONS_NAME).is_file():
+        captions = json.loads((teacher_dir / CAPTIONS_NAME).read_text())
+    else:
+        raise UserError(f"no {CAPTIONS_NAME} in the teacher folder '{teacher_dir}': pass the captions it was "
+                        "generated from with --captions_file")
+    count = _count(args, captions)
+    init = InitNoise(args.seed, args.resolution, len(captions), args.init_noise)
+
+    # The teacher's samples: images are required, latents.pt only for the ODE error.
+    missing = next((i for i in range(count) if not _teacher_image(teacher_dir, i).is_file()), None)
+    if missing is not None:
+        raise UserError(f"the teacher folder '{teacher_dir}' has no image for caption {missing} of {count}: complete "
+                        "it with test_teacher.py, or pass --max_prompts")
+    t_latents = teacher_dir / LATENTS_NAME
+    if t_latents.is_file():
+        tl = torch.load(t_latents, map_location="cpu", mmap=True, weights_only=True)
+        if tuple(tl.shape[1:]) != latent_shape(args.resolution):
+            raise UserError(f"{t_latents} holds latents of shape {tuple(tl.shape[1:])}, not "
+                            f"{latent_shape(args.resolution)} of --resolution {args.resolution}")
+        if tl.shape[0] < count:
+            raise UserError(f"{t_latents} has {tl.shape[0]} rows for {count} captions (is its run unfinished?): "
+                            "complete it with test_teacher.py, or pass --max_prompts")
+    if not t_latents.is_file():
+        notes.append(f"no {LATENTS_NAME} in the teacher folder '{teacher_dir}': the ODE solving error is skipped")
+    for K in args.num_inference_steps:
+        if not 1 <= K <= args.num_original_inference_steps:
+            raise UserError(f"--num_inference_steps {K} must lie in 1..{args.num_original_inference_steps} "
+                            "(the grid size N)")
+    state = _state()
+    for note in notes if state.is_main_process else []:
+        warn(note)
+
+    N, c = args.num_original_inference_steps, args.timestep_scaling_factor
+    tag = weights + ("" if args.lora_scale == 1.0 else f"_lora{args.lora_scale}")
+    base_identity = {"kind": "student", "model": args.pretrained_teacher_model,
+                     "vae": args.pretrained_vae_model_name_or_path, "revision": args.revision,
+                     "teacher_revision": args.teacher_revision, "lora_sha256": _sha256(lora_dir / LORA_WEIGHT_NAME),
+                     "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
+                     "lora_target_modules": args.lora_target_modules, "lora_scale": args.lora_scale,
+                     "fuse_lora": args.fuse_lora, "num_discr_timesteps": N, "timestep_scaling_factor": c,
+                     "resolution": args.resolution, "weight_dtype": args.weight_dtype, **init.fingerprint()}
+
+    def score_fn(store):
+        def score(n):
+            gen = [store.image_path(i) for i in range(n)]
+            ref = [_teacher_image(teacher_dir, i) for i in range(n)]
+            metrics = scoring.pixel_errors(gen, ref)
+            if t_latents.is_file():
+                teacher_latents = torch.load(t_latents, map_location="cpu", mmap=True, weights_only=True)[:n]
+                metrics["ode_error"] = scoring.ode_error(store.latents(n), teacher_latents)
+            # Teacher-image features are cached beside them, for every student scored against them.
+            cache = args.metrics_cache_dir or (teacher_dir / "metrics_cache" if os.access(teacher_dir, os.W_OK)
+                                               else out / "metrics_cache")
+            return {**scoring.quality_metrics(args, gen, ref, captions[:n], state.device, cache), **metrics}
+        return score
+
+    jobs = []
+    for K in dict.fromkeys(args.num_inference_steps):
+        store = SampleStore(out / "train_gen_images" / tag / f"{K}_steps", args.resolution)
+        identity = {**base_identity, "num_inference_steps": K}
+        jobs.append(Job(
+            store=store, identity=identity,
+            config=_resolved_config(args, identity, state, lora_folder=str(lora_dir.resolve()),
+                                    teacher_folder=str(teacher_dir.resolve())),
+            desc=f"student {tag} K={K}", setting=f"student/{tag}/{K}_steps",
+            row={"kind": "student", "method": train_cfg.get("objective"), "weights": weights,
+                 "lora_scale": args.lora_scale, "num_inference_steps": K, "num_original_inference_steps": N,
+                 "timestep_scaling_factor": c, "resolution": args.resolution, "seed": args.seed,
+                 "teacher_folder": str(teacher_dir)},
+            tb_group=f"student_{tag}", tb_step=K,
+            make_sampler=lambda m, K=K: student_sampler(m, N, K, args.seed, c),
+            score=score_fn(store),
+            grid=lambda n, store=store: [[_teacher_image(teacher_dir, i) for i in range(min(n, args.num_log_images))],
+                                         [store.image_path(i) for i in range(min(n, args.num_log_images))]]))
+
+    def attach_lora(unet):
+        from ..models import add_lora, load_lora_into
+
+        add_lora(unet, args.lora_rank, args.lora_alpha, 0.0, args.lora_target_modules)
+        load_lora_into(unet, lora_dir)
+        if args.lora_scale != 1.0:
+            unet.set_adapters(["default"], weights=[args.lora_scale])
+        if args.fuse_lora:
+            unet.fuse_lora()  # merges at the scale set above
+
+    return run_jobs(args, state, jobs, captions, count, init, lambda dev: load_models(args, dev, attach_lora))
+
+
+# ---------------------------------------------------------------------------------------------
+# make_init_noise
+
+
+@exit_on_user_error
+def init_noise_main(argv=None) -> Path:
+    p = argparse.ArgumentParser(description="Write the shared initial noise of the evaluation (data/init_noise.pt): "
+                                            "row i = per-caption noise of caption i, as test_teacher.py and test.py "
+                                            "draw it without the file.")
+    p.add_argument("--output", default="data/init_noise.pt")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--num_captions", type=int)
+    src.add_argument("--train_data_dir", help="image folder with metadata.csv: one row per caption")
+    src.add_argument("--captions_file")
+    p.add_argument("--caption_column", default="text")
+    p.add_argument("--resolution", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=24)
+    args = p.parse_args(argv)
+    if args.num_captions is not None:
+        n = args.num_captions
+    elif args.train_data_dir:
+        n = len(read_metadata(args.train_data_dir, args.caption_column)[0])
+    else:
+        n = len(read_captions_file(args.captions_file))
+    if n < 1:
+        raise UserError("no captions: the noise file would be empty")
+    path = make_init_noise(args.output, n, args.resolution, args.seed)
+    print(f"wrote {path}: {n} x {latent_shape(args.resolution)} noise, seed {args.seed}")
+    return path

@@ -1,0 +1,128 @@
+"""Models, samplers and the batched, sharded, resumable generation loop of the evaluation (SPEC §8)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import models as M
+from ..guidance import GuidedEps, UNetEps
+from ..noise import per_sample_noise
+from ..sampling import student_sample, teacher_sample
+from ..schedule import Grid, NoiseSchedule
+from ..solvers import get_solver
+from .store import SampleStore
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# sample(x_T, cond, indices, tick) -> scaled final latents; tick(f) reports f of a batch done.
+Sampler = Callable[[torch.Tensor, dict, list, Callable[[float], None]], torch.Tensor]
+
+
+@dataclass
+class Models:
+    tokenizers: list
+    text_encoders: list
+    vae: object
+    unet: object
+    sched: NoiseSchedule
+    dtype: torch.dtype
+    device: torch.device
+
+
+def load_models(args, device, prepare_unet: Callable | None = None) -> Models:
+    """The SDXL components on ``device`` in ``--weight_dtype``; ``prepare_unet(unet)`` (e.g. attaching
+    the student's LoRA) runs in float32 on the device before the cast."""
+    dtype = DTYPES[args.weight_dtype]
+    t = M.load_teacher(args.pretrained_teacher_model, args.pretrained_vae_model_name_or_path,
+                       revision=args.revision, teacher_revision=args.teacher_revision)
+    unet = t.unet.to(device)
+    if prepare_unet is not None:
+        prepare_unet(unet)
+    unet.to(dtype)
+    for enc in t.text_encoders:
+        enc.to(device, dtype)
+    # The original SDXL VAE overflows in fp16 (force_upcast); the fp16-fix VAE of the paper does not.
+    vae_dtype = torch.float32 if dtype == torch.float16 and t.vae.config.force_upcast else dtype
+    t.vae.to(device, vae_dtype)
+    return Models(t.tokenizers, t.text_encoders, t.vae, unet, NoiseSchedule.from_scheduler(t.scheduler), dtype,
+                  torch.device(device))
+
+
+def conditioning(models: Models, captions: list[str], resolution: int) -> dict:
+    """SDXL conditioning (SPEC §1) with time_ids original = target = resolution, crop (0, 0)."""
+    prompt_embeds, pooled = M.encode_prompts(captions, models.tokenizers, models.text_encoders)
+    n = len(captions)
+    ids = M.time_ids([(resolution, resolution)] * n, [(0, 0)] * n, (resolution, resolution))
+    return {"prompt_embeds": prompt_embeds.to(models.device, models.dtype),
+            "text_embeds": pooled.to(models.device, models.dtype), "time_ids": ids.to(models.device, models.dtype)}
+
+
+def decode(vae, latents: torch.Tensor, batch_size: int) -> list:
+    """Scaled latents -> PIL images, as the diffusers SDXL pipeline decodes and post-processes them."""
+    from PIL import Image
+
+    cfg = vae.config
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    out = []
+    for z in latents.split(batch_size):
+        if mean is not None and std is not None:
+            view = (1, -1, 1, 1)
+            z = z * torch.tensor(std).view(view).to(z) / cfg.scaling_factor + torch.tensor(mean).view(view).to(z)
+        else:
+            z = z / cfg.scaling_factor
+        img = vae.decode(z.to(vae.dtype), return_dict=False)[0].float()
+        arr = ((img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        out.extend(Image.fromarray(a) for a in arr)
+    return out
+
+
+def teacher_sampler(models: Models, solver: str, num_steps: int, w: float, cfg_batched: bool = False) -> Sampler:
+    """SPEC §8: the Direct CM target code (``solvers.solve_to_zero`` via ``teacher_sample``) from t = T."""
+    step, grid = get_solver(solver), Grid(models.sched.T, num_steps)
+    eps = GuidedEps(UNetEps(models.unet, models.dtype), w, batched=cfg_batched)
+
+    def sample(x_T, cond, indices, tick):
+        return teacher_sample(step, eps, x_T, cond, models.sched, grid, callback=lambda _: tick(1 / grid.N))
+
+    return sample
+
+
+def student_sampler(models: Models, num_discr: int, num_steps: int, seed: int, timestep_scaling: float) -> Sampler:
+    """SPEC §8: multistep consistency sampling, unguided; the fresh noise of the j-th renoising of
+    caption i is ``per_sample_noise(seed, [i], shape, stream=j + 1)``."""
+    grid = Grid(models.sched.T, num_discr)
+    grid.sampling_indices(num_steps)  # validates K early
+    eps = UNetEps(models.unet, models.dtype)
+
+    def sample(x_T, cond, indices, tick):
+        def fresh(j):
+            return per_sample_noise(seed, indices, tuple(x_T.shape[1:]), stream=j + 1)
+
+        out = student_sample(eps, x_T, cond, models.sched, grid, num_steps, fresh_noise=fresh,
+                             timestep_scaling=timestep_scaling)
+        tick(1.0)
+        return out
+
+    return sample
+
+
+@torch.inference_mode()
+def generate(store: SampleStore, todo: list[int], captions: list[str], init_noise, sample: Sampler, models: Models,
+             batch_size: int, vae_batch_size: int, desc: str, show_progress: bool) -> None:
+    """Generate the captions ``todo`` in batches; each batch's images and latents are committed at once."""
+    bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not show_progress, dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}, {rate_fmt}]")
+    for b in range(0, len(todo), batch_size):
+        idx = todo[b:b + batch_size]
+        cond = conditioning(models, [captions[i] for i in idx], store.resolution)
+        x_T = init_noise(idx).to(models.device)
+        latents = sample(x_T, cond, idx, lambda f: bar.update(f * len(idx)))
+        store.write_batch(idx, latents, decode(models.vae, latents, vae_batch_size))
+        bar.n = b + len(idx)
+        bar.refresh()
+    bar.close()

@@ -1,0 +1,175 @@
+"""What an evaluation reads: captions, the shared initial noise (SPEC §8), real reference images (SPEC §9)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..noise import per_sample_noise
+
+METADATA_FILES = ("metadata.csv", "metadata.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions
+
+
+def _read_table(path: Path) -> list[dict]:
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_metadata(data_dir: str | Path, caption_column: str = "text", image_column: str | None = None,
+                  flag: str = "--train_data_dir") -> tuple[list[str], list[Path] | None]:
+    """Captions (and image paths, if ``image_column``) of an image folder with ``metadata.csv``
+    (columns ``file_name,text`` in the paper's ``preprocessed_11k``) or ``metadata.jsonl``."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"{flag}: folder '{data_dir}' does not exist")
+    meta = next((data_dir / m for m in METADATA_FILES if (data_dir / m).is_file()), None)
+    if meta is None:
+        raise UserError(f"{flag} '{data_dir}' has no {' or '.join(METADATA_FILES)} (an image folder with "
+                        "columns file_name,text is expected)")
+    rows = _read_table(meta)
+    columns = list(rows[0]) if rows else []
+    for col, name in ((caption_column, "--caption_column"), (image_column, "--image_column")):
+        if col is not None and col not in columns:
+            raise UserError(f"{name} '{col}' is not a column of {meta} (columns: {', '.join(columns) or 'none'})")
+    captions = [str(r[caption_column]) for r in rows]
+    images = [data_dir / r[image_column] for r in rows] if image_column else None
+    return captions, images
+
+
+def read_captions_file(path: str | Path) -> list[str]:
+    """A captions file: one caption a line (the reference's ``data/train_captions.txt``) or a JSON list."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--captions_file: '{path}' does not exist")
+    if path.suffix == ".json":
+        captions = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(captions, list):
+            raise UserError(f"--captions_file {path}: a JSON file must hold a list of captions")
+        return [str(c) for c in captions]
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def captions_digest(captions: list[str]) -> str:
+    return hashlib.sha256(json.dumps(captions).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Initial noise (SPEC §8: teacher and student start from the same noise per caption)
+
+
+def latent_shape(resolution: int) -> tuple[int, int, int]:
+    if resolution % 8:
+        raise UserError(f"--resolution {resolution} must be a multiple of 8 (the VAE downsamples by 8)")
+    return (4, resolution // 8, resolution // 8)
+
+
+class InitNoise:
+    """x_T of caption i: row i of an ``init_noise.pt`` file, or ``per_sample_noise(seed, [i], shape)``.
+
+    Either way a pure function of the caption index, whatever the batch size or process count.
+    The file is memory-mapped, so each process reads only its own rows.
+    """
+
+    def __init__(self, seed: int, resolution: int, num_captions: int, path: str | None = None):
+        self.seed, self.shape, self.path = seed, latent_shape(resolution), path
+        self.table = None
+        if path is None:
+            return
+        if not os.path.isfile(path):
+            raise UserError(f"--init_noise: '{path}' does not exist (make it with scripts/make_init_noise.py)")
+        try:
+            table = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
+            table = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(table, torch.Tensor) or table.ndim != 4:
+            raise UserError(f"--init_noise {path}: expected a tensor [num_captions, 4, H/8, W/8]")
+        if table.shape[0] != num_captions:
+            raise UserError(f"--init_noise {path} has {table.shape[0]} rows but there are {num_captions} captions: "
+                            f"make a matching file (scripts/make_init_noise.py --num_captions {num_captions}) "
+                            "or evaluate the captions it was made for")
+        if tuple(table.shape[1:]) != self.shape:
+            raise UserError(f"--init_noise {path} holds noise of shape {tuple(table.shape[1:])} but --resolution "
+                            f"{resolution} needs {self.shape}")
+        self.table = table
+
+    def __call__(self, indices) -> torch.Tensor:
+        if self.table is None:
+            return per_sample_noise(self.seed, indices, self.shape)
+        return self.table[torch.as_tensor(list(indices), dtype=torch.long)].float()
+
+    def fingerprint(self) -> dict:
+        """Identifies the noise for the resume check, without reading a whole multi-GB file."""
+        if self.table is None:
+            return {"seed": self.seed, "init_noise": None}
+        # The first row only: a file made for more captions (same seed) keeps earlier samples valid.
+        return {"seed": self.seed, "init_noise": os.path.abspath(self.path),
+                "init_noise_row0": round(float(self.table[0].double().abs().sum()), 6)}
+
+
+def make_init_noise(path: str | Path, num_captions: int, resolution: int, seed: int, chunk: int = 256) -> Path:
+    """Write ``[num_captions, 4, H/8, W/8]`` float32 noise, row i = ``per_sample_noise(seed, [i], ...)``:
+    a run with the file and a run without it then start from the same noise."""
+    from .store import atomic_torch_save
+
+    shape = latent_shape(resolution)
+    table = torch.empty((num_captions, *shape), dtype=torch.float32)
+    for a in range(0, num_captions, chunk):
+        b = min(a + chunk, num_captions)
+        table[a:b] = per_sample_noise(seed, range(a, b), shape)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(table, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Real reference images (SPEC §9: the teacher is scored against the real training images)
+
+
+def image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the image header, or None if it is missing or unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, ValueError):
+        return None
+
+
+def prepare_reference_image(src: Path, dst: Path, resolution: int, write: bool = True) -> Path:
+    """The real image as the generator sees the resolution: shorter side resized to ``resolution``
+    (bilinear, as the training transform) and center-cropped to a square. Images already at that
+    size are used where they lie; the others are written once to ``dst`` (PNG, atomically)."""
+    from PIL import Image
+
+    if image_size(src) == (resolution, resolution):
+        return src
+    if image_size(dst) == (resolution, resolution) or not write:
+        return dst
+    if not src.is_file():
+        raise UserError(f"real image '{src}' listed in the metadata does not exist")
+    with Image.open(src) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        s = resolution / min(w, h)
+        im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BILINEAR)
+        left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
+        im = im.crop((left, top, left + resolution, top + resolution))
+    from .store import atomic_save_image
+
+    atomic_save_image(im, dst)
+    return dst

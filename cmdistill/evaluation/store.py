@@ -1,0 +1,156 @@
+"""A resumable folder of generated samples: ``{i}.png`` and ``latents.pt`` (row i = caption i).
+
+Every batch is written atomically: its images first, then one shard file with its latent rows,
+which commits the batch. A caption counts as done when its latent row exists and its image is
+there at the right size, so a rerun after a crash or with more captions does only what is left.
+At the end the main process merges the shards into ``latents.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+
+CONFIG_NAME = "eval_config.json"
+LATENTS_NAME = "latents.pt"
+CAPTIONS_NAME = "captions.json"
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = _tmp(Path(path))
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_save_image(image, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG"))
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = _tmp(Path(path))
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _load(path: Path):
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
+class SampleStore:
+    def __init__(self, folder: str | Path, resolution: int):
+        self.folder = Path(folder)
+        self.shard_dir = self.folder / "shards"
+        self.resolution = resolution
+
+    def image_path(self, i: int) -> Path:
+        return self.folder / f"{i}.png"
+
+    # -- the resume check ----------------------------------------------------------------------
+
+    def check_config(self, identity: dict, captions: list[str], overwrite: bool) -> bool:
+        """Whether existing samples must be cleared before generating: ``overwrite`` was asked.
+        Samples made with other settings, or for other captions at the same indices, are an error
+        unless ``overwrite``; more captions than before are fine. Reads only, so every process agrees."""
+        if not self.has_samples():
+            return False
+        if overwrite:
+            return True
+        path = self.folder / CONFIG_NAME
+        old = json.loads(path.read_text())["identity"] if path.is_file() else {}
+        new = json.loads(json.dumps(identity))
+        diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        cpath = self.folder / CAPTIONS_NAME
+        old_caps = json.loads(cpath.read_text()) if cpath.is_file() else []
+        changed = next((i for i, (a, b) in enumerate(zip(old_caps, captions)) if a != b), None)
+        if changed is not None:
+            diff.append(f"caption {changed}: {old_caps[changed][:40]!r} -> {captions[changed][:40]!r}")
+        if diff:
+            raise UserError(f"'{self.folder}' holds samples made with other settings ({'; '.join(diff[:3])}): pass "
+                            "--overwrite to regenerate them, or choose another --output_dir")
+        return False
+
+    def has_samples(self) -> bool:
+        return (self.folder / LATENTS_NAME).is_file() or any(self.shard_dir.glob("*.pt"))
+
+    def reset(self) -> None:
+        """Main process: delete the samples (images, latents, shards)."""
+        shutil.rmtree(self.shard_dir, ignore_errors=True)
+        for p in self.folder.iterdir():
+            if p.suffix in (".png", ".pt") or p.name.endswith(".tmp"):
+                p.unlink()
+
+    def write_config(self, config: dict, captions: list[str]) -> None:
+        """Main process: the run's resolved configuration and its captions, beside the samples."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.folder / CONFIG_NAME, json.dumps(config, indent=2, default=str) + "\n")
+        atomic_write_text(self.folder / CAPTIONS_NAME, json.dumps(captions, ensure_ascii=False) + "\n")
+
+    def stored_indices(self) -> set[int]:
+        """Indices with a latent row in ``latents.pt`` or a shard (memory-mapped: rows are not read)."""
+        done: set[int] = set()
+        if (self.folder / LATENTS_NAME).is_file():
+            done.update(range(len(_load(self.folder / LATENTS_NAME))))
+        for f in self.shard_dir.glob("*.pt"):
+            done.update(_load(f)["indices"].tolist())
+        return done
+
+    def done(self, indices) -> set[int]:
+        """Of ``indices``, those whose latent row AND image (at the right size) are written."""
+        from .inputs import image_size
+
+        stored = self.stored_indices()
+        res = (self.resolution, self.resolution)
+        return {i for i in indices if i in stored and image_size(self.image_path(i)) == res}
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def write_batch(self, indices: list[int], latents: torch.Tensor, images) -> None:
+        """Images first, then the shard that commits them (each file written atomically)."""
+        for i, im in zip(indices, images):
+            atomic_save_image(im, self.image_path(i))
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        shard = self.shard_dir / f"{indices[0]:07d}-{uuid.uuid4().hex[:8]}.pt"
+        atomic_torch_save({"indices": torch.tensor(indices), "latents": latents.detach().float().cpu()}, shard)
+
+    def merge(self) -> int:
+        """Main process: fold the shards into ``latents.pt`` (its longest complete prefix of rows);
+        returns the number of rows. Shards whose rows all landed there are deleted."""
+        path = self.folder / LATENTS_NAME
+        rows: dict[int, torch.Tensor] = {}
+        if path.is_file():
+            old = _load(path)
+            rows.update(enumerate(old))
+        shards = sorted(self.shard_dir.glob("*.pt"))
+        for f in shards:
+            d = _load(f)
+            rows.update(zip(d["indices"].tolist(), d["latents"]))
+        n = 0
+        while n in rows:
+            n += 1
+        if shards and n:
+            atomic_torch_save(torch.stack([rows[i] for i in range(n)]).float().contiguous(), path)
+        for f in shards:
+            if max(_load(f)["indices"].tolist()) < n:
+                f.unlink()
+        if self.shard_dir.is_dir() and not any(self.shard_dir.iterdir()):
+            self.shard_dir.rmdir()
+        return n
+
+    def latents(self, count: int) -> torch.Tensor:
+        """Rows 0..count-1 of the merged ``latents.pt``."""
+        return _load(self.folder / LATENTS_NAME)[:count].float()

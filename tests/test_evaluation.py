@@ -1,0 +1,465 @@
+"""The evaluation (SPEC §8-§9) on the tiny offline pipeline, on the CPU.
+
+The samplers are checked against straightforward float64 re-implementations of SPEC §4, §5 and §8
+written here; the programs end to end (files, resume, sharding over two processes, bad input).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cmdistill import results
+from cmdistill.evaluation.cli import init_noise_main, resolve_lora, student_main, teacher_main
+from cmdistill.evaluation.generate import conditioning, load_models, student_sampler, teacher_sampler
+from cmdistill.evaluation.inputs import InitNoise
+from cmdistill.models import DEFAULT_LORA_TARGETS, add_lora, encode_prompts, load_teacher, save_lora
+from cmdistill.noise import per_sample_noise
+
+from conftest import ROOT, TINY_CAPTIONS
+
+RES, N, W, SEED = 64, 10, 3.0, 24
+SHAPE = (4, RES // 8, RES // 8)
+NO_METRICS = ["--dgm_metrics", "none", "--instance_metrics", "none"]
+SAMPLES = Path("train_gen_images") / f"{N}_steps" / f"{W}_gscale"
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent float64 reference samplers (SPEC §2-§5, §8)
+
+BETAS = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+ACP = torch.cumprod(1 - BETAS, 0)
+
+
+def alpha(t):
+    return 1.0 if t == 0 else float(ACP[t - 1].sqrt())
+
+
+def sigma(t):
+    return 0.0 if t == 0 else float((1 - ACP[t - 1]).sqrt())
+
+
+def beta(t):
+    return 1000 * float(BETAS[t - 1])
+
+
+def sdxl_cond(models, captions):
+    pe, pooled = encode_prompts(captions, models.tokenizers, models.text_encoders)
+    return pe, pooled, torch.tensor([[RES, RES, 0, 0, RES, RES]] * len(captions), dtype=torch.float32)
+
+
+@torch.no_grad()
+def unet_eps(unet, x, t, pe, pooled, tid):
+    out = unet(x.float(), torch.full((x.shape[0],), t), encoder_hidden_states=pe,
+               added_cond_kwargs={"text_embeds": pooled, "time_ids": tid})
+    return out.sample.double()
+
+
+def reference_teacher(unet, cond, x, solver, n, w):
+    """A plain loop over t = T, T-k, ..., k with Imagen CFG against zero embeddings."""
+    pe, pooled, tid = cond
+
+    def eps(x, t):
+        c = unet_eps(unet, x, t, pe, pooled, tid)
+        u = unet_eps(unet, x, t, torch.zeros_like(pe), torch.zeros_like(pooled), tid)
+        return u + w * (c - u)
+
+    k, x = 1000 // n, x.double()
+    for t in range(1000, 0, -k):
+        s = t - k
+        e = eps(x, t)
+        if solver == "ddim":
+            x = alpha(s) * (x - sigma(t) * e) / alpha(t) + sigma(s) * e
+            continue
+        f = -0.5 * beta(t) * x + 0.5 * beta(t) / sigma(t) * e
+        x_pred = x + (s - t) / 1000 * f
+        if solver == "euler":
+            x = x_pred
+        else:  # heun, with the coefficients of timestep value 1 at s = 0
+            e_s, c = eps(x_pred, s), max(s, 1)
+            f_s = -0.5 * beta(c) * x_pred + 0.5 * beta(c) / sigma(c) * e_s
+            x = x + 0.5 * (s - t) / 1000 * (f + f_s)
+    return x
+
+
+def reference_student(unet, cond, x, timesteps, indices):
+    """Multistep consistency sampling with f(x, t) = c_skip x + c_out x0_hat (sigma_data 0.5, c = 10)."""
+    pe, pooled, tid = cond
+
+    def f(x, t):
+        e = unet_eps(unet, x, t, pe, pooled, tid)
+        ct = 10.0 * t
+        return 0.25 / (ct**2 + 0.25) * x + ct / math.sqrt(ct**2 + 0.25) * (x - sigma(t) * e) / alpha(t)
+
+    x = x.double()
+    for j, t in enumerate(timesteps):
+        x0 = f(x, t)
+        if j + 1 < len(timesteps):
+            s = timesteps[j + 1]
+            x = alpha(s) * x0 + sigma(s) * per_sample_noise(SEED, indices, SHAPE, stream=j + 1).double()
+    return x0
+
+
+def assert_close(ours, ref):
+    torch.testing.assert_close(ours.double(), ref.double(), rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and do not stall when the cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def model_args(pipeline):
+    return SimpleNamespace(pretrained_teacher_model=str(pipeline), pretrained_vae_model_name_or_path=None,
+                           revision=None, teacher_revision=None, weight_dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def teacher_models(tiny_pipeline):
+    return load_models(model_args(tiny_pipeline), torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def student_unet(tiny_pipeline):
+    """The tiny UNet with a perturbed rank-4 LoRA: the ground truth the saved weights must reproduce."""
+    unet = load_teacher(str(tiny_pipeline)).unet
+    add_lora(unet, 4, 4, 0.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return unet
+
+
+def write_training_run(unet, pipeline, out: Path) -> Path:
+    (out / "checkpoint-2").mkdir(parents=True)
+    save_lora(unet, out / "checkpoint-2")
+    save_lora(unet, out)
+    cfg = {"lora_rank": 4, "lora_alpha": 4, "lora_target_modules": list(DEFAULT_LORA_TARGETS),
+           "num_discr_timesteps": N, "timestep_scaling_factor": 10.0, "pretrained_teacher_model": str(pipeline),
+           "pretrained_vae_model_name_or_path": None, "resolution": RES, "objective": "cm"}
+    (out / "training_config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def teacher_argv(pipeline, data, out, *extra):
+    return ["--pretrained_teacher_model", str(pipeline), "--train_data_dir", str(data), "--output_dir", str(out),
+            "--resolution", str(RES), "--num_original_inference_steps", str(N), "--guidance_scale", str(W),
+            "--batch_size", "2", *NO_METRICS, *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def teacher_out(tiny_pipeline, tiny_image_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher") / "teacher-ddim"
+    teacher_main(teacher_argv(tiny_pipeline, tiny_image_folder, out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def student_out(student_unet, tiny_pipeline, teacher_out, tmp_path_factory):
+    out = write_training_run(student_unet, tiny_pipeline, tmp_path_factory.mktemp("run") / "cm")
+    student_main(["--output_dir", str(out), "--train_data_dir", str(teacher_out / SAMPLES),
+                  "--num_inference_steps", "1", "2", "--batch_size", "3", *NO_METRICS])
+    return out
+
+
+def mtimes(folder: Path) -> dict:
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")}
+
+
+def expect_user_error(main, argv, capsys, *fragments):
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for f in fragments:
+        assert f in err[0], err[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise
+
+
+def test_per_caption_noise_is_independent_of_batching_and_file(tmp_path, tiny_image_folder):
+    together = per_sample_noise(SEED, range(5), SHAPE)
+    for i in range(5):
+        assert torch.equal(together[i], per_sample_noise(SEED, [i], SHAPE)[0])
+    assert not torch.equal(per_sample_noise(SEED, [0], SHAPE, stream=1), together[:1])
+    path = init_noise_main(["--output", str(tmp_path / "noise.pt"), "--train_data_dir", str(tiny_image_folder),
+                            "--resolution", str(RES), "--seed", str(SEED)])
+    table = torch.load(path)
+    assert table.shape == (5, *SHAPE) and torch.equal(table, together)
+    from_file = InitNoise(SEED, RES, 5, str(path))
+    assert torch.equal(from_file([4, 1]), InitNoise(SEED, RES, 5)([4, 1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers against the independent implementations
+
+
+@pytest.mark.parametrize("solver", ["ddim", "euler", "heun"])
+def test_teacher_sampler_matches_reference(teacher_models, solver):
+    idx, n = [0, 3], 5
+    x_T = per_sample_noise(SEED, idx, SHAPE)
+    caps = [TINY_CAPTIONS[i] for i in idx]
+    ours = teacher_sampler(teacher_models, solver, n, W)(x_T, conditioning(teacher_models, caps, RES), idx,
+                                                        lambda f: None)
+    assert_close(ours, reference_teacher(teacher_models.unet, sdxl_cond(teacher_models, caps), x_T, solver, n, W))
+
+
+def test_teacher_program_latents_match_reference(teacher_models, teacher_out):
+    latents = torch.load(teacher_out / SAMPLES / "latents.pt")
+    assert latents.shape == (5, *SHAPE)
+    ref = reference_teacher(teacher_models.unet, sdxl_cond(teacher_models, TINY_CAPTIONS),
+                            per_sample_noise(SEED, range(5), SHAPE), "ddim", N, W)
+    assert_close(latents, ref)
+
+
+def test_student_program_matches_consistency_sampling(student_unet, teacher_models, student_out):
+    cond = sdxl_cond(teacher_models, TINY_CAPTIONS)
+    x_T = per_sample_noise(SEED, range(5), SHAPE)
+    for k, timesteps in ((1, [1000]), (2, [1000, 500])):
+        latents = torch.load(student_out / "train_gen_images" / "final" / f"{k}_steps" / "latents.pt")
+        assert_close(latents, reference_student(student_unet, cond, x_T, timesteps, list(range(5))))
+
+
+def test_student_sampler_is_deterministic_and_batch_independent(teacher_models):
+    sample = student_sampler(teacher_models, N, 2, SEED, 10.0)
+    idx = [0, 1, 2]
+    x_T = per_sample_noise(SEED, idx, SHAPE)
+    cond = conditioning(teacher_models, TINY_CAPTIONS[:3], RES)
+    a = sample(x_T, cond, idx, lambda f: None)
+    assert torch.equal(a, sample(x_T, cond, idx, lambda f: None))
+    one = torch.cat([sample(x_T[i:i + 1], conditioning(teacher_models, [TINY_CAPTIONS[i]], RES), [i], lambda f: None)
+                     for i in idx])
+    torch.testing.assert_close(one, a, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The programs end to end
+
+
+def test_teacher_program_files(teacher_out, tiny_image_folder):
+    folder = teacher_out / SAMPLES
+    for i in range(5):
+        with Image.open(folder / f"{i}.png") as im:
+            assert im.size == (RES, RES)
+        with Image.open(teacher_out / "real_images" / f"{RES}px" / f"{i}.png") as im:
+            assert im.size == (RES, RES)  # the non-square real images, resized and center-cropped
+    assert not (folder / "shards").exists()
+    assert json.loads((folder / "captions.json").read_text()) == TINY_CAPTIONS
+    cfg = json.loads((folder / "eval_config.json").read_text())
+    assert cfg["args"]["scheduler"] == "ddim" and cfg["identity"]["guidance_scale"] == W
+    row = results.load(teacher_out)[f"teacher/ddim/{N}_steps/{W}_gscale"]
+    assert row["kind"] == "teacher" and row["num_images"] == 5
+    assert len((teacher_out / "results.csv").read_text().strip().splitlines()) == 2
+    assert list((teacher_out / "logs" / "evaluation").glob("events.out.tfevents.*"))
+
+
+def test_student_program_files_and_scores(student_out, teacher_out):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    teacher = teacher_out / SAMPLES
+    data = results.load(student_out)
+    assert set(data) == {"student/final/1_steps", "student/final/2_steps"}
+    for k in (1, 2):
+        folder = student_out / "train_gen_images" / "final" / f"{k}_steps"
+        row = data[f"student/final/{k}_steps"]
+        assert row["method"] == "cm" and row["num_inference_steps"] == k and row["num_images"] == 5
+        s, t = torch.load(folder / "latents.pt").double(), torch.load(teacher / "latents.pt").double()
+        assert row["ode_error"] == pytest.approx(((s - t) ** 2).flatten(1).mean(1).mean().item(), rel=1e-9)
+        px = [np.mean((np.asarray(Image.open(folder / f"{i}.png"), float) / 255 -
+                       np.asarray(Image.open(teacher / f"{i}.png"), float) / 255) ** 2) for i in range(5)]
+        assert row["pixel_mse"] == pytest.approx(np.mean(px))
+        assert json.loads((folder / "eval_config.json").read_text())["identity"]["num_inference_steps"] == k
+    assert len((student_out / "results.csv").read_text().strip().splitlines()) == 3
+    ea = EventAccumulator(str(student_out / "logs" / "evaluation"))
+    ea.Reload()
+    assert "student_final/ode_error" in ea.Tags()["scalars"]
+    assert "student_final/comparison" in ea.Tags()["images"]
+    assert [e.step for e in ea.Scalars("student_final/ode_error")] == [1, 2]
+
+
+def test_results_table(teacher_out, student_out, capsys):
+    results.main([str(teacher_out), str(student_out)])
+    out = capsys.readouterr().out.splitlines()
+    assert "ODE error" in out[0]
+    assert out[2].startswith("teacher-ddim") and f"Teacher (DDIM, N={N}, w={W})" in out[2]
+    assert "CM, 1 step (final)" in out[3] and "CM, 2 steps (final)" in out[4]
+    ode = results.load(student_out)["student/final/1_steps"]["ode_error"]
+    assert f"{ode:.4f}" in out[3]
+
+
+def test_results_accumulate_and_replace(tmp_path):
+    results.record(tmp_path, "a", {"kind": "teacher", "fid": 1.0})
+    results.record(tmp_path, "b", {"kind": "student", "fid": 2.0, "extra": "x"})
+    results.record(tmp_path, "a", {"kind": "teacher", "fid": 3.0})
+    assert {k: v["fid"] for k, v in results.load(tmp_path).items()} == {"a": 3.0, "b": 2.0}
+    lines = (tmp_path / "results.csv").read_text().strip().splitlines()
+    assert len(lines) == 3 and lines[0].endswith(",extra")
+
+
+def test_rerun_skips_finished_work_and_redoes_missing(tiny_pipeline, tiny_image_folder, teacher_out, capsys):
+    folder = teacher_out / SAMPLES
+    before, latents = mtimes(folder), torch.load(folder / "latents.pt")
+    teacher_main(teacher_argv(tiny_pipeline, tiny_image_folder, teacher_out))
+    assert "5 of this process's 5 captions already done" in capsys.readouterr().out
+    assert mtimes(folder) == before
+    (folder / "3.png").unlink()
+    teacher_main(teacher_argv(tiny_pipeline, tiny_image_folder, teacher_out, "--batch_size", 5))
+    after = mtimes(folder)
+    assert {k for k in after if after[k] != before.get(k)} == {"3.png"}
+    assert_close(torch.load(folder / "latents.pt"), latents)
+
+
+def test_rerun_with_other_settings_needs_overwrite(tiny_pipeline, tiny_image_folder, teacher_out, capsys):
+    expect_user_error(teacher_main, teacher_argv(tiny_pipeline, tiny_image_folder, teacher_out, "--seed", 25), capsys,
+                      "other settings", "seed", "--overwrite")
+
+
+def test_lora_scale_zero_is_the_teacher(teacher_models, student_out, teacher_out):
+    student_main(["--output_dir", str(student_out), "--train_data_dir", str(teacher_out / SAMPLES),
+                  "--num_inference_steps", "1", "--lora_scale", "0", "--max_prompts", "2", *NO_METRICS])
+    latents = torch.load(student_out / "train_gen_images" / "final_lora0.0" / "1_steps" / "latents.pt")
+    ref = reference_student(teacher_models.unet, sdxl_cond(teacher_models, TINY_CAPTIONS[:2]),
+                            per_sample_noise(SEED, range(2), SHAPE), [1000], [0, 1])
+    assert latents.shape[0] == 2
+    assert_close(latents, ref)
+    assert "student/final_lora0.0/1_steps" in results.load(student_out)
+
+
+def test_teacher_folder_without_latents_skips_the_ode_error(student_out, teacher_out, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "teacher_images_only"
+    shutil.copytree(teacher_out / SAMPLES, folder, ignore=shutil.ignore_patterns("latents.pt", "metrics_cache"))
+    rows = student_main(["--output_dir", str(student_out), "--train_data_dir", str(folder), "--num_inference_steps",
+                         "1", "--max_prompts", "2", *NO_METRICS])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "ODE solving error is skipped" in warnings[0]
+    assert "ode_error" not in rows[0] and {"pixel_mse", "psnr"} <= set(rows[0])
+
+
+def test_lora_weights_selection(student_out, tmp_path):
+    assert resolve_lora(student_out, "auto") == (student_out, "final")
+    assert resolve_lora(student_out, "latest") == (student_out / "checkpoint-2", "checkpoint-2")
+    assert resolve_lora(student_out, "checkpoint-2")[1] == "checkpoint-2"
+    run = tmp_path / "only_ckpt"
+    (run / "checkpoint-7").mkdir(parents=True)
+    (run / "checkpoint-7" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    (run / "checkpoint-12").mkdir()  # no weights: not a candidate
+    assert resolve_lora(run, "auto") == (run / "checkpoint-7", "checkpoint-7")
+
+
+def test_two_processes_write_the_same_files_as_one(tiny_pipeline, tiny_image_folder, teacher_out, tmp_path):
+    """scripts/test_teacher.sh with NUM_GPUS=2 (two CPU processes, gloo) and an init_noise.pt file."""
+    noise = init_noise_main(["--output", str(tmp_path / "init_noise.pt"), "--num_captions", "5",
+                             "--resolution", str(RES)])
+    out = tmp_path / "two"
+    env = dict(os.environ, NUM_GPUS="2", MODEL_NAME=str(tiny_pipeline), VAE_PATH="",
+               TRAIN_DATA_DIR=str(tiny_image_folder), OUTPUT_DIR=str(out), INIT_NOISE=str(noise),
+               NUM_ORIGINAL_INFERENCE_STEPS=str(N), GUIDANCE_SCALE=str(W), RESOLUTION=str(RES), WEIGHT_DTYPE="fp32",
+               BATCH_SIZE="2", DGM_METRICS="none", INSTANCE_METRICS="none", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT))
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "test_teacher.sh")], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--multi_gpu --num_processes 2" in r.stderr
+    one, two = teacher_out / SAMPLES, out / SAMPLES
+    assert json.loads((two / "eval_config.json").read_text())["num_processes"] == 2
+    assert_close(torch.load(two / "latents.pt"), torch.load(one / "latents.pt"))
+    for i in range(5):
+        a, b = (np.asarray(Image.open(d / f"{i}.png"), dtype=int) for d in (one, two))
+        assert np.abs(a - b).max() <= 1
+
+
+def test_student_script_reruns_nothing_when_done(student_out, teacher_out):
+    env = dict(os.environ, NUM_GPUS="0", OUTPUT_DIR=str(student_out), TEACHER_DIR=str(teacher_out / SAMPLES),
+               NUM_INFERENCE_STEPS="1 2", WEIGHT_DTYPE="fp32", DGM_METRICS="none", INSTANCE_METRICS="none",
+               HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    before = mtimes(student_out / "train_gen_images" / "final" / "2_steps")
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "test.sh")], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("already done") == 2
+    assert mtimes(student_out / "train_gen_images" / "final" / "2_steps") == before
+
+
+def test_metrics_are_recorded(tiny_pipeline, tiny_image_folder, teacher_out, student_out, monkeypatch):
+    """Through cmdistill.metrics: an FD with a small registered extractor (6-d colour statistics, so
+    that no 2048-d matrix square root runs on the CPU) and the CLIP / aesthetic scores with the metric
+    module's tiny random-weight networks."""
+    metrics = pytest.importorskip("cmdistill.metrics")
+    import torchvision.transforms.functional as TF
+
+    class Colour(torch.nn.Module):
+        def forward(self, x):
+            return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+
+    metrics.register_feature_extractor("colour", lambda *, device, weights_dir: metrics.FeatureExtractor(
+        name="colour", model=Colour(), preprocess=lambda im: TF.to_tensor(im.resize((16, 16))), dim=6,
+        identity="colour-v1", preprocess_id="16px"))
+    monkeypatch.setenv("CMDISTILL_METRICS_RANDOM_WEIGHTS", "tiny")
+    monkeypatch.setenv("CMDISTILL_METRICS_WORKERS", "0")
+    flags = ["--dgm_models", "colour", "--dgm_metrics", "fd", "--instance_metrics", "clip_score", "aesthetic",
+             "--dgm_metrics_batch_size", "4"]
+    keys = {"fd_colour", "clip_score", "aesthetic_score"}
+    teacher_main(teacher_argv(tiny_pipeline, tiny_image_folder, teacher_out) + flags)
+    row = results.load(teacher_out)[f"teacher/ddim/{N}_steps/{W}_gscale"]
+    assert keys <= set(row) and all(math.isfinite(row[k]) for k in keys)
+    assert list((teacher_out / "metrics_cache").glob("ref_colour_*"))  # real-image features, cached
+    student_main(["--output_dir", str(student_out), "--train_data_dir", str(teacher_out / SAMPLES),
+                  "--num_inference_steps", "1", *flags])
+    row = results.load(student_out)["student/final/1_steps"]
+    assert keys | {"ode_error"} <= set(row) and all(math.isfinite(row[k]) for k in keys)
+    assert list((teacher_out / SAMPLES / "metrics_cache").glob("ref_colour_*"))  # teacher-image features
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, exit status 2
+
+
+def test_bad_inputs_give_one_line_errors(tiny_pipeline, tiny_image_folder, teacher_out, tmp_path, capsys):
+    args = lambda *extra: teacher_argv(tiny_pipeline, tiny_image_folder, tmp_path / "t", *extra)  # noqa: E731
+    expect_user_error(teacher_main, teacher_argv(tiny_pipeline, tmp_path / "nope", tmp_path / "t"), capsys,
+                      "--train_data_dir", "does not exist")
+    expect_user_error(teacher_main, args("--caption_column", "caption"), capsys, "--caption_column 'caption'",
+                      "file_name, text")
+    torch.save(torch.zeros(3, *SHAPE), tmp_path / "rows.pt")
+    expect_user_error(teacher_main, args("--init_noise", tmp_path / "rows.pt"), capsys, "3 rows", "5 captions")
+    torch.save(torch.zeros(5, 4, 4, 4), tmp_path / "shape.pt")
+    expect_user_error(teacher_main, args("--init_noise", tmp_path / "shape.pt"), capsys, "(4, 4, 4)", "(4, 8, 8)")
+    expect_user_error(teacher_main, ["--output_dir", tmp_path / "t"], capsys, "--train_data_dir", "--captions_file")
+
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    expect_user_error(student_main, ["--output_dir", empty, "--train_data_dir", teacher_out / SAMPLES], capsys,
+                      "no LoRA weights")
+    expect_user_error(student_main, ["--output_dir", tmp_path / "missing", "--train_data_dir", teacher_out / SAMPLES],
+                      capsys, "does not exist")
+    (empty / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    expect_user_error(student_main, ["--output_dir", empty, "--train_data_dir", tmp_path / "nope"], capsys,
+                      "run test_teacher.py first")
+    expect_user_error(student_main, ["--output_dir", empty, "--train_data_dir", teacher_out], capsys,
+                      "pass one of its sample folders")
+    capsys.readouterr()
