@@ -160,8 +160,6 @@ def prepare_reference_image(src: Path, dst: Path, resolution: int, write: bool =
         return src
     if image_size(dst) == (resolution, resolution) or not write:
         return dst
-    if not src.is_file():
-        raise UserError(f"real image '{src}' listed in the metadata does not exist")
     with Image.open(src) as im:
         im = im.convert("RGB")
         w, h = im.size
