@@ -48,6 +48,9 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
     g.add_argument("--random_flip", action="store_true", help="default: no flip (paper)")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
     g.add_argument("--max_train_samples", type=int, default=None)
+    g.add_argument("--precomputed_dir", default="data/precomputed",
+                   help="where scripts/precompute.sh writes VAE latents + text embeddings; used when valid")
+    g.add_argument("--no_precomputed", action="store_true", help="ignore precomputed latents and embeddings")
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=16, help="per device (paper: 16 on one GPU)")
     g.add_argument("--num_train_epochs", type=int, default=100)

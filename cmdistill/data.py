@@ -172,7 +172,7 @@ class StreamBatchSampler(torch.utils.data.Sampler):
             pos += self.P * self.B
 
 
-def make_dataloader(dataset: SDXLImageCaptions, batch_size, num_processes, rank, seed, start_position, num_workers):
+def make_dataloader(dataset, batch_size, num_processes, rank, seed, start_position, num_workers, collate_fn=collate):
     sampler = StreamBatchSampler(len(dataset), batch_size, num_processes, rank, seed, start_position)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
                                        persistent_workers=False, pin_memory=torch.cuda.is_available())

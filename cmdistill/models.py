@@ -78,7 +78,7 @@ class Teacher:
 
 
 def load_teacher(model: str, vae_path: str | None = None, revision: str | None = None,
-                 teacher_revision: str | None = None, cache_dir: str | None = None) -> Teacher:
+                 teacher_revision: str | None = None, cache_dir: str | None = None, load_unet: bool = True) -> Teacher:
     """Load the SDXL components from a hub id or a local pipeline folder (SPEC §1)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -96,12 +96,14 @@ def load_teacher(model: str, vae_path: str | None = None, revision: str | None =
                               revision=revision, cache_dir=cache_dir)
     else:
         vae = from_pretrained(AutoencoderKL, model, "vae", **kw)
-    unet = from_pretrained(UNet2DConditionModel, model, "unet", **kw)
+    unet = from_pretrained(UNet2DConditionModel, model, "unet", **kw) if load_unet else None
     sched = from_pretrained(DDPMScheduler, model, "scheduler", **kw)
-    if getattr(unet.config, "addition_embed_type", None) != "text_time":
+    if unet is not None and getattr(unet.config, "addition_embed_type", None) != "text_time":
         raise UserError(f"--pretrained_teacher_model {model}: the UNet is not SDXL-conditioned "
                         "(addition_embed_type must be 'text_time')")
     for m in (te1, te2, vae, unet):
+        if m is None:
+            continue
         m.requires_grad_(False)
         m.eval()
     return Teacher([tok1, tok2], [te1, te2], vae, unet, sched)

@@ -26,10 +26,10 @@ from .errors import UserError
 from .guidance import GuidedEps, UNetEps
 from .noise import generator_for, per_sample_noise
 from .objectives import OBJECTIVES, DistillContext, distance
-from .solvers import solve_to_zero_reference
+from .precompute import collate_precomputed, find_cache
 from .sampling import consistency_fn, student_sample
 from .schedule import Grid, NoiseSchedule
-from .solvers import get_solver
+from .solvers import get_solver, solve_to_zero_reference
 
 logger = logging.getLogger("cmdistill")
 STATE_NAME = "training_state.pt"
@@ -93,7 +93,7 @@ def validate_args(args):
 class Trainer:
     """State and steps of one distillation run."""
 
-    def __init__(self, args, objective: str):
+    def __init__(self, args, objective: str, for_precompute: bool = False):
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -118,7 +118,7 @@ class Trainer:
 
         # Models (SPEC §1): one UNet; its LoRA adapter disabled is the teacher.
         t = models.load_teacher(args.pretrained_teacher_model, args.pretrained_vae_model_name_or_path,
-                                args.revision, args.teacher_revision, args.cache_dir)
+                                args.revision, args.teacher_revision, args.cache_dir, load_unet=not for_precompute)
         self.tokenizers, self.text_encoders, self.vae, unet = t.tokenizers, t.text_encoders, t.vae, t.unet
         self.sched = NoiseSchedule.from_scheduler(t.scheduler)
         self.grid = Grid(self.sched.T, args.num_discr_timesteps)
@@ -128,7 +128,11 @@ class Trainer:
         vae_dtype = torch.float32 if args.pretrained_vae_model_name_or_path is None else self.weight_dtype
         for m, dtype in [(self.vae, vae_dtype), (unet, self.weight_dtype)] + [(te, self.weight_dtype)
                                                                                for te in self.text_encoders]:
-            m.to(dev) if dtype == torch.float32 else m.to(dev, dtype=dtype)
+            if m is not None:
+                m.to(dev) if dtype == torch.float32 else m.to(dev, dtype=dtype)
+        if for_precompute:
+            self.dataset = self.load_data()
+            return
         if args.enable_xformers_memory_efficient_attention:
             try:
                 import xformers  # noqa: F401
@@ -148,11 +152,8 @@ class Trainer:
             args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * acc.num_processes
         optimizer = make_optimizer(args, self.params)
 
-        # Data.
-        ds = load_caption_dataset(args.train_data_dir, args.dataset_name, args.dataset_config_name,
-                                  args.image_column, args.caption_column, args.cache_dir, args.max_train_samples)
-        self.dataset = SDXLImageCaptions(ds, args.image_column, args.caption_column, args.resolution,
-                                         args.interpolation_type, args.center_crop, args.random_flip, args.seed)
+        self.dataset = self.load_data()
+        self.precomputed = find_cache(args, self.dataset, self.weight_dtype)
         self.global_batch = args.train_batch_size * acc.num_processes * args.gradient_accumulation_steps
         if args.max_train_steps is None:
             args.max_train_steps = math.ceil(args.num_train_epochs * len(self.dataset) / self.global_batch)
@@ -176,6 +177,13 @@ class Trainer:
                            mixed_precision=acc.mixed_precision, vae_scale_factor=self.vae_scale_factor)
         if acc.is_main_process:
             write_json_atomic(self.output_dir / CONFIG_NAME, self.config)
+
+    def load_data(self) -> SDXLImageCaptions:
+        a = self.args
+        ds = load_caption_dataset(a.train_data_dir, a.dataset_name, a.dataset_config_name, a.image_column,
+                                  a.caption_column, a.cache_dir, a.max_train_samples)
+        return SDXLImageCaptions(ds, a.image_column, a.caption_column, a.resolution, a.interpolation_type,
+                                 a.center_crop, a.random_flip, a.seed)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -226,16 +234,21 @@ class Trainer:
                 "text_embeds": pooled.to(dev, self.weight_dtype), "time_ids": ids.to(dev, self.weight_dtype)}
 
     @torch.no_grad()
-    def encode_latents(self, pixels: torch.Tensor, positions) -> torch.Tensor:
-        """VAE posterior sample mean + std * z, z drawn per sample from (seed, stream position)."""
+    def posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of the VAE posterior (unscaled latents)."""
         pixels = pixels.to(self.accelerator.device, dtype=self.vae.dtype)
         mean, std = [], []
         for chunk in pixels.split(self.args.vae_encode_batch_size):
             dist = self.vae.encode(chunk).latent_dist
-            mean.append(dist.mean.float())
-            std.append(dist.std.float())
-        mean, std = torch.cat(mean), torch.cat(std)
-        z = per_sample_noise(self.args.seed, positions, tuple(mean.shape[1:]), stream=STREAM_VAE).to(mean.device)
+            mean.append(dist.mean)
+            std.append(dist.std)
+        return torch.cat(mean), torch.cat(std)
+
+    def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, positions) -> torch.Tensor:
+        """Scaled posterior sample mean + std * z, z drawn per sample from (seed, stream position)."""
+        dev = self.accelerator.device
+        mean, std = mean.to(dev).float(), std.to(dev).float()
+        z = per_sample_noise(self.args.seed, positions, tuple(mean.shape[1:]), stream=STREAM_VAE).to(dev)
         return (mean + std * z) * self.vae.config.scaling_factor
 
     def distill_context(self) -> DistillContext:
@@ -254,8 +267,12 @@ class Trainer:
         so the result does not depend on how the global batch is split over processes."""
         acc, args = self.accelerator, self.args
         positions = batch["positions"]
-        latents = self.encode_latents(batch["pixel_values"], positions)
-        cond = self.conditioning(batch)
+        if "mean" in batch:  # precomputed (cmdistill.precompute): no VAE encoder, no text encoders
+            latents = self.sample_latents(batch["mean"], batch["std"], positions)
+            cond = {k: batch[k].to(acc.device, self.weight_dtype) for k in ("prompt_embeds", "text_embeds", "time_ids")}
+        else:
+            latents = self.sample_latents(*self.posterior(batch["pixel_values"]), positions)
+            cond = self.conditioning(batch)
         start = torch.cat([torch.randint(0, self.grid.N, (1,), generator=generator_for(args.seed, STREAM_T, p))
                            for p in positions])
         noise = per_sample_noise(args.seed, positions, tuple(latents.shape[1:]), stream=STREAM_NOISE).to(latents.device)
@@ -305,8 +322,12 @@ class Trainer:
         if acc.is_main_process:
             cfg = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in self.config.items()}
             acc.init_trackers(args.tracker_project_name, config=cfg)
-        loader = make_dataloader(self.dataset, args.train_batch_size, acc.num_processes, acc.process_index,
-                                 args.seed, self.samples_seen, args.dataloader_num_workers)
+        if self.precomputed is not None:
+            loader = make_dataloader(self.precomputed, args.train_batch_size, acc.num_processes, acc.process_index,
+                                     args.seed, self.samples_seen, args.dataloader_num_workers, collate_precomputed)
+        else:
+            loader = make_dataloader(self.dataset, args.train_batch_size, acc.num_processes, acc.process_index,
+                                     args.seed, self.samples_seen, args.dataloader_num_workers)
         batches = iter(loader)
         logger.info("training %s: %d samples, %d steps of global batch %d (%d per device x %d processes x %d "
                     "accumulation)", self.objective_name, len(self.dataset), args.max_train_steps, self.global_batch,

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Encode the training set once (VAE posteriors + SDXL text embeddings) so that training steps run
+# neither the VAE encoder nor the text encoders. Takes the same variables and flags as
+# scripts/train_cm.sh; training finds the cache by itself when model, data, resolution and crop match.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/launch.sh -m cmdistill.precompute \
+  --pretrained_teacher_model "${MODEL:-stabilityai/stable-diffusion-xl-base-1.0}" \
+  --pretrained_vae_model_name_or_path "${VAE:-madebyollin/sdxl-vae-fp16-fix}" \
+  --train_data_dir "${DATA_DIR:-data/preprocessed_11k}" \
+  --resolution "${RESOLUTION:-1024}" \
+  --mixed_precision "${MIXED_PRECISION:-fp16}" \
+  --seed "${SEED:-24}" \
+  --dataloader_num_workers "${NUM_WORKERS:-4}" \
+  "$@"
