@@ -139,9 +139,13 @@ class Job:
 
 
 def _state():
+    from datetime import timedelta
+
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    # Processes wait at barriers while others generate (e.g. a resumed run whose shards are uneven):
+    # allow far longer than the collective default.
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=12))
 
 
 def _quiet_hub_logs() -> None:
@@ -187,6 +191,7 @@ def run_jobs(args, state, jobs: list[Job], captions: list[str], count: int, init
             job.prepare(mine)
     state.wait_for_everyone()
     if not main:
+        state.destroy_process_group()
         return []
 
     out = []
@@ -206,6 +211,7 @@ def run_jobs(args, state, jobs: list[Job], captions: list[str], count: int, init
         out.append(row)
     print(f"results: {Path(args.output_dir) / results.METRICS_NAME}, {Path(args.output_dir) / results.RESULTS_NAME}; "
           f"TensorBoard: {log_dir}", flush=True)
+    state.destroy_process_group()
     return out
 
 
