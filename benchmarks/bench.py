@@ -1,0 +1,850 @@
+#!/usr/bin/env python
+"""Side-by-side benchmark of the REFERENCE behaviour and OURS on an SDXL-architecture pipeline.
+
+Builds every SDXL component at full size with random weights from configs (no download): the
+SDXL base UNet (2,567,463,684 parameters, asserted), the SDXL VAE, the CLIP ViT-L and OpenCLIP
+bigG text encoders, and the real CLIP tokenizer (``cmdistill.tiny.write_clip_tokenizer``). Then it
+times, in one run on one card, with the project's own code (solvers, guidance, objectives,
+sampling, models):
+
+* the teacher forward (FLOPs counted once with FlopCounterMode; TFLOP/s), eager and ``--compile``;
+* one CM training step and one Direct CM training step (teacher target + LoRA student
+  forward/backward with gradient checkpointing + AdamW), for the reference knobs, for ours, and
+  for one knob changed at a time;
+* teacher-reference images per second (100 DDIM steps, w = 9) and 4-step student images per second.
+
+Every measurement is isolated: an out-of-memory error or any other failure is recorded in its row
+and the next one still runs. ``--tiny`` runs the same code paths on the tiny random SDXL
+(``cmdistill.tiny.tiny_sdxl_components``) on the CPU in well under a minute (the CPU test).
+
+    python benchmarks/bench.py --json out.json            # the full GPU run (~5 min on one H100)
+    python benchmarks/bench.py --tiny --device cpu        # smoke run of every code path
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without installing the package
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from cmdistill import models  # noqa: E402
+from cmdistill.guidance import GuidedEps, UNetEps  # noqa: E402
+from cmdistill.objectives import DistillContext, cm_target, direct_cm_target, distance  # noqa: E402
+from cmdistill.sampling import consistency_fn, student_sample, teacher_sample  # noqa: E402
+from cmdistill.schedule import Grid, NoiseSchedule  # noqa: E402
+from cmdistill.solvers import get_solver, solve_to_zero_reference  # noqa: E402
+from cmdistill.train import make_optimizer  # noqa: E402
+
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# SDXL base 1.0 architecture (configs of stabilityai/stable-diffusion-xl-base-1.0, random weights)
+# --------------------------------------------------------------------------------------------------
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True,
+    freq_shift=0,
+)
+SDXL_UNET_PARAMS = 2_567_463_684
+SDXL_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
+    norm_num_groups=32, act_fn="silu", sample_size=1024, scaling_factor=0.13025,
+)
+_CLIP_COMMON = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                    pad_token_id=49407)
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              projection_dim=768, hidden_act="quick_gelu", **_CLIP_COMMON)
+CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                 projection_dim=1280, hidden_act="gelu", **_CLIP_COMMON)
+# Parameter counts of the real SDXL components (checked by tests/test_bench.py on the meta device).
+SDXL_VAE_PARAMS, CLIP_L_PARAMS, CLIP_BIGG_PARAMS = 83_653_863, 123_060_480, 694_659_840
+
+CAPTIONS = ["a red cat sleeping on a velvet sofa", "a lighthouse on a cliff at dusk, oil painting",
+            "a bowl of ramen", "portrait of an old fisherman, dramatic light, 85mm",
+            "a futuristic city skyline with flying cars", "watercolor of a fox in the snow", "a cup of coffee",
+            "an astronaut riding a horse on mars, highly detailed digital art", "mountains at dawn",
+            "a vintage car parked in front of a diner, 1950s", "macro photo of a dew drop on a leaf",
+            "a medieval castle surrounded by fog", "a plate of sushi on a wooden table",
+            "a child flying a kite on the beach, golden hour", "an isometric pixel-art room",
+            "a field of sunflowers under a blue sky"]
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def count_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def build_sdxl_modules(device="meta"):
+    """The four SDXL networks, full size, random weights, created directly on ``device`` (fp32)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**SDXL_UNET)
+        vae = AutoencoderKL(**SDXL_VAE)
+        te1 = CLIPTextModel(CLIPTextConfig(**CLIP_L))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG))
+    n = count_params(unet)
+    assert n == SDXL_UNET_PARAMS, f"SDXL UNet config gives {n:,} parameters, expected {SDXL_UNET_PARAMS:,}"
+    return unet, vae, te1, te2
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing, memory
+# --------------------------------------------------------------------------------------------------
+class Timer:
+    """Wall time of a block: CUDA events on a GPU (recorded on the current stream, read after an event
+    synchronize), ``time.perf_counter`` otherwise."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds = float("nan")
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self._end.record()
+            self._end.synchronize()
+            self.seconds = self._start.elapsed_time(self._end) / 1000.0
+        else:
+            self.seconds = time.perf_counter() - self._t0
+        return False
+
+
+def timer_name(device: torch.device) -> str:
+    return "cuda_events" if device.type == "cuda" else "perf_counter"
+
+
+def median(xs):
+    return float(statistics.median(xs))
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+# --------------------------------------------------------------------------------------------------
+# The knobs of a training step (reference values first)
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Knobs:
+    precision: str = "fp16"       # fp16 | bf16 | fp32 (autocast dtype and frozen-weight dtype; LoRA stays fp32)
+    inputs: str = "encode"        # encode: VAE encode + both text encoders inside every step | precomputed
+    cfg: str = "separate"         # separate | batched (one 2B call) | adaptive (batched when active <= B/2)
+    loop: str = "reference"       # Direct CM only: reference (masked full batch) | per_sample (solve_to_zero)
+
+    def describe(self, objective: str) -> str:
+        s = f"{self.precision}, {self.inputs}, cfg={self.cfg}"
+        return s + (f", loop={self.loop}" if objective == "direct_cm" else "")
+
+
+REF = Knobs()
+OURS = Knobs(precision="bf16", inputs="precomputed", cfg="adaptive", loop="per_sample")
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    group: str
+    behaviour: str           # reference | ours | knob (one knob of the reference changed) | check
+    what: str
+    default: bool = True
+    knobs: Knobs | None = None
+    extra: dict | None = None
+
+
+SPECS = [
+    Spec("teacher_fwd_ref", "teacher_fwd", "reference", "teacher UNet forward, batch B, fp16, no grad",
+         extra={"precision": "fp16"}),
+    Spec("teacher_fwd_ours", "teacher_fwd", "ours", "teacher UNet forward, batch B, bf16, no grad",
+         extra={"precision": "bf16"}),
+    Spec("teacher_fwd_ours_compiled", "teacher_fwd", "ours", "teacher UNet forward, bf16, torch.compile (default)",
+         default=False, extra={"precision": "bf16", "compile": True}),
+    Spec("cm_step_ref", "cm_step", "reference", "CM training step", knobs=REF),
+    Spec("cm_step_ref+precomputed", "cm_step", "knob", "CM step, reference but precomputed inputs",
+         knobs=replace(REF, inputs="precomputed")),
+    Spec("cm_step_ref+bf16", "cm_step", "knob", "CM step, reference but bf16", knobs=replace(REF, precision="bf16")),
+    Spec("cm_step_ours", "cm_step", "ours", "CM training step", knobs=replace(OURS, loop="reference")),
+    Spec("student_images_ref", "student_images", "reference", "4-step student sampling + decode, 1 image at a time",
+         extra={"precision": "fp16", "batch": 1}),
+    Spec("student_images_ours", "student_images", "ours", "4-step student sampling + decode, batch B",
+         extra={"precision": "bf16", "batch": None}),
+    Spec("teacher_images_ref", "teacher_images", "reference", "teacher ODE sampling (N DDIM steps, CFG) + decode, "
+         "1 image at a time", knobs=REF, extra={"batch": 1}),
+    Spec("teacher_images_ours", "teacher_images", "ours", "teacher ODE sampling (N DDIM steps, CFG) + decode, "
+         "batch B (cmdistill.sampling.teacher_sample)", knobs=OURS, extra={"batch": None}),
+    Spec("direct_cm_agreement", "check", "check", "Direct CM targets: solve_to_zero (ours, adaptive CFG) vs "
+         "solve_to_zero_reference, float32"),
+    Spec("direct_cm_step_ours", "direct_cm_step", "ours", "Direct CM training step", knobs=OURS),
+    Spec("direct_cm_step_ref", "direct_cm_step", "reference", "Direct CM training step", knobs=REF),
+    Spec("direct_cm_step_ref+per_sample", "direct_cm_step", "knob", "Direct CM step, reference but per-sample loop",
+         default=False, knobs=replace(REF, loop="per_sample")),
+    Spec("direct_cm_step_ours+separate_cfg", "direct_cm_step", "knob", "Direct CM step, ours but CFG always "
+         "separate", default=False, knobs=replace(OURS, cfg="separate")),
+]
+SPEC_BY_NAME = {s.name: s for s in SPECS}
+
+
+class Counted:
+    """An eps_fn that counts its calls and the samples it was given (teacher sample-forwards), and
+    optionally prints a progress line every ``every`` calls."""
+
+    def __init__(self, eps_fn, every: int = 0, label: str = ""):
+        self.eps_fn, self.every, self.label = eps_fn, every, label
+        self.calls = self.samples = 0
+
+    def __call__(self, x, t, cond):
+        self.calls += 1
+        self.samples += int(x.shape[0])
+        if self.every and self.calls % self.every == 0:
+            log(f"    {self.label}: {self.calls} teacher UNet calls, {self.samples} sample-forwards queued")
+        return self.eps_fn(x, t, cond)
+
+
+class AdaptiveCFG:
+    """Classifier-free guidance with the conditional and unconditional passes as one call of 2x the
+    active set when that set is small (<= ``threshold``), separate passes otherwise; both branches are
+    ``cmdistill.guidance.GuidedEps``. OURS uses threshold B/2: batching gains nothing when the GPU is
+    already full (PERF.md: batch 16 at 1024 px), but the per-sample Direct CM loop's active set
+    shrinks to 1. threshold 0 = always separate (the reference), B = always batched."""
+
+    def __init__(self, eps_fn, w: float, threshold: int):
+        self.separate = GuidedEps(eps_fn, w, batched=False)
+        self.batched = GuidedEps(eps_fn, w, batched=True)
+        self.threshold = threshold
+        self.batched_calls = self.separate_calls = 0
+
+    def __call__(self, x, t, cond):
+        if x.shape[0] <= self.threshold:
+            self.batched_calls += 1
+            return self.batched(x, t, cond)
+        self.separate_calls += 1
+        return self.separate(x, t, cond)
+
+
+# --------------------------------------------------------------------------------------------------
+# The bench
+# --------------------------------------------------------------------------------------------------
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.B, self.res, self.N, self.w = args.batch_size, args.resolution, args.num_discr_timesteps, args.w
+        self.results: dict[str, dict] = {}
+        self.flops_per_forward: float | None = None
+        self._precision = None
+        self._precomputed: dict = {}
+
+    # --- setup ------------------------------------------------------------------------------------
+    def build(self):
+        args, dev = self.args, self.device
+        from transformers import CLIPTokenizer
+
+        log(f"building {'tiny' if args.tiny else 'full-size SDXL'} components with random weights on {dev}")
+        if args.tiny:
+            from cmdistill.tiny import tiny_sdxl_components
+
+            c = tiny_sdxl_components(seed=0, sample_size=self.res // 8)
+            unet, vae, te1, te2 = c["unet"], c["vae"], c["text_encoder"], c["text_encoder_2"]
+            for m in (unet, vae, te1, te2):
+                m.to(dev)
+        else:
+            unet, vae, te1, te2 = build_sdxl_modules(dev)
+        self.param_counts = {"unet": count_params(unet), "vae": count_params(vae), "text_encoder": count_params(te1),
+                             "text_encoder_2": count_params(te2)}
+        log("parameters: " + ", ".join(f"{k} {v:,}" for k, v in self.param_counts.items()))
+        with tempfile.TemporaryDirectory() as d:
+            from cmdistill.tiny import write_clip_tokenizer
+
+            tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(d) / "tokenizer"))
+        self.tokenizers = [tok, tok]
+        for m in (unet, vae, te1, te2):
+            m.requires_grad_(False)
+            m.eval()
+        self.unet, self.vae, self.text_encoders = unet, vae, [te1, te2]
+        # The student, as cmdistill.train.Trainer builds it: LoRA on the default targets, fp32 LoRA weights,
+        # gradient checkpointing, AdamW (torch; the paper's 8-bit Adam needs bitsandbytes).
+        models.add_lora(unet, args.lora_rank, args.lora_rank)
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        unet.enable_gradient_checkpointing()
+        unet.train()
+        self.params = [p for p in unet.parameters() if p.requires_grad]
+        self.param_counts["lora"] = sum(p.numel() for p in self.params)
+        self.optimizer = make_optimizer(SimpleNamespace(
+            use_8bit_adam=False, learning_rate=1e-4, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2,
+            adam_epsilon=1e-8), self.params)
+        self.sched = NoiseSchedule.sdxl()
+        self.grid = Grid(self.sched.T, self.N)
+        self.step_fn = get_solver("ddim")
+        self.sf = vae.config.scaling_factor
+        self.h = self.res // (2 ** (len(vae.config.block_out_channels) - 1))
+        g = torch.Generator().manual_seed(args.seed)
+        self.captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(self.B)]
+        self.pixels = (torch.rand(self.B, 3, self.res, self.res, generator=g) * 2 - 1).to(dev)
+        self.orig_sizes = [(self.res, self.res)] * self.B
+        self.crops = [(0, 0)] * self.B
+        # The Direct CM start indices and the noise: drawn once from a fixed seed, shared by ours and the reference.
+        self.start = torch.randint(0, self.N, (self.B,), generator=g)
+        self.noise = torch.randn(self.B, 4, self.h, self.h, generator=g).to(dev)
+        self.x_T = torch.randn(self.B, 4, self.h, self.h, generator=g).to(dev)
+        log(f"LoRA rank {args.lora_rank}: {self.param_counts['lora']:,} trainable parameters (fp32)")
+
+    def set_precision(self, name: str):
+        """Frozen weights of all four networks in ``name``'s dtype; the LoRA weights stay fp32 (SPEC §7)."""
+        if name == self._precision:
+            return
+        dtype = DTYPES[name]
+        self._precision = None  # a failure half-way leaves no stale record
+        for m in [self.unet, self.vae, *self.text_encoders]:
+            for p in m.parameters():
+                if not p.requires_grad and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
+            for b in m.buffers():
+                if b.is_floating_point() and b.dtype != dtype:
+                    b.data = b.data.to(dtype)
+        self._precision = name
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def autocast(self, precision: str):
+        dtype = DTYPES[precision]
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    # --- the pieces of a step, as cmdistill.train.Trainer assembles them ---------------------------
+    @torch.no_grad()
+    def encode_conditioning(self, captions, precision: str) -> dict:
+        dtype = DTYPES[precision]
+        prompt_embeds, pooled = models.encode_prompts(captions, self.tokenizers, self.text_encoders)
+        ids = models.time_ids(self.orig_sizes[: len(captions)], self.crops[: len(captions)], (self.res, self.res))
+        return {"prompt_embeds": prompt_embeds.to(self.device, dtype), "text_embeds": pooled.to(self.device, dtype),
+                "time_ids": ids.to(self.device, dtype)}
+
+    @torch.no_grad()
+    def encode_latents(self, precision: str) -> torch.Tensor:
+        pixels = self.pixels.to(DTYPES[precision])
+        g = torch.Generator().manual_seed(self.args.seed)
+        out = [self.vae.encode(c).latent_dist.sample(generator=g) for c in pixels.split(self.args.vae_encode_batch)]
+        return torch.cat(out).float() * self.sf
+
+    def inputs(self, knobs: Knobs):
+        if knobs.inputs == "encode":
+            return self.encode_latents(knobs.precision), self.encode_conditioning(self.captions, knobs.precision)
+        if knobs.precision not in self._precomputed:  # computed once, outside the timed region
+            self._precomputed[knobs.precision] = (self.encode_latents(knobs.precision),
+                                                  self.encode_conditioning(self.captions, knobs.precision))
+        return self._precomputed[knobs.precision]
+
+    def guided_teacher(self, cfg: str, batch: int, every: int = 0, label: str = ""):
+        """The guided teacher eps_fn of ``cmdistill.train.Trainer.distill_context`` (adapter disabled),
+        with a counting wrapper around the UNet call."""
+        counted = Counted(UNetEps(self.unet), every, label)
+        threshold = {"separate": 0, "batched": batch, "adaptive": batch // 2}[cfg]
+        guide = counted.guide = AdaptiveCFG(counted, self.w, threshold)
+
+        def teacher_eps(x, t, cond):
+            with models.adapters_disabled(self.unet):
+                return guide(x, t, cond)
+
+        return teacher_eps, counted
+
+    def context(self, knobs: Knobs, every: int = 0, label: str = ""):
+        teacher_eps, counted = self.guided_teacher(knobs.cfg, self.B, every, label)
+        ctx = DistillContext(teacher_eps=teacher_eps, student_eps_nograd=UNetEps(self.unet), step=self.step_fn,
+                             sched=self.sched, grid=self.grid)
+        return ctx, counted
+
+    def direct_cm_target(self, ctx: DistillContext, knobs: Knobs, x_t, start, cond):
+        if knobs.loop == "reference":
+            with torch.no_grad():
+                return solve_to_zero_reference(ctx.step, ctx.teacher_eps, x_t, start, cond, ctx.sched, ctx.grid)
+        return direct_cm_target(ctx, x_t, start, cond)
+
+    def train_step(self, objective: str, knobs: Knobs, start: torch.Tensor, scaler, every: int = 0):
+        """One optimisation step as ``Trainer.loss`` + ``Trainer.train`` do it: (encode,) noise to t_n, target
+        under autocast and no_grad, student f_theta with grad, distance, backward, clip 1.0, AdamW step."""
+        latents, cond = self.inputs(knobs)
+        t = self.grid.timestep(start)
+        x_t = self.sched.add_noise(latents, self.noise, t)
+        ctx, counted = self.context(knobs, every, objective)
+        with self.autocast(knobs.precision):
+            if objective == "cm":
+                target = cm_target(ctx, x_t, start, cond)
+            else:
+                target = self.direct_cm_target(ctx, knobs, x_t, start, cond)
+            pred = consistency_fn(UNetEps(self.unet), x_t, t, cond, self.sched, 10.0)
+        loss = distance(pred, target)
+        if scaler is not None:  # fp16 mixed precision: accelerate's GradScaler
+            scaler.scale(loss).backward()
+            scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        counted.loss = loss.detach()
+        return counted
+
+    def scaler_for(self, precision: str):
+        return torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+
+    @torch.no_grad()
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for chunk in x0.split(self.args.decode_batch or x0.shape[0]):
+            img = self.vae.decode((chunk / self.sf).to(self.vae.dtype)).sample
+            outs.append(((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+        return torch.cat(outs)
+
+    # --- measurements --------------------------------------------------------------------------------
+    def m_teacher_fwd(self, spec: Spec) -> dict:
+        prec = spec.extra["precision"]
+        self.set_precision(prec)
+        _, cond = self.inputs(replace(OURS, precision=prec))
+        x = self.noise
+        t = torch.full((self.B,), 500, dtype=torch.long)
+        eps = UNetEps(self.unet)
+        out = {}
+        unet_call = self.unet
+        if spec.extra.get("compile"):
+            compiled = torch.compile(self.unet, backend=self.args.compile_backend)
+            eps = UNetEps(compiled)
+            unet_call = compiled
+
+        def fwd():
+            with torch.no_grad(), models.adapters_disabled(self.unet), self.autocast(prec):
+                return eps(x, t, cond)
+
+        if self.flops_per_forward is None:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with torch.no_grad(), models.adapters_disabled(self.unet), self.autocast(prec):
+                with FlopCounterMode(display=False) as fc:
+                    UNetEps(self.unet)(x, t, cond)
+            self.flops_per_forward = float(fc.get_total_flops())
+            log(f"  FLOPs of one teacher forward at batch {self.B}: {self.flops_per_forward / 1e12:.4g} TFLOP "
+                f"({self.flops_per_forward / self.B / 1e12:.4g} per sample)")
+        with Timer(self.device) as tm:
+            fwd()
+        if spec.extra.get("compile"):
+            out["compile_s"] = tm.seconds
+            log(f"  compile + first call: {tm.seconds:.1f} s")
+        for _ in range(self.args.warmup_fwd - 1):
+            fwd()
+        times = []
+        for _ in range(self.args.repeats_fwd):
+            with Timer(self.device) as tm:
+                fwd()
+            times.append(tm.seconds)
+        del unet_call
+        s = median(times)
+        out.update(value=self.flops_per_forward / s / 1e12, unit="TFLOP/s", seconds=times, median_s=s,
+                   ms_per_sample=1000 * s / self.B, tflop_per_forward=self.flops_per_forward / 1e12,
+                   notes=f"{1000 * s / self.B:.1f} ms/sample, {len(times)} repeats"
+                         + (f"; compile {out['compile_s']:.0f} s" if "compile_s" in out else ""))
+        return out
+
+    def m_cm_step(self, spec: Spec) -> dict:
+        knobs = spec.knobs
+        self.set_precision(knobs.precision)
+        scaler = self.scaler_for(knobs.precision)
+        self.inputs(knobs)  # precomputation (when asked) happens here, untimed
+        self.train_step("cm", knobs, self.start, scaler)  # warm-up
+        times = []
+        for _ in range(self.args.repeats):
+            with Timer(self.device) as tm:
+                counted = self.train_step("cm", knobs, self.start, scaler)
+            times.append(tm.seconds)
+            log(f"  step {tm.seconds:.3f} s")
+        s = median(times)
+        return dict(value=s, unit="s/step", seconds=times, median_s=s, teacher_sample_forwards=counted.samples,
+                    loss=float(counted.loss), notes=f"{knobs.describe('cm')}; {len(times)} repeats")
+
+    def m_direct_cm_step(self, spec: Spec) -> dict:
+        knobs = spec.knobs
+        self.set_precision(knobs.precision)
+        scaler = self.scaler_for(knobs.precision)
+        self.inputs(knobs)
+        N, B = self.N, self.B
+        # Warm-up at few steps. The per-sample loop's warm-up visits every active-set size B..1
+        # (starts N-1, N-2, ...), so that each batch shape has been seen once before timing.
+        if knobs.loop == "per_sample":
+            warm = torch.tensor([N - 1 - (i % N) for i in range(B)])
+        else:
+            warm = torch.full((B,), N - 2)
+        with Timer(self.device) as tm:
+            self.train_step("direct_cm", knobs, warm, scaler)
+        log(f"  warm-up ({int((N - warm).sum())} sample-steps): {tm.seconds:.2f} s")
+        every = 25 if not self.args.tiny else 0
+        times = []
+        for _ in range(self.args.repeats_direct_cm):
+            with Timer(self.device) as tm:
+                counted = self.train_step("direct_cm", knobs, self.start, scaler, every=every)
+            times.append(tm.seconds)
+            log(f"  step {tm.seconds:.2f} s")
+        s = median(times)
+        per_sample_steps = int((N - self.start).sum())
+        ref_steps = int(N - self.start.min())
+        return dict(value=s, unit="s/step", seconds=times, median_s=s, per_sample_steps_sum=per_sample_steps,
+                    reference_loop_steps=ref_steps, teacher_unet_calls=counted.calls,
+                    teacher_sample_forwards=counted.samples, loss=float(counted.loss),
+                    batched_cfg_calls=counted.guide.batched_calls, separate_cfg_calls=counted.guide.separate_calls,
+                    notes=f"{knobs.describe('direct_cm')}; {counted.samples} teacher sample-forwards in "
+                          f"{counted.calls} calls; {len(times)} timed")
+
+    def m_teacher_images(self, spec: Spec) -> dict:
+        knobs = spec.knobs
+        prec = knobs.precision
+        self.set_precision(prec)
+        batch = spec.extra["batch"] or self.B
+        k = self.args.teacher_steps_timed or self.N
+        part = Grid(self.sched.T, k)  # same per-step cost as the N-grid; scaled by N / k below
+        n_runs = self.args.ref_images if batch == 1 else self.args.repeats
+        teacher_eps, _ = self.guided_teacher(knobs.cfg, batch)
+
+        def one(i, grid):
+            idx = slice(i * batch % self.B, i * batch % self.B + batch)
+            with Timer(self.device) as t_enc:  # the prompts of this batch, both text encoders
+                cond = self.encode_conditioning(self.captions[idx], prec)
+            with Timer(self.device) as t_smp, torch.no_grad(), self.autocast(prec):
+                x0 = teacher_sample(self.step_fn, teacher_eps, self.x_T[idx], cond, self.sched, grid)
+            with Timer(self.device) as t_dec:
+                self.decode(x0)
+            return t_enc.seconds, t_smp.seconds, t_dec.seconds
+
+        one(0, Grid(self.sched.T, 1))  # warm-up
+        totals, parts = [], []
+        for i in range(n_runs):
+            e, s, d = one(i, part)
+            total = e + s * self.N / k + d
+            totals.append(total)
+            parts.append((e, s, d))
+            log(f"  {batch} image(s): encode {e:.3f} s, {k} steps {s:.3f} s (x{self.N / k:g}), decode {d:.3f} s")
+        tot = median(totals)
+        return dict(value=batch / tot, unit="img/s", seconds=totals, median_s=tot, seconds_per_image=tot / batch,
+                    steps_timed=k, steps_total=self.N, encode_s=median([p[0] for p in parts]),
+                    sample_s_scaled=median([p[1] for p in parts]) * self.N / k, decode_s=median([p[2] for p in parts]),
+                    notes=f"{prec}, batch {batch}, cfg={knobs.cfg}; timed {k} of {self.N} steps and scaled x"
+                          f"{self.N / k:g}, decode + prompt encode timed in full; {n_runs} runs")
+
+    def m_student_images(self, spec: Spec) -> dict:
+        prec = spec.extra["precision"]
+        self.set_precision(prec)
+        batch = spec.extra["batch"] or self.B
+        n_runs = self.args.ref_images if batch == 1 else self.args.repeats
+
+        def one(i):
+            idx = slice(i * batch % self.B, i * batch % self.B + batch)
+            with Timer(self.device) as tm, torch.no_grad():
+                cond = self.encode_conditioning(self.captions[idx], prec)
+                with self.autocast(prec):
+                    x0 = student_sample(UNetEps(self.unet), self.x_T[idx], cond, self.sched, self.grid,
+                                        self.args.student_steps)
+                self.decode(x0)
+            return tm.seconds
+
+        one(0)  # warm-up
+        times = [one(i) for i in range(n_runs)]
+        s = median(times)
+        return dict(value=batch / s, unit="img/s", seconds=times, median_s=s, seconds_per_image=s / batch,
+                    notes=f"{prec}, batch {batch}, {self.args.student_steps} steps, prompt encode + decode "
+                          f"included; {n_runs} runs")
+
+    def m_direct_cm_agreement(self, spec: Spec) -> dict:
+        """float32, no autocast: ours (solve_to_zero per sample, adaptive CFG, via objectives.direct_cm_target)
+        against the reference loop (solve_to_zero_reference, separate CFG), same x_t and starts."""
+        self.set_precision("fp32")
+        tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            if self.args.tiny:  # the whole batch, the same start indices as the timed steps
+                start, rows = self.start, slice(0, self.B)
+            else:  # two samples near the end of the grid: both CFG paths, a few seconds in fp32
+                start, rows = torch.tensor([self.N - 3, self.N - 1]), slice(0, 2)
+            b = start.numel()
+            cond = {k: v[rows] for k, v in self.encode_conditioning(self.captions[rows], "fp32").items()}
+            x_t = self.sched.add_noise(self.x_T[rows], self.noise[rows], self.grid.timestep(start))
+            ref_eps, _ = self.guided_teacher("separate", b)
+            ours_eps, ours_count = self.guided_teacher("adaptive", b)
+            ctx = DistillContext(teacher_eps=ours_eps, student_eps_nograd=UNetEps(self.unet), step=self.step_fn,
+                                 sched=self.sched, grid=self.grid)
+            with Timer(self.device) as tm:
+                ours = direct_cm_target(ctx, x_t, start, cond)
+                with torch.no_grad():
+                    ref = solve_to_zero_reference(self.step_fn, ref_eps, x_t, start, cond, self.sched, self.grid)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        diff = float((ours - ref).abs().max())
+        scale = float(ref.abs().max())
+        rel = diff / max(1.0, scale)
+        tol = self.args.agreement_tol
+        ok = bool(math.isfinite(rel) and rel <= tol)
+        return dict(value=rel, unit="max|d|/max(1,max|ref|)", seconds=[tm.seconds], median_s=tm.seconds,
+                    max_abs_diff=diff, max_abs_target=scale, max_rel_diff=rel, tolerance=tol, agree=ok,
+                    samples=b, starts=start.tolist(), ours_batched_cfg_calls=ours_count.guide.batched_calls,
+                    ours_separate_cfg_calls=ours_count.guide.separate_calls,
+                    notes=f"{'AGREE' if ok else 'DISAGREE'} (tol {tol:g}); {b} samples, starts {start.tolist()}, "
+                          f"max|target| {scale:.3g}")
+
+    # --- driver ------------------------------------------------------------------------------------
+    def run_one(self, spec: Spec):
+        fn = {"teacher_fwd": self.m_teacher_fwd, "cm_step": self.m_cm_step, "direct_cm_step": self.m_direct_cm_step,
+              "teacher_images": self.m_teacher_images, "student_images": self.m_student_images,
+              "check": self.m_direct_cm_agreement}[spec.group]
+        log(f"[{spec.name}] {spec.what}")
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        row = {"group": spec.group, "behaviour": spec.behaviour, "what": spec.what,
+               "knobs": asdict(spec.knobs) if spec.knobs else None}
+        try:
+            if spec.name == self.args.inject_oom:  # tests: the failure isolation and the OOM row
+                raise torch.OutOfMemoryError("CUDA out of memory (injected by --inject_oom)")
+            row.update(fn(spec))
+            row["status"] = "ok"
+        except Exception as e:  # noqa: BLE001 - every failure is reported in its row; the others still run
+            row["status"] = "oom" if is_oom(e) else "error"
+            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            log(f"  FAILED ({row['status']}): {row['error']}")
+            if row["status"] == "error":
+                traceback.print_exc(file=sys.stdout)
+                sys.stdout.flush()
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            gc.collect()
+            if cuda:
+                row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+                torch.cuda.empty_cache()
+            else:
+                row["peak_mem_gib"] = None  # no per-measurement peak on the CPU
+        row["wall_s"] = time.perf_counter() - t0
+        self.results[spec.name] = row
+        if row["status"] == "ok":
+            mem = f", peak {row['peak_mem_gib']:.1f} GiB" if row["peak_mem_gib"] is not None else ""
+            log(f"  -> {fmt_value(row)}{mem} ({row['wall_s']:.1f} s wall)")
+
+
+def fmt_value(row) -> str:
+    v, u = row.get("value"), row.get("unit", "")
+    if v is None:
+        return ""
+    if u == "s/step":
+        return f"{v:.3f} s/step"
+    if u == "img/s":
+        return f"{v:.3f} img/s"
+    if u == "TFLOP/s":
+        return f"{v:.1f} TFLOP/s" if v >= 1 else f"{v:.3g} TFLOP/s"
+    return f"{v:.2e} {u}"
+
+
+def print_table(bench: Bench, selected: list[Spec]):
+    rows = [("measurement", "behaviour", "result", "median s", "peak GiB", "notes")]
+    for spec in selected:
+        r = bench.results.get(spec.name)
+        if r is None:
+            continue
+        if r["status"] != "ok":
+            res = r["status"].upper()
+            notes = r.get("error", "")
+        else:
+            res, notes = fmt_value(r), r.get("notes", "")
+        med = f"{r['median_s']:.3f}" if r.get("median_s") is not None else "-"
+        mem = f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") is not None else "n/a"
+        rows.append((spec.name, spec.behaviour, res, med, mem, notes))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    print()
+    for i, r in enumerate(rows):
+        print(" | ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + " | " + r[5])
+        if i == 0:
+            print("-+-".join("-" * w for w in widths) + "-+-" + "-" * 20)
+    # Ours vs the reference, per group.
+    lines = []
+    for group, better in [("teacher_fwd", "higher"), ("cm_step", "lower"), ("direct_cm_step", "lower"),
+                          ("teacher_images", "higher"), ("student_images", "higher")]:
+        ref, ours = bench.results.get(f"{group}_ref"), bench.results.get(f"{group}_ours")
+        if ref and ours and ref["status"] == ours["status"] == "ok":
+            f = ours["value"] / ref["value"] if better == "higher" else ref["value"] / ours["value"]
+            lines.append(f"  {group}: ours {f:.2f}x the reference")
+    d = bench.results.get("direct_cm_step_ours") or bench.results.get("direct_cm_step_ref")
+    if d and d["status"] == "ok":
+        lines.append(f"  Direct CM starts (seed {bench.args.seed}): {bench.start.tolist()}; sum of per-sample steps "
+                     f"{d['per_sample_steps_sum']} (ours), reference loop {d['reference_loop_steps']} steps x "
+                     f"{bench.B} = {d['reference_loop_steps'] * bench.B} sample-steps")
+    if lines:
+        print("\nspeed-ups (ours vs reference):")
+        print("\n".join(lines))
+    failed = [s.name for s in selected if s.name in bench.results and bench.results[s.name]["status"] != "ok"]
+    if bench.args.memory_cap_gib:
+        fits = [s.name for s in selected if s.name in bench.results and bench.results[s.name]["status"] == "ok"]
+        print(f"\nunder the {bench.args.memory_cap_gib:g} GiB cap: fits: {', '.join(fits) or 'nothing'}; "
+              f"fails: {', '.join(failed) or 'nothing'}")
+    elif failed:
+        print(f"\nfailed: {', '.join(failed)}")
+    sys.stdout.flush()
+
+
+def environment(device: torch.device) -> dict:
+    import diffusers
+    import peft
+    import transformers
+
+    env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+           "peft": peft.__version__, "python": platform.python_version(), "device": str(device),
+           "timer": timer_name(device)}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(card=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                   card_memory_gib=props.total_memory / 2**30, sm_count=props.multi_processor_count)
+    else:
+        env.update(card=f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+                   cuda=torch.version.cuda)
+    return env
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Reference vs ours: seconds per CM / Direct CM step, images per second, "
+                                            "memory and TFLOP/s on an SDXL-architecture model with random weights.")
+    p.add_argument("--tiny", action="store_true", help="tiny SDXL config, 64 px, N=10: runs on a CPU in < 1 minute")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--only", default=None, help=f"comma-separated measurements (default: all but the optional "
+                   f"ones). Names: {', '.join(s.name for s in SPECS)}")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats of the short measurements "
+                   "(default 3; 1 with --tiny); the teacher forward uses 4x this (2 with --tiny)")
+    p.add_argument("--repeats_direct_cm", type=int, default=1, help="timed Direct CM steps (after one short warm-up)")
+    p.add_argument("--json", default=None, help="write every number, the card, versions and settings here")
+    p.add_argument("--compile", action="store_true", help="also time the teacher forward under torch.compile")
+    p.add_argument("--compile_backend", default="inductor")
+    p.add_argument("--memory_cap_gib", type=float, default=None,
+                   help="torch.cuda.set_per_process_memory_fraction to this many GiB (e.g. 24) before anything else")
+    p.add_argument("--batch_size", type=int, default=None, help="B (default 16; 4 with --tiny)")
+    p.add_argument("--resolution", type=int, default=None, help="default 1024 (64 with --tiny)")
+    p.add_argument("--num_discr_timesteps", type=int, default=None, help="N (default 100; 10 with --tiny)")
+    p.add_argument("--w", type=float, default=9.0, help="teacher guidance scale (Imagen form)")
+    p.add_argument("--lora_rank", type=int, default=None, help="default 64 (4 with --tiny)")
+    p.add_argument("--student_steps", type=int, default=4)
+    p.add_argument("--teacher_steps_timed", type=int, default=None,
+                   help="teacher sampling: time this many of the N steps and scale (must divide 1000; "
+                        "default 10, 5 with --tiny; 0 = all N)")
+    p.add_argument("--ref_images", type=int, default=None,
+                   help="images timed for the one-at-a-time reference samplers (default 2; 1 with --tiny)")
+    p.add_argument("--decode_batch", type=int, default=None, help="VAE decode chunk (default: the whole batch)")
+    p.add_argument("--vae_encode_batch", type=int, default=8, help="VAE encode chunk (the training default, 8)")
+    p.add_argument("--agreement_tol", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=24, help="seed of the data, noise and Direct CM start indices")
+    p.add_argument("--inject_oom", default=None, help=argparse.SUPPRESS)  # tests: fail this measurement with an OOM
+    args = p.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.resolution = args.resolution or (64 if args.tiny else 1024)
+    args.num_discr_timesteps = args.num_discr_timesteps or (10 if args.tiny else 100)
+    args.lora_rank = args.lora_rank or (4 if args.tiny else 64)
+    args.batch_size = args.batch_size or (4 if args.tiny else 16)
+    args.repeats = args.repeats or (1 if args.tiny else 3)
+    args.repeats_fwd = 2 if args.tiny else 4 * args.repeats
+    args.warmup_fwd = 1 if args.tiny else 2
+    args.ref_images = args.ref_images or (1 if args.tiny else 2)
+    if args.teacher_steps_timed is None:
+        args.teacher_steps_timed = 5 if args.tiny else 10
+    if args.only:
+        names = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = [n for n in names if n not in SPEC_BY_NAME]
+        if unknown:
+            p.error(f"--only: unknown {', '.join(unknown)}; choose from {', '.join(SPEC_BY_NAME)}")
+        args.selected = [s for s in SPECS if s.name in names]
+    else:
+        args.selected = [s for s in SPECS if s.default or (args.compile and s.name == "teacher_fwd_ours_compiled")]
+    if args.teacher_steps_timed:
+        Grid(1000, args.teacher_steps_timed)  # must divide T
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # peak-memory stats and synchronize() read the current device
+    if args.memory_cap_gib:
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            frac = min(1.0, args.memory_cap_gib * 2**30 / total)
+            torch.cuda.set_per_process_memory_fraction(frac, device)
+            log(f"memory cap: {args.memory_cap_gib:g} GiB = {frac:.3f} of {total / 2**30:.1f} GiB")
+        else:
+            log("--memory_cap_gib applies to CUDA devices only; ignored on the CPU")
+    env = environment(device)
+    log(f"device {env['card']}; torch {env['torch']}, diffusers {env['diffusers']}, peft {env['peft']}; "
+        f"timer: {env['timer']}")
+    log(f"settings: {args.resolution} px, batch {args.batch_size}, N={args.num_discr_timesteps}, DDIM, "
+        f"w={args.w:g}, LoRA rank {args.lora_rank}; measurements: {', '.join(s.name for s in args.selected)}")
+    bench = Bench(args)
+    bench.build()
+    log(f"Direct CM start indices (seed {args.seed}): {bench.start.tolist()}; per-sample steps sum "
+        f"{int((bench.N - bench.start).sum())}, reference loop {int(bench.N - bench.start.min())} steps")
+    for spec in args.selected:
+        bench.run_one(spec)
+    print_table(bench, args.selected)
+    log(f"total wall time {time.perf_counter() - T0:.0f} s")
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if k != "selected"}
+        settings.update(selected=[s.name for s in args.selected], solver="ddim",
+                        start_indices=bench.start.tolist(), lora_targets=list(models.DEFAULT_LORA_TARGETS),
+                        per_sample_steps_sum=int((bench.N - bench.start).sum()),
+                        reference_loop_steps=int(bench.N - bench.start.min()))
+        out = {"env": env, "settings": settings, "param_counts": bench.param_counts,
+               "flops_per_teacher_forward": bench.flops_per_forward, "measurements": bench.results,
+               "total_wall_s": time.perf_counter() - T0}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2, default=str))
+        log(f"wrote {args.json}")
+    # Failures are in the table; the exit status is 1 for an error, or an OOM without --memory_cap_gib.
+    bad = [r for r in bench.results.values()
+           if r["status"] == "error" or (r["status"] == "oom" and not args.memory_cap_gib)]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""benchmarks/bench.py: the --tiny CPU run exercises every measurement of the GPU run and writes sane JSON."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks" / "bench.py"
+# The default measurements of the GPU run (the optional ones are checked separately below).
+DEFAULT = ["teacher_fwd_ref", "teacher_fwd_ours", "cm_step_ref", "cm_step_ref+precomputed", "cm_step_ref+bf16",
+           "cm_step_ours", "student_images_ref", "student_images_ours", "teacher_images_ref", "teacher_images_ours",
+           "direct_cm_agreement", "direct_cm_step_ours", "direct_cm_step_ref"]
+
+
+def run_bench(*args, check=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, str(BENCH), *map(str, args)], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=1200)
+    if check and r.returncode != 0:
+        raise AssertionError(f"bench.py failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    return r
+
+
+def positive_finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    r = run_bench("--tiny", "--device", "cpu", "--json", out)
+    return r.stdout, json.loads(out.read_text())
+
+
+def test_tiny_run_has_every_measurement_with_positive_finite_numbers(tiny_run):
+    stdout, data = tiny_run
+    m = data["measurements"]
+    assert list(m) == DEFAULT
+    for name in DEFAULT:
+        row = m[name]
+        assert row["status"] == "ok", (name, row.get("error"))
+        assert positive_finite(row["value"]) or name == "direct_cm_agreement", (name, row["value"])
+        assert positive_finite(row["median_s"]), name
+        assert row["seconds"] and all(positive_finite(s) for s in row["seconds"]), name
+        assert row["peak_mem_gib"] is None  # no per-measurement peak on the CPU
+        assert name in stdout  # the table row
+    for name in ("teacher_fwd_ref", "teacher_fwd_ours"):
+        assert m[name]["unit"] == "TFLOP/s" and positive_finite(m[name]["tflop_per_forward"])
+    assert positive_finite(data["flops_per_teacher_forward"])
+    for name in ("cm_step_ref", "cm_step_ours", "direct_cm_step_ref", "direct_cm_step_ours"):
+        assert m[name]["unit"] == "s/step" and math.isfinite(m[name]["loss"])
+    for name in ("teacher_images_ref", "teacher_images_ours", "student_images_ref", "student_images_ours"):
+        assert m[name]["unit"] == "img/s" and positive_finite(m[name]["seconds_per_image"])
+    # The teacher samplers timed a fraction of the steps and scaled (as the GPU run does).
+    assert m["teacher_images_ours"]["steps_timed"] < m["teacher_images_ours"]["steps_total"]
+    assert "scaled" in m["teacher_images_ours"]["notes"]
+
+
+def test_tiny_run_direct_cm_uses_the_same_starts_and_counts_steps(tiny_run):
+    _, data = tiny_run
+    s, m = data["settings"], data["measurements"]
+    N, B, start = s["num_discr_timesteps"], s["batch_size"], s["start_indices"]
+    assert len(start) == B and all(0 <= n < N for n in start)
+    per_sample, ref_steps = sum(N - n for n in start), N - min(start)
+    assert s["per_sample_steps_sum"] == per_sample and s["reference_loop_steps"] == ref_steps
+    ours, ref = m["direct_cm_step_ours"], m["direct_cm_step_ref"]
+    for row in (ours, ref):
+        assert row["per_sample_steps_sum"] == per_sample and row["reference_loop_steps"] == ref_steps
+    # Every solver step evaluates cond + uncond for each sample it advances.
+    assert ref["teacher_sample_forwards"] == 2 * B * ref_steps
+    assert ours["teacher_sample_forwards"] == 2 * per_sample
+    assert ref["batched_cfg_calls"] == 0 and ref["separate_cfg_calls"] == ref_steps
+    assert ours["batched_cfg_calls"] > 0 and ours["separate_cfg_calls"] > 0  # both CFG branches of ours ran
+
+
+def test_tiny_run_direct_cm_targets_agree_in_float32(tiny_run):
+    _, data = tiny_run
+    a = data["measurements"]["direct_cm_agreement"]
+    assert a["agree"] is True
+    assert a["max_abs_diff"] <= 1e-4 and a["max_rel_diff"] <= 1e-4
+    assert a["ours_batched_cfg_calls"] > 0 and a["ours_separate_cfg_calls"] > 0
+    assert a["starts"] == data["settings"]["start_indices"]
+
+
+def test_tiny_run_records_card_versions_and_settings(tiny_run):
+    stdout, data = tiny_run
+    env, s = data["env"], data["settings"]
+    for key in ("card", "torch", "diffusers", "transformers", "peft", "timer"):
+        assert env[key]
+    assert env["timer"] == "perf_counter"  # the CPU fallback of the CUDA-event timer
+    assert s["tiny"] is True and s["resolution"] == 64 and s["num_discr_timesteps"] == 10 and s["w"] == 9.0
+    assert s["solver"] == "ddim"
+    assert "speed-ups (ours vs reference)" in stdout
+
+
+def test_compile_row_and_failure_isolation(tmp_path):
+    """--compile path (dynamo's eager backend on the CPU, to stay fast), and an OOM in one measurement is
+    reported in its row while the others still run; the exit status is 1 without --memory_cap_gib."""
+    out = tmp_path / "b.json"
+    r = run_bench("--tiny", "--device", "cpu", "--json", out, "--compile_backend", "eager", "--only",
+                  "teacher_fwd_ours_compiled,student_images_ours,cm_step_ours", "--inject_oom", "student_images_ours",
+                  check=False)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    m = json.loads(out.read_text())["measurements"]
+    assert m["student_images_ours"]["status"] == "oom" and "out of memory" in m["student_images_ours"]["error"]
+    assert m["cm_step_ours"]["status"] == "ok" and positive_finite(m["cm_step_ours"]["value"])
+    c = m["teacher_fwd_ours_compiled"]
+    assert c["status"] == "ok" and positive_finite(c["compile_s"]) and positive_finite(c["value"])
+    assert "OOM" in r.stdout
+
+
+def test_full_size_configs_have_sdxl_parameter_counts():
+    spec = importlib.util.spec_from_file_location("cmdistill_bench", BENCH)
+    bench = sys.modules["cmdistill_bench"] = importlib.util.module_from_spec(spec)  # dataclasses need it there
+    spec.loader.exec_module(bench)
+    unet, vae, te1, te2 = bench.build_sdxl_modules("meta")  # asserts the UNet's 2,567,463,684
+    assert bench.count_params(unet) == bench.SDXL_UNET_PARAMS == 2_567_463_684
+    assert bench.count_params(vae) == bench.SDXL_VAE_PARAMS
+    assert bench.count_params(te1) == bench.CLIP_L_PARAMS
+    assert bench.count_params(te2) == bench.CLIP_BIGG_PARAMS
+    assert vae.config.scaling_factor == 0.13025 and unet.config.addition_embed_type == "text_time"
