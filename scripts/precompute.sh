@@ -4,10 +4,11 @@
 # scripts/train_cm.sh; training finds the cache by itself when model, data, resolution and crop match.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/launch.sh -m cmdistill.precompute \
-  --pretrained_teacher_model "${MODEL:-stabilityai/stable-diffusion-xl-base-1.0}" \
-  --pretrained_vae_model_name_or_path "${VAE:-madebyollin/sdxl-vae-fp16-fix}" \
-  --train_data_dir "${DATA_DIR:-data/preprocessed_11k}" \
+VAE_PATH=${VAE_PATH-madebyollin/sdxl-vae-fp16-fix}   # empty: the teacher's own VAE
+python3 -m cmdistill.launch -m cmdistill.precompute \
+  --pretrained_teacher_model "${MODEL_NAME:-stabilityai/stable-diffusion-xl-base-1.0}" \
+  ${VAE_PATH:+--pretrained_vae_model_name_or_path "$VAE_PATH"} \
+  --train_data_dir "${TRAIN_DATA_DIR:-data/preprocessed_11k}" \
   --resolution "${RESOLUTION:-1024}" \
   --mixed_precision "${MIXED_PRECISION:-fp16}" \
   --seed "${SEED:-24}" \

@@ -26,7 +26,7 @@ INSTANCE_METRICS=${INSTANCE_METRICS:-clip_score aesthetic}
 METRICS_WEIGHTS_DIR=${METRICS_WEIGHTS_DIR:-}
 
 # shellcheck disable=SC2086  # the step and metric lists are word-split on purpose
-python -m cmdistill.evaluation.launch test.py \
+python -m cmdistill.launch test.py \
     --output_dir="$OUTPUT_DIR" \
     --train_data_dir="$TEACHER_DIR" \
     ${MODEL_NAME:+--pretrained_teacher_model="$MODEL_NAME"} \

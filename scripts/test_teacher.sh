@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 
 MODEL_NAME=${MODEL_NAME:-stabilityai/stable-diffusion-xl-base-1.0}
 VAE_PATH=${VAE_PATH-madebyollin/sdxl-vae-fp16-fix}          # empty: the teacher's own VAE
-TRAIN_DATA_DIR=${TRAIN_DATA_DIR:-data/preprocessed_11k/train}  # scripts/get_laion_data.sh preprocessed_11k
+TRAIN_DATA_DIR=${TRAIN_DATA_DIR:-data/preprocessed_11k}  # scripts/get_laion_data.sh preprocessed_11k
 OUTPUT_DIR=${OUTPUT_DIR:-results/teacher-ddim}
 INIT_NOISE=${INIT_NOISE:-}                                  # e.g. data/init_noise.pt (scripts/make_init_noise.py)
 SCHEDULER=${SCHEDULER:-ddim}
@@ -26,7 +26,7 @@ INSTANCE_METRICS=${INSTANCE_METRICS:-clip_score aesthetic}
 METRICS_WEIGHTS_DIR=${METRICS_WEIGHTS_DIR:-}
 
 # shellcheck disable=SC2086  # the metric lists are word-split on purpose
-python -m cmdistill.evaluation.launch test_teacher.py \
+python -m cmdistill.launch test_teacher.py \
     --pretrained_teacher_model="$MODEL_NAME" \
     ${VAE_PATH:+--pretrained_vae_model_name_or_path="$VAE_PATH"} \
     --train_data_dir="$TRAIN_DATA_DIR" \

@@ -6,16 +6,17 @@
 # A rerun resumes from the latest checkpoint in OUTPUT_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+VAE_PATH=${VAE_PATH-madebyollin/sdxl-vae-fp16-fix}   # empty: the teacher's own VAE
 SCRIPT=${SCRIPT:-train_cm.py}
 SOLVER=${SOLVER:-ddim}
 N=${N:-100}
 W=${W:-9.0}
 NAME=$(basename "$SCRIPT" .py | sed 's/^train_//')
-bash scripts/launch.sh "$SCRIPT" \
-  --pretrained_teacher_model "${MODEL:-stabilityai/stable-diffusion-xl-base-1.0}" \
-  --pretrained_vae_model_name_or_path "${VAE:-madebyollin/sdxl-vae-fp16-fix}" \
-  --train_data_dir "${DATA_DIR:-data/preprocessed_11k}" \
-  --output_dir "${OUTPUT_DIR:-outputs/${NAME}_${SOLVER}_N${N}_w${W}}" \
+python3 -m cmdistill.launch "$SCRIPT" \
+  --pretrained_teacher_model "${MODEL_NAME:-stabilityai/stable-diffusion-xl-base-1.0}" \
+  ${VAE_PATH:+--pretrained_vae_model_name_or_path "$VAE_PATH"} \
+  --train_data_dir "${TRAIN_DATA_DIR:-data/preprocessed_11k}" \
+  --output_dir "${OUTPUT_DIR:-runs/${NAME}}" \
   --resolution "${RESOLUTION:-1024}" \
   --train_batch_size "${BATCH_SIZE:-16}" \
   --max_train_steps "${MAX_STEPS:-250}" \

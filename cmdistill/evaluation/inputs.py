@@ -35,6 +35,8 @@ def read_metadata(data_dir: str | Path, caption_column: str = "text", image_colu
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"{flag}: folder '{data_dir}' does not exist")
+    if not any((data_dir / m).is_file() for m in METADATA_FILES) and (data_dir / "train").is_dir():
+        data_dir = data_dir / "train"  # a data set folder with its split inside (as datasets' imagefolder reads it)
     meta = next((data_dir / m for m in METADATA_FILES if (data_dir / m).is_file()), None)
     if meta is None:
         raise UserError(f"{flag} '{data_dir}' has no {' or '.join(METADATA_FILES)} (an image folder with "
