@@ -61,12 +61,26 @@ def register_feature_extractor(name: str, factory: ExtractorFactory) -> None:
         del _LOADED[k]
 
 
+# Modules that register further extractors / instance metrics when imported, by the names they add.
+PLUGINS = {"toy": "cmdistill.toy.encoders", "toy_caption_acc": "cmdistill.toy.encoders"}
+
+
+def load_plugin(name: str) -> None:
+    """Import the module that registers ``name``, if one is known (e.g. the toy world's encoder)."""
+    if name in PLUGINS:
+        import importlib
+
+        importlib.import_module(PLUGINS[name])
+
+
 def feature_extractor_names() -> list[str]:
     return sorted(_FACTORIES)
 
 
 def load_feature_extractor(name: str, *, device="cpu", weights_dir: str | None = None) -> FeatureExtractor:
     """Build (once per name, device, weights location and random-weights mode) a registered extractor."""
+    if name not in _FACTORIES:
+        load_plugin(name)
     if name not in _FACTORIES:
         raise UserError(f"unknown feature extractor {name!r}; registered: {', '.join(feature_extractor_names())}")
     key = (name, str(torch.device(device)), weights_dir, random_weights_mode(), id(_FACTORIES[name]),

@@ -57,6 +57,10 @@ def instance_metric_names() -> list[str]:
 
 def get_instance_metric(name: str) -> InstanceMetric:
     if name not in _METRICS:
+        from .extractors import load_plugin
+
+        load_plugin(name)
+    if name not in _METRICS:
         raise UserError(f"unknown instance metric {name!r}; registered: {', '.join(instance_metric_names())}")
     return _METRICS[name]
 
