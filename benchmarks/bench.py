@@ -805,6 +805,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # "cuda" alone has no index to set
     if device.type == "cuda":
         torch.cuda.set_device(device)  # peak-memory stats and synchronize() read the current device
     if args.memory_cap_gib:
