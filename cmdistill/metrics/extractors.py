@@ -22,7 +22,7 @@ import os
 import re
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -47,6 +47,7 @@ class FeatureExtractor:
     dim: int
     identity: str  # weights identity, part of the reference-feature cache key
     preprocess_id: str  # description of ``preprocess``, part of the cache key
+    extras: dict = field(default_factory=dict)  # anything an instance metric needs besides the features
 
 
 ExtractorFactory = Callable[..., FeatureExtractor]
