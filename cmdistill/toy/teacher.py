@@ -119,8 +119,9 @@ def _log(log, msg):
 def train_vae(vae, images: np.ndarray, steps: int = 1500, batch_size: int = 32, lr: float = 1e-3,
               kl_weight: float = 1e-4, recon: str = "mse", seed: int = 0, log=print) -> dict:
     """Train the AutoencoderKL on uint8 images: reconstruction loss of a posterior sample (``recon``:
-    mse, l1 or l1+mse) + ``kl_weight`` x the per-element KL to N(0, I). Then set ``scaling_factor`` = 1 / std of the latents (posterior samples
-    of every image), written into the VAE config as SDXL's is. Returns training statistics."""
+    mse, l1 or l1+mse) + ``kl_weight`` x the per-element KL to N(0, I). Then set ``scaling_factor`` =
+    1 / std of the latents (posterior samples of every image), written into the VAE config as SDXL's
+    is. Returns training statistics."""
     g = torch.Generator().manual_seed(seed)
     dev = next(vae.parameters()).device
     x_all = to_pixels(images)
