@@ -176,9 +176,13 @@ def main(argv=None):
     P = world_paths(world)
     # The build skips every stage whose output is present with the same settings (the repository ships the
     # trained teacher and encoder; the images are regenerated from the seed in seconds).
-    print("[1/5] toy world (python -m cmdistill.toy build: present stages are reused) ...", flush=True)
-    times["world"] = run([py, "-m", "cmdistill.toy", "build", "--out", world,
-                          *(["--reduced"] if a.reduced_world else [])], log, env)
+    if all(p.exists() for p in (P["teacher"] / "model_index.json", P["encoder"], P["data"] / "metadata.csv")):
+        print(f"[1/5] toy world present in {world}", flush=True)
+        times["world"] = 0.0
+    else:
+        print("[1/5] toy world (python -m cmdistill.toy build: present stages are reused) ...", flush=True)
+        times["world"] = run([py, "-m", "cmdistill.toy", "build", "--out", world,
+                              *(["--reduced"] if a.reduced_world else [])], log, env)
     data, teacher, enc = P["data"], P["teacher"], P["encoder"]
     metric_flags = ["--dgm_metrics", "fd", "--dgm_models", "toy", "--instance_metrics", "toy_caption_acc",
                     "--metrics_weights_dir", enc]
