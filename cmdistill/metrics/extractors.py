@@ -62,16 +62,19 @@ def register_feature_extractor(name: str, factory: ExtractorFactory) -> None:
         del _LOADED[k]
 
 
-# Modules that register further extractors / instance metrics when imported, by the names they add.
-PLUGINS = {"toy": "cmdistill.toy.encoders", "toy_caption_acc": "cmdistill.toy.encoders"}
+# Registration functions of further extractors / instance metrics, by the names they add. Called, not
+# merely imported, so that a registry reset (tests do that) does not lose them.
+PLUGINS = {"toy": ("cmdistill.toy.encoders", "register_with_metrics"),
+           "toy_caption_acc": ("cmdistill.toy.encoders", "register_with_metrics")}
 
 
 def load_plugin(name: str) -> None:
-    """Import the module that registers ``name``, if one is known (e.g. the toy world's encoder)."""
+    """Register ``name`` through its plugin, if one is known (e.g. the toy world's encoder)."""
     if name in PLUGINS:
         import importlib
 
-        importlib.import_module(PLUGINS[name])
+        module, function = PLUGINS[name]
+        getattr(importlib.import_module(module), function)()
 
 
 def feature_extractor_names() -> list[str]:
