@@ -19,6 +19,8 @@ and the next one still runs. ``--tiny`` runs the same code paths on the tiny ran
 
     python benchmarks/bench.py --json out.json            # the full GPU run (~5 min on one H100)
     python benchmarks/bench.py --tiny --device cpu        # smoke run of every code path
+    torchrun --nproc_per_node=2 benchmarks/bench.py --only cm_step_ours,direct_cm_step_ours,teacher_images_ours
+                                                          # the same on 2 GPUs at once (scaling)
 """
 
 from __future__ import annotations
@@ -53,10 +55,19 @@ from cmdistill.solvers import get_solver, solve_to_zero_reference  # noqa: E402
 from cmdistill.train import make_optimizer  # noqa: E402
 
 T0 = time.perf_counter()
+# Several processes (torchrun / accelerate launch, one per GPU): each runs every measurement on its own
+# batch B at the same time, gradients are all-reduced as DDP does, and rank 0 reports (see dist_setup).
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+    if RANK == 0:
+        print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+
+
+def barrier():
+    if WORLD > 1:
+        torch.distributed.barrier()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,6 +141,12 @@ class Timer:
         self.seconds = float("nan")
 
     def __enter__(self):
+        if WORLD > 1:  # every process starts together; the time is that of the slowest
+            if self.cuda:
+                torch.cuda.synchronize()
+            barrier()
+            self._t0 = time.perf_counter()
+            return self
         if self.cuda:
             torch.cuda.synchronize()
             self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -139,6 +156,12 @@ class Timer:
         return self
 
     def __exit__(self, *exc):
+        if WORLD > 1:
+            if self.cuda:
+                torch.cuda.synchronize()
+            barrier()
+            self.seconds = time.perf_counter() - self._t0
+            return False
         if self.cuda:
             self._end.record()
             self._end.synchronize()
@@ -169,14 +192,20 @@ class Knobs:
     inputs: str = "encode"        # encode: VAE encode + both text encoders inside every step | precomputed
     cfg: str = "separate"         # separate | batched (one 2B call) | adaptive (batched when active <= B/2)
     loop: str = "reference"       # Direct CM only: reference (masked full batch) | per_sample (solve_to_zero)
+    lora_cast: str = "fp32"       # fp32: PEFT copies every LoRA input to fp32 | off: no copy (same values, autocast)
+    compile: bool = False         # teacher passes through torch.compile (dynamic batch)
+    offload: bool = False         # text encoders + VAE off the GPU while training on precomputed inputs
 
     def describe(self, objective: str) -> str:
-        s = f"{self.precision}, {self.inputs}, cfg={self.cfg}"
+        s = f"{self.precision}, {self.inputs}, cfg={self.cfg}, lora_cast={self.lora_cast}"
+        s += ", compiled teacher" if self.compile else ""
+        s += ", encoders offloaded" if self.offload else ""
         return s + (f", loop={self.loop}" if objective == "direct_cm" else "")
 
 
 REF = Knobs()
-OURS = Knobs(precision="bf16", inputs="precomputed", cfg="adaptive", loop="per_sample")
+OURS = Knobs(precision="bf16", inputs="precomputed", cfg="adaptive", loop="per_sample", lora_cast="off",
+             compile=True, offload=True)
 
 
 @dataclass(frozen=True)
@@ -191,16 +220,21 @@ class Spec:
 
 
 SPECS = [
+    Spec("matmul_peak", "peak", "check", "bf16 matrix product 8192^3 (the card's attainable dense rate)"),
     Spec("teacher_fwd_ref", "teacher_fwd", "reference", "teacher UNet forward, batch B, fp16, no grad",
          extra={"precision": "fp16"}),
     Spec("teacher_fwd_ours", "teacher_fwd", "ours", "teacher UNet forward, batch B, bf16, no grad",
          extra={"precision": "bf16"}),
-    Spec("teacher_fwd_ours_compiled", "teacher_fwd", "ours", "teacher UNet forward, bf16, torch.compile (default)",
-         default=False, extra={"precision": "bf16", "compile": True}),
+    Spec("teacher_fwd_ours_compiled", "teacher_fwd", "ours", "teacher UNet forward, bf16, torch.compile "
+         "(dynamic batch, as the training loop uses it)", extra={"precision": "bf16", "compile": True}),
     Spec("cm_step_ref", "cm_step", "reference", "CM training step", knobs=REF),
     Spec("cm_step_ref+precomputed", "cm_step", "knob", "CM step, reference but precomputed inputs",
          knobs=replace(REF, inputs="precomputed")),
     Spec("cm_step_ref+bf16", "cm_step", "knob", "CM step, reference but bf16", knobs=replace(REF, precision="bf16")),
+    Spec("cm_step_ours+lora_cast", "cm_step", "knob", "CM step, ours but PEFT's fp32 copy of LoRA inputs",
+         default=False, knobs=replace(OURS, loop="reference", lora_cast="fp32")),
+    Spec("cm_step_ours-compile", "cm_step", "knob", "CM step, ours but eager teacher", default=False,
+         knobs=replace(OURS, loop="reference", compile=False)),
     Spec("cm_step_ours", "cm_step", "ours", "CM training step", knobs=replace(OURS, loop="reference")),
     Spec("student_images_ref", "student_images", "reference", "4-step student sampling + decode, 1 image at a time",
          extra={"precision": "fp16", "batch": 1}),
@@ -216,6 +250,8 @@ SPECS = [
     Spec("direct_cm_step_ref", "direct_cm_step", "reference", "Direct CM training step", knobs=REF),
     Spec("direct_cm_step_ref+per_sample", "direct_cm_step", "knob", "Direct CM step, reference but per-sample loop",
          default=False, knobs=replace(REF, loop="per_sample")),
+    Spec("direct_cm_step_ours-compile", "direct_cm_step", "knob", "Direct CM step, ours but eager teacher",
+         default=False, knobs=replace(OURS, compile=False)),
     Spec("direct_cm_step_ours+separate_cfg", "direct_cm_step", "knob", "Direct CM step, ours but CFG always "
          "separate", default=False, knobs=replace(OURS, cfg="separate")),
 ]
@@ -271,6 +307,8 @@ class Bench:
         self.flops_per_forward: float | None = None
         self._precision = None
         self._precomputed: dict = {}
+        self._compiled = None
+        self.peak_tflops: float | None = None
 
     # --- setup ------------------------------------------------------------------------------------
     def build(self):
@@ -326,6 +364,11 @@ class Bench:
         self.start = torch.randint(0, self.N, (self.B,), generator=g)
         self.noise = torch.randn(self.B, 4, self.h, self.h, generator=g).to(dev)
         self.x_T = torch.randn(self.B, 4, self.h, self.h, generator=g).to(dev)
+        if RANK > 0:  # the same start indices on every process (the same work per GPU), other data and noise
+            g = torch.Generator().manual_seed(args.seed + 1000 * RANK)
+            self.pixels = (torch.rand(self.B, 3, self.res, self.res, generator=g) * 2 - 1).to(dev)
+            self.noise = torch.randn(self.B, 4, self.h, self.h, generator=g).to(dev)
+            self.x_T = torch.randn(self.B, 4, self.h, self.h, generator=g).to(dev)
         log(f"LoRA rank {args.lora_rank}: {self.param_counts['lora']:,} trainable parameters (fp32)")
 
     def set_precision(self, name: str):
@@ -367,16 +410,38 @@ class Bench:
 
     def inputs(self, knobs: Knobs):
         if knobs.inputs == "encode":
+            self.place_encoders(knobs)
             return self.encode_latents(knobs.precision), self.encode_conditioning(self.captions, knobs.precision)
         if knobs.precision not in self._precomputed:  # computed once, outside the timed region
+            self.place_encoders(replace(knobs, offload=False))
             self._precomputed[knobs.precision] = (self.encode_latents(knobs.precision),
                                                   self.encode_conditioning(self.captions, knobs.precision))
+        self.place_encoders(knobs)
         return self._precomputed[knobs.precision]
 
-    def guided_teacher(self, cfg: str, batch: int, every: int = 0, label: str = ""):
+    def compiled_unet(self):
+        """The UNet under torch.compile, built once and shared by every measurement (so it compiles once);
+        called through ``UNetEps(..., dynamic_batch=True)`` as ``Trainer.distill_context`` does."""
+        if self._compiled is None:
+            self._compiled = models.compile_unet(self.unet, backend=self.args.compile_backend)
+        return self._compiled
+
+    def teacher_unet_eps(self, compile: bool) -> UNetEps:
+        return UNetEps(self.compiled_unet(), dynamic_batch=True) if compile else UNetEps(self.unet)
+
+    def place_encoders(self, knobs: Knobs):
+        """Text encoders and VAE on the GPU, or (``offload``, precomputed inputs) on the CPU."""
+        dev = torch.device("cpu") if (knobs.offload and knobs.inputs == "precomputed") else self.device
+        for m in [self.vae, *self.text_encoders]:
+            if next(m.parameters()).device != dev:
+                m.to(dev)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def guided_teacher(self, cfg: str, batch: int, every: int = 0, label: str = "", compile: bool = False):
         """The guided teacher eps_fn of ``cmdistill.train.Trainer.distill_context`` (adapter disabled),
         with a counting wrapper around the UNet call."""
-        counted = Counted(UNetEps(self.unet), every, label)
+        counted = Counted(self.teacher_unet_eps(compile), every, label)
         threshold = {"separate": 0, "batched": batch, "adaptive": batch // 2}[cfg]
         guide = counted.guide = AdaptiveCFG(counted, self.w, threshold)
 
@@ -387,7 +452,7 @@ class Bench:
         return teacher_eps, counted
 
     def context(self, knobs: Knobs, every: int = 0, label: str = ""):
-        teacher_eps, counted = self.guided_teacher(knobs.cfg, self.B, every, label)
+        teacher_eps, counted = self.guided_teacher(knobs.cfg, self.B, every, label, compile=knobs.compile)
         ctx = DistillContext(teacher_eps=teacher_eps, student_eps_nograd=UNetEps(self.unet), step=self.step_fn,
                              sched=self.sched, grid=self.grid)
         return ctx, counted
@@ -402,6 +467,7 @@ class Bench:
         """One optimisation step as ``Trainer.loss`` + ``Trainer.train`` do it: (encode,) noise to t_n, target
         under autocast and no_grad, student f_theta with grad, distance, backward, clip 1.0, AdamW step."""
         latents, cond = self.inputs(knobs)
+        models.set_lora_input_casting(self.unet, knobs.lora_cast == "fp32")
         t = self.grid.timestep(start)
         x_t = self.sched.add_noise(latents, self.noise, t)
         ctx, counted = self.context(knobs, every, objective)
@@ -414,17 +480,32 @@ class Bench:
         loss = distance(pred, target)
         if scaler is not None:  # fp16 mixed precision: accelerate's GradScaler
             scaler.scale(loss).backward()
+            self.all_reduce_grads()
             scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             scaler.step(self.optimizer)
             scaler.update()
         else:
             loss.backward()
+            self.all_reduce_grads()
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         counted.loss = loss.detach()
         return counted
+
+    def all_reduce_grads(self):
+        """With several processes: average the LoRA gradients over them, as DDP does (one flat buffer)."""
+        if WORLD == 1:
+            return
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [p.grad for p in self.params if p.grad is not None]
+        flat = _flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat)
+        flat /= WORLD
+        for g, r in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(r)
 
     def scaler_for(self, precision: str):
         return torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
@@ -438,6 +519,22 @@ class Bench:
         return torch.cat(outs)
 
     # --- measurements --------------------------------------------------------------------------------
+    def m_matmul_peak(self, spec: Spec) -> dict:
+        n = 1024 if self.args.tiny else 8192
+        dtype = torch.bfloat16
+        a = torch.randn(n, n, device=self.device, dtype=dtype)
+        b = torch.randn(n, n, device=self.device, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        reps = 2 if self.args.tiny else 20
+        with Timer(self.device) as tm:
+            for _ in range(reps):
+                a @ b
+        s = tm.seconds / reps
+        self.peak_tflops = 2 * n**3 / s / 1e12
+        return dict(value=self.peak_tflops, unit="TFLOP/s", seconds=[tm.seconds], median_s=s,
+                    notes=f"{n}^3 bf16, mean of {reps}")
+
     def m_teacher_fwd(self, spec: Spec) -> dict:
         prec = spec.extra["precision"]
         self.set_precision(prec)
@@ -446,11 +543,8 @@ class Bench:
         t = torch.full((self.B,), 500, dtype=torch.long)
         eps = UNetEps(self.unet)
         out = {}
-        unet_call = self.unet
         if spec.extra.get("compile"):
-            compiled = torch.compile(self.unet, backend=self.args.compile_backend)
-            eps = UNetEps(compiled)
-            unet_call = compiled
+            eps = self.teacher_unet_eps(True)
 
         def fwd():
             with torch.no_grad(), models.adapters_disabled(self.unet), self.autocast(prec):
@@ -477,11 +571,15 @@ class Bench:
             with Timer(self.device) as tm:
                 fwd()
             times.append(tm.seconds)
-        del unet_call
         s = median(times)
-        out.update(value=self.flops_per_forward / s / 1e12, unit="TFLOP/s", seconds=times, median_s=s,
+        tflops = self.flops_per_forward / s / 1e12
+        if self.peak_tflops:
+            out["fraction_of_matmul_peak"] = tflops / self.peak_tflops
+        out.update(value=tflops, unit="TFLOP/s", seconds=times, median_s=s,
                    ms_per_sample=1000 * s / self.B, tflop_per_forward=self.flops_per_forward / 1e12,
                    notes=f"{1000 * s / self.B:.1f} ms/sample, {len(times)} repeats"
+                         + (f", {100 * out['fraction_of_matmul_peak']:.0f}% of the bf16 matmul peak"
+                            if "fraction_of_matmul_peak" in out else "")
                          + (f"; compile {out['compile_s']:.0f} s" if "compile_s" in out else ""))
         return out
 
@@ -499,6 +597,7 @@ class Bench:
             log(f"  step {tm.seconds:.3f} s")
         s = median(times)
         return dict(value=s, unit="s/step", seconds=times, median_s=s, teacher_sample_forwards=counted.samples,
+                    processes=WORLD, samples_per_s=WORLD * self.B / s,
                     loss=float(counted.loss), notes=f"{knobs.describe('cm')}; {len(times)} repeats")
 
     def m_direct_cm_step(self, spec: Spec) -> dict:
@@ -527,6 +626,7 @@ class Bench:
         per_sample_steps = int((N - self.start).sum())
         ref_steps = int(N - self.start.min())
         return dict(value=s, unit="s/step", seconds=times, median_s=s, per_sample_steps_sum=per_sample_steps,
+                    processes=WORLD, samples_per_s=WORLD * self.B / s,
                     reference_loop_steps=ref_steps, teacher_unet_calls=counted.calls,
                     teacher_sample_forwards=counted.samples, loss=float(counted.loss),
                     batched_cfg_calls=counted.guide.batched_calls, separate_cfg_calls=counted.guide.separate_calls,
@@ -541,7 +641,8 @@ class Bench:
         k = self.args.teacher_steps_timed or self.N
         part = Grid(self.sched.T, k)  # same per-step cost as the N-grid; scaled by N / k below
         n_runs = self.args.ref_images if batch == 1 else self.args.repeats
-        teacher_eps, _ = self.guided_teacher(knobs.cfg, batch)
+        self.place_encoders(replace(knobs, offload=False))  # prompts are encoded per batch, in the timed region
+        teacher_eps, _ = self.guided_teacher(knobs.cfg, batch, compile=knobs.compile)
 
         def one(i, grid):
             idx = slice(i * batch % self.B, i * batch % self.B + batch)
@@ -562,7 +663,8 @@ class Bench:
             parts.append((e, s, d))
             log(f"  {batch} image(s): encode {e:.3f} s, {k} steps {s:.3f} s (x{self.N / k:g}), decode {d:.3f} s")
         tot = median(totals)
-        return dict(value=batch / tot, unit="img/s", seconds=totals, median_s=tot, seconds_per_image=tot / batch,
+        return dict(value=WORLD * batch / tot, unit="img/s", seconds=totals, median_s=tot,
+                    seconds_per_image=tot / batch, processes=WORLD,
                     steps_timed=k, steps_total=self.N, encode_s=median([p[0] for p in parts]),
                     sample_s_scaled=median([p[1] for p in parts]) * self.N / k, decode_s=median([p[2] for p in parts]),
                     notes=f"{prec}, batch {batch}, cfg={knobs.cfg}; timed {k} of {self.N} steps and scaled x"
@@ -573,6 +675,7 @@ class Bench:
         self.set_precision(prec)
         batch = spec.extra["batch"] or self.B
         n_runs = self.args.ref_images if batch == 1 else self.args.repeats
+        self.place_encoders(REF)
 
         def one(i):
             idx = slice(i * batch % self.B, i * batch % self.B + batch)
@@ -587,7 +690,8 @@ class Bench:
         one(0)  # warm-up
         times = [one(i) for i in range(n_runs)]
         s = median(times)
-        return dict(value=batch / s, unit="img/s", seconds=times, median_s=s, seconds_per_image=s / batch,
+        return dict(value=WORLD * batch / s, unit="img/s", seconds=times, median_s=s, seconds_per_image=s / batch,
+                    processes=WORLD,
                     notes=f"{prec}, batch {batch}, {self.args.student_steps} steps, prompt encode + decode "
                           f"included; {n_runs} runs")
 
@@ -595,6 +699,7 @@ class Bench:
         """float32, no autocast: ours (solve_to_zero per sample, adaptive CFG, via objectives.direct_cm_target)
         against the reference loop (solve_to_zero_reference, separate CFG), same x_t and starts."""
         self.set_precision("fp32")
+        self.place_encoders(REF)
         tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         try:
@@ -629,9 +734,11 @@ class Bench:
 
     # --- driver ------------------------------------------------------------------------------------
     def run_one(self, spec: Spec):
-        fn = {"teacher_fwd": self.m_teacher_fwd, "cm_step": self.m_cm_step, "direct_cm_step": self.m_direct_cm_step,
+        fn = {"peak": self.m_matmul_peak, "teacher_fwd": self.m_teacher_fwd, "cm_step": self.m_cm_step, "direct_cm_step": self.m_direct_cm_step,
               "teacher_images": self.m_teacher_images, "student_images": self.m_student_images,
               "check": self.m_direct_cm_agreement}[spec.group]
+        if self.args.no_compile and spec.knobs is not None and spec.knobs.compile:
+            spec = replace(spec, knobs=replace(spec.knobs, compile=False))
         log(f"[{spec.name}] {spec.what}")
         cuda = self.device.type == "cuda"
         if cuda:
@@ -756,8 +863,9 @@ def parse_args(argv=None):
                    "(default 3; 1 with --tiny); the teacher forward uses 4x this (2 with --tiny)")
     p.add_argument("--repeats_direct_cm", type=int, default=1, help="timed Direct CM steps (after one short warm-up)")
     p.add_argument("--json", default=None, help="write every number, the card, versions and settings here")
-    p.add_argument("--compile", action="store_true", help="also time the teacher forward under torch.compile")
-    p.add_argument("--compile_backend", default="inductor")
+    p.add_argument("--no_compile", action="store_true", help="ours without torch.compile (no compile time)")
+    p.add_argument("--compile_backend", default=None, help="default inductor (--tiny: eager, i.e. dynamo's graph "
+                   "capture without code generation, to stay fast on a CPU)")
     p.add_argument("--memory_cap_gib", type=float, default=None,
                    help="torch.cuda.set_per_process_memory_fraction to this many GiB (e.g. 24) before anything else")
     p.add_argument("--batch_size", type=int, default=None, help="B (default 16; 4 with --tiny)")
@@ -796,14 +904,40 @@ def parse_args(argv=None):
             p.error(f"--only: unknown {', '.join(unknown)}; choose from {', '.join(SPEC_BY_NAME)}")
         args.selected = [s for s in SPECS if s.name in names]
     else:
-        args.selected = [s for s in SPECS if s.default or (args.compile and s.name == "teacher_fwd_ours_compiled")]
+        args.selected = [s for s in SPECS if s.default and not (args.no_compile and s.name == "teacher_fwd_ours_compiled")]
+    args.compile_backend = args.compile_backend or ("eager" if args.tiny else "inductor")
     if args.teacher_steps_timed:
         Grid(1000, args.teacher_steps_timed)  # must divide T
     return args
 
 
+def write_json(args, bench: Bench, env: dict) -> bool:
+    if not args.json or RANK != 0:
+        return False
+    settings = {k: v for k, v in vars(args).items() if k != "selected"}
+    settings.update(selected=[s.name for s in args.selected], solver="ddim",
+                    start_indices=bench.start.tolist(), lora_targets=list(models.DEFAULT_LORA_TARGETS),
+                    per_sample_steps_sum=int((bench.N - bench.start).sum()),
+                    reference_loop_steps=int(bench.N - bench.start.min()))
+    out = {"env": env, "settings": settings, "param_counts": bench.param_counts,
+           "flops_per_teacher_forward": bench.flops_per_forward, "measurements": bench.results,
+           "total_wall_s": time.perf_counter() - T0}
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(out, indent=2, default=str))
+    os.replace(tmp, path)
+    return True
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if WORLD > 1:  # one process per GPU (torchrun --nproc_per_node=N benchmarks/bench.py ...)
+        local = int(os.environ.get("LOCAL_RANK", RANK))
+        cuda = torch.cuda.is_available() and not args.device.startswith("cpu")
+        args.device = f"cuda:{local}" if cuda else "cpu"
+        torch.distributed.init_process_group("nccl" if cuda else "gloo",
+                                             device_id=torch.device(args.device) if cuda else None)
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # "cuda" alone has no index to set
@@ -818,6 +952,7 @@ def main(argv=None):
         else:
             log("--memory_cap_gib applies to CUDA devices only; ignored on the CPU")
     env = environment(device)
+    env["processes"] = WORLD
     log(f"device {env['card']}; torch {env['torch']}, diffusers {env['diffusers']}, peft {env['peft']}; "
         f"timer: {env['timer']}")
     log(f"settings: {args.resolution} px, batch {args.batch_size}, N={args.num_discr_timesteps}, DDIM, "
@@ -828,23 +963,17 @@ def main(argv=None):
         f"{int((bench.N - bench.start).sum())}, reference loop {int(bench.N - bench.start.min())} steps")
     for spec in args.selected:
         bench.run_one(spec)
-    print_table(bench, args.selected)
+        write_json(args, bench, env)  # after every row: a run cut short keeps what it measured
+    if RANK == 0:
+        print_table(bench, args.selected)
     log(f"total wall time {time.perf_counter() - T0:.0f} s")
-    if args.json:
-        settings = {k: v for k, v in vars(args).items() if k != "selected"}
-        settings.update(selected=[s.name for s in args.selected], solver="ddim",
-                        start_indices=bench.start.tolist(), lora_targets=list(models.DEFAULT_LORA_TARGETS),
-                        per_sample_steps_sum=int((bench.N - bench.start).sum()),
-                        reference_loop_steps=int(bench.N - bench.start.min()))
-        out = {"env": env, "settings": settings, "param_counts": bench.param_counts,
-               "flops_per_teacher_forward": bench.flops_per_forward, "measurements": bench.results,
-               "total_wall_s": time.perf_counter() - T0}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2, default=str))
+    if write_json(args, bench, env):
         log(f"wrote {args.json}")
     # Failures are in the table; the exit status is 1 for an error, or an OOM without --memory_cap_gib.
     bad = [r for r in bench.results.values()
            if r["status"] == "error" or (r["status"] == "oom" and not args.memory_cap_gib)]
+    if WORLD > 1:
+        torch.distributed.destroy_process_group()
     return 1 if bad else 0
 
 

@@ -11,22 +11,27 @@ import torch
 
 class UNetEps:
     """``eps_fn(x, t, cond)`` for an SDXL UNet: casts the float32 state to the UNet's dtype and the
-    prediction back to float32. ``t`` holds timestep values, passed to the UNet as they are (SPEC §2)."""
+    prediction back to float32. ``t`` holds timestep values, passed to the UNet as they are (SPEC §2).
 
-    def __init__(self, unet, dtype: torch.dtype | None = None):
+    ``dynamic_batch=True`` (for a ``torch.compile``d UNet, ``cmdistill.models.compile_unet``) marks the
+    batch dimension of every input as dynamic, so one compiled graph serves every batch size."""
+
+    def __init__(self, unet, dtype: torch.dtype | None = None, dynamic_batch: bool = False):
         self.unet = unet
         self.dtype = dtype
+        self.dynamic_batch = dynamic_batch
 
     def __call__(self, x: torch.Tensor, t, cond: dict) -> torch.Tensor:
         dtype = self.dtype or cond["prompt_embeds"].dtype
         t = torch.as_tensor(t).reshape(-1).to(x.device)
         if t.numel() == 1:
-            t = t.expand(x.shape[0])
-        out = self.unet(
-            x.to(dtype), t, encoder_hidden_states=cond["prompt_embeds"].to(dtype),
-            added_cond_kwargs={"text_embeds": cond["text_embeds"].to(dtype), "time_ids": cond["time_ids"].to(dtype)},
-            return_dict=False,
-        )[0]
+            t = t.expand(x.shape[0]).contiguous()
+        x, emb = x.to(dtype), cond["prompt_embeds"].to(dtype)
+        added = {"text_embeds": cond["text_embeds"].to(dtype), "time_ids": cond["time_ids"].to(dtype)}
+        if self.dynamic_batch:
+            for v in (x, t, emb, *added.values()):
+                torch._dynamo.maybe_mark_dynamic(v, 0)
+        out = self.unet(x, t, encoder_hidden_states=emb, added_cond_kwargs=added, return_dict=False)[0]
         return out.float()
 
 

@@ -145,6 +145,9 @@ class Trainer:
         for p in unet.parameters():  # fp32 LoRA parameters under mixed precision (SPEC §7)
             if p.requires_grad:
                 p.data = p.data.float()
+        if self.weight_dtype != torch.float32 and args.lora_dropout == 0:
+            # Every adapter forward runs under autocast: skip PEFT's copy of each activation to fp32 (same values).
+            models.set_lora_input_casting(unet, False)
         if args.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         self.params = [p for p in unet.parameters() if p.requires_grad]
@@ -154,6 +157,10 @@ class Trainer:
 
         self.dataset = self.load_data()
         self.precomputed = find_cache(args, self.dataset, self.weight_dtype)
+        if self.precomputed is not None and dev.type != "cpu":
+            # The steps read cached embeddings: the text encoders go to the CPU until validation needs them.
+            for te in self.text_encoders:
+                te.to("cpu")
         self.global_batch = args.train_batch_size * acc.num_processes * args.gradient_accumulation_steps
         if args.max_train_steps is None:
             args.max_train_steps = math.ceil(args.num_train_epochs * len(self.dataset) / self.global_batch)
@@ -167,6 +174,8 @@ class Trainer:
                                           num_training_steps=args.max_train_steps)
         self.unet, self.optimizer = acc.prepare(unet, optimizer)
         self.base_unet = acc.unwrap_model(self.unet)
+        # The teacher's passes (no grad, adapter off) may run compiled; the student's pass stays eager.
+        self.teacher_unet = models.compile_unet(self.base_unet) if args.compile_teacher else self.base_unet
         self.global_step, self.samples_seen, self.skipped_images = 0, 0, 0
 
         resume = resolve_resume(self.output_dir, args.resume_from_checkpoint)
@@ -228,7 +237,12 @@ class Trainer:
     # --- one micro-batch ---------------------------------------------------------------------------
     def conditioning(self, batch) -> dict:
         dev = self.accelerator.device
+        offloaded = [te for te in self.text_encoders if te.device != dev]
+        for te in offloaded:  # kept on the CPU while training reads precomputed embeddings
+            te.to(dev)
         prompt_embeds, pooled = models.encode_prompts(batch["captions"], self.tokenizers, self.text_encoders)
+        for te in offloaded:
+            te.to("cpu")
         ids = models.time_ids(batch["original_sizes"], batch["crop_top_lefts"], (self.args.resolution,) * 2)
         return {"prompt_embeds": prompt_embeds.to(dev, self.weight_dtype),
                 "text_embeds": pooled.to(dev, self.weight_dtype), "time_ids": ids.to(dev, self.weight_dtype)}
@@ -252,7 +266,8 @@ class Trainer:
         return (mean + std * z) * self.vae.config.scaling_factor
 
     def distill_context(self) -> DistillContext:
-        teacher = GuidedEps(UNetEps(self.base_unet), self.args.w, batched=self.args.cfg_batched)
+        teacher = GuidedEps(UNetEps(self.teacher_unet, dynamic_batch=self.args.compile_teacher), self.args.w,
+                            batched=self.args.cfg_batched)
 
         def teacher_eps(x, t, cond):
             with models.adapters_disabled(self.base_unet):

@@ -13,7 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "bench.py"
 # The default measurements of the GPU run (the optional ones are checked separately below).
-DEFAULT = ["teacher_fwd_ref", "teacher_fwd_ours", "cm_step_ref", "cm_step_ref+precomputed", "cm_step_ref+bf16",
+DEFAULT = ["matmul_peak", "teacher_fwd_ref", "teacher_fwd_ours", "teacher_fwd_ours_compiled", "cm_step_ref",
+           "cm_step_ref+precomputed", "cm_step_ref+bf16",
            "cm_step_ours", "student_images_ref", "student_images_ours", "teacher_images_ref", "teacher_images_ours",
            "direct_cm_agreement", "direct_cm_step_ours", "direct_cm_step_ref"]
 

@@ -1,0 +1,109 @@
+"""The speed options compute the same numbers as the plain path (CPU, tiny SDXL-architecture UNet).
+
+* switching off PEFT's copy of LoRA inputs to fp32 (``models.set_lora_input_casting``) under autocast;
+* the teacher through ``torch.compile`` with a dynamic batch dimension (``models.compile_unet`` +
+  ``UNetEps(dynamic_batch=True)``), with the adapter disabled, for several batch sizes;
+* ``--compile_teacher`` in the training loop (same losses as without).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cmdistill import models
+from cmdistill.guidance import GuidedEps, UNetEps
+from cmdistill.tiny import tiny_sdxl_components
+
+
+def student_unet(dtype=torch.bfloat16):
+    """Tiny UNet with frozen weights in ``dtype`` and a fp32 LoRA whose B is non-zero (so that the adapter
+    changes the output)."""
+    unet = tiny_sdxl_components(seed=0)["unet"]
+    unet.requires_grad_(False)
+    models.add_lora(unet, rank=4, alpha=4)
+    g = torch.Generator().manual_seed(1)
+    for name, p in unet.named_parameters():
+        if "lora_B" in name:
+            p.data = 0.05 * torch.randn(p.shape, generator=g)
+    unet.to(dtype)
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return unet
+
+
+def inputs(b: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 4, 8, 8, generator=g)
+    t = torch.randint(1, 1000, (b,), generator=g)
+    cond = {"prompt_embeds": torch.randn(b, 77, 64, generator=g), "text_embeds": torch.randn(b, 32, generator=g),
+            "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]]).repeat(b, 1)}
+    return x, t, cond
+
+
+def test_lora_input_casting_off_gives_the_same_forward_and_gradients_under_autocast():
+    unet = student_unet()
+    lora = [p for p in unet.parameters() if p.requires_grad]
+    x, t, cond = inputs(3)
+    cond = {k: v.bfloat16() for k, v in cond.items()}
+    results = []
+    for enabled in (True, False):
+        assert models.set_lora_input_casting(unet, enabled) > 0
+        unet.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = UNetEps(unet)(x, t, cond)
+        out.square().mean().backward()
+        results.append((out.detach(), [p.grad.clone() for p in lora]))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.equal(out_a, out_b)
+    assert all(p.dtype == torch.float32 for p in lora) and len(grads_a) == len(grads_b)
+    for ga, gb in zip(grads_a, grads_b):
+        # the forward is bit-identical; the backward's fp32 copy only changes where the gradient is rounded
+        torch.testing.assert_close(ga, gb, rtol=2e-2, atol=1e-5)
+
+
+@pytest.mark.parametrize("w", [1.0, 3.0])
+def test_compiled_teacher_with_dynamic_batch_matches_eager_with_the_adapter_disabled(w):
+    torch._dynamo.reset()
+    unet = student_unet(torch.float32)
+    compiled = models.compile_unet(unet, backend="aot_eager")
+    eager_teacher = GuidedEps(UNetEps(unet), w, batched=True)
+    fast_teacher = GuidedEps(UNetEps(compiled, dynamic_batch=True), w, batched=True)
+    for b in (4, 3, 5, 2):  # the shrinking active sets of the Direct CM loop
+        x, t, cond = inputs(b, seed=b)
+        with torch.no_grad(), models.adapters_disabled(unet):
+            ref = eager_teacher(x, t, cond)
+            got = fast_teacher(x, t, cond)
+            teacher_plain = UNetEps(unet)(x, t, cond)
+        with torch.no_grad():
+            student = UNetEps(unet)(x, t, cond)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        assert (student - teacher_plain).abs().max() > 1e-3  # the adapter matters here...
+    with torch.no_grad():  # ... and the compiled module follows the adapter switch (its guards)
+        x, t, cond = inputs(3, seed=9)
+        torch.testing.assert_close(UNetEps(compiled, dynamic_batch=True)(x, t, cond), UNetEps(unet)(x, t, cond),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_compile_teacher_flag_gives_the_same_losses(tiny_pipeline, tiny_image_folder, tmp_path, monkeypatch):
+    from cmdistill.args import training_parser
+    from cmdistill.train import Trainer
+
+    real = models.compile_unet
+    monkeypatch.setattr(models, "compile_unet", lambda unet, **kw: real(unet, backend="aot_eager"))
+    losses = {}
+    for flag in ([], ["--compile_teacher"]):
+        torch._dynamo.reset()
+        out = tmp_path / ("compiled" if flag else "eager")
+        args = training_parser("direct_cm").parse_args([
+            "--pretrained_teacher_model", str(tiny_pipeline), "--train_data_dir", str(tiny_image_folder),
+            "--output_dir", str(out), "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "2",
+            "--num_discr_timesteps", "10", "--w", "3", "--report_to", "none", "--validation_steps", "0",
+            "--checkpointing_steps", "100", "--no_precomputed", *flag])
+        Trainer(args, "direct_cm").train()
+        losses[bool(flag)] = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(losses[True]) == 2
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-7)
