@@ -4,6 +4,8 @@
 #                                            # under a 24 GiB cap (set_per_process_memory_fraction)
 #   bash benchmarks/gpu_runs.sh multi OUT    # 1 GPU vs 2 GPUs (torchrun) for the rows of ours, then the
 #                                            # toy-world training loss curves on 1 GPU (batch 32) and 2 GPUs (2 x 16)
+#   bash benchmarks/gpu_runs.sh final OUT    # GPU 0: the Direct CM reference vs ours (compiled) side by side;
+#                                            # GPU 1: the 24 GiB cap with expandable segments, then the loss curves
 set -u
 stage=${1:?usage: gpu_runs.sh single|multi OUT}
 OUT=${2:?usage: gpu_runs.sh single|multi OUT}
@@ -13,7 +15,35 @@ nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm --format=csv > "$OU
 PY=${PY:-python3}
 LIMIT=${LIMIT:-560}   # seconds per process: a cut-short run still leaves its JSON (written after every row)
 
-if [ "$stage" = single ]; then
+TOY=(--pretrained_teacher_model toy/world/teacher --train_data_dir toy/world/data --resolution 64 --center_crop
+     --max_train_steps ${TOY_STEPS:-200} --num_discr_timesteps 10 --w 3 --learning_rate 1e-3 --lora_rank 16
+     --lora_alpha 16 --validation_steps 0 --checkpointing_steps 1000 --mixed_precision no --report_to none --seed 0
+     --no_precomputed)
+toy() {  # objective gpus per_device_batch
+  NUM_GPUS=$2 $PY -m cmdistill.launch "train_$1.py" "${TOY[@]}" --train_batch_size "$3" \
+    --output_dir "$OUT/loss_$1_$2gpu" > "$OUT/loss_$1_$2gpu.log" 2>&1
+}
+curves() {
+  for o in cm direct_cm; do for g in 1 2; do
+    echo "$o ${g}gpu: $(tail -n 1 "$OUT/loss_${o}_${g}gpu/train_log.jsonl" 2>/dev/null || tail -n 3 "$OUT/loss_${o}_${g}gpu.log")"
+  done; done
+}
+
+if [ "$stage" = final ]; then
+  $PY -c "import pandas, pyarrow, huggingface_hub, datasets; print('datasets', datasets.__version__, 'pyarrow', pyarrow.__version__)" 2>&1 | tail -n 1
+  timeout 90 $PY -m cmdistill.toy build --out toy/world > "$OUT/toy_build.log" 2>&1
+  ROWS=matmul_peak,teacher_fwd_ref,direct_cm_step_ref,teacher_fwd_ours_compiled,direct_cm_step_ours,cm_step_ref,cm_step_ours
+  timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:0 --repeats 2 --only "$ROWS" \
+    --json "$OUT/final.json" > "$OUT/final.log" 2>&1 &
+  (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 240 $PY benchmarks/bench.py --device cuda:1 --repeats 2 \
+     --memory_cap_gib 24 --no_compile --only matmul_peak,cm_step_ours,direct_cm_step_ours \
+     --json "$OUT/cap24.json" > "$OUT/cap24.log" 2>&1
+   export CUDA_VISIBLE_DEVICES=1; toy cm 1 32; toy direct_cm 1 32) &
+  wait
+  toy cm 2 16; toy direct_cm 2 16
+  tail -n 16 "$OUT/final.log" "$OUT/cap24.log"
+  curves
+elif [ "$stage" = single ]; then
   ROWS=matmul_peak,teacher_fwd_ref,teacher_fwd_ours,teacher_fwd_ours_compiled,cm_step_ref,cm_step_ours
   ROWS=$ROWS,cm_step_ours+lora_cast,cm_step_ours-compile,student_images_ours,teacher_images_ref,teacher_images_ours
   ROWS=$ROWS,direct_cm_agreement,direct_cm_step_ours,direct_cm_step_ref,direct_cm_step_ours-compile
@@ -25,15 +55,7 @@ if [ "$stage" = single ]; then
   tail -n 30 "$OUT/single.log" "$OUT/cap24.log"
 elif [ "$stage" = multi ]; then
   ROWS=cm_step_ours,direct_cm_step_ours,teacher_images_ours
-  TOY=(--pretrained_teacher_model toy/world/teacher --train_data_dir toy/world/data --resolution 64 --center_crop
-       --max_train_steps 200 --num_discr_timesteps 10 --w 3 --learning_rate 1e-3 --lora_rank 16 --lora_alpha 16
-       --validation_steps 0 --checkpointing_steps 1000 --mixed_precision no --report_to none --seed 0
-       --no_precomputed)
-  $PY -m cmdistill.toy build --out toy/world > "$OUT/toy_build.log" 2>&1
-  toy() {  # objective gpus per_device_batch
-    NUM_GPUS=$2 $PY -m cmdistill.launch "train_$1.py" "${TOY[@]}" --train_batch_size "$3" \
-      --output_dir "$OUT/loss_$1_$2gpu" > "$OUT/loss_$1_$2gpu.log" 2>&1
-  }
+  timeout 90 $PY -m cmdistill.toy build --out toy/world > "$OUT/toy_build.log" 2>&1
   CUDA_VISIBLE_DEVICES=0 timeout "$LIMIT" $PY benchmarks/bench.py --no_compile --repeats 2 --only "$ROWS" \
     --json "$OUT/scale_1gpu.json" > "$OUT/scale_1gpu.log" 2>&1 &
   (export CUDA_VISIBLE_DEVICES=1; toy cm 1 32; toy direct_cm 1 32) &
@@ -42,7 +64,5 @@ elif [ "$stage" = multi ]; then
     --json "$OUT/scale_2gpu.json" > "$OUT/scale_2gpu.log" 2>&1
   toy cm 2 16; toy direct_cm 2 16
   tail -n 14 "$OUT/scale_1gpu.log" "$OUT/scale_2gpu.log"
-  for o in cm direct_cm; do for g in 1 2; do
-    echo "$o ${g}gpu: $(tail -n 1 "$OUT/loss_${o}_${g}gpu/train_log.jsonl" 2>/dev/null || tail -n 3 "$OUT/loss_${o}_${g}gpu.log")"
-  done; done
+  curves
 fi

@@ -3,8 +3,11 @@
 # fp16, gradient checkpointing, 250 steps, checkpoints every 50, seed 24, DDIM teacher, N = 100, w = 9.
 # Every path and setting is an environment variable; extra flags are passed through, e.g.
 #   SOLVER=heun OUTPUT_DIR=outputs/cm_heun bash scripts/train_cm.sh --max_train_steps 500
-# A rerun resumes from the latest checkpoint in OUTPUT_DIR.
+# A rerun resumes from the latest checkpoint in OUTPUT_DIR. COMPILE=1 runs the teacher's passes through
+# torch.compile (a few minutes to compile, then ~1.4x faster teacher forwards on an H100: benchmarks/RESULTS.md).
 set -euo pipefail
+# Less fragmentation: with it the paper recipe fits in 24 GiB of GPU memory (benchmarks/RESULTS.md).
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 cd "$(dirname "$0")/.."
 VAE_PATH=${VAE_PATH-madebyollin/sdxl-vae-fp16-fix}   # empty: the teacher's own VAE
 SCRIPT=${SCRIPT:-train_cm.py}
@@ -31,4 +34,5 @@ python3 -m cmdistill.launch "$SCRIPT" \
   --lora_rank 64 --lora_alpha 64 \
   --dataloader_num_workers "${NUM_WORKERS:-4}" \
   --resume_from_checkpoint latest \
+  ${COMPILE:+--compile_teacher} \
   "$@"
