@@ -57,8 +57,7 @@ def write_clip_tokenizer(directory: str | Path) -> Path:
 def tiny_sdxl_components(seed: int = 0, text_dim: int = 32, unet_channels=(32, 64), sample_size: int = 8,
                          layers_per_block: int = 1):
     """Random-weight SDXL-architecture components (text dims 2x``text_dim``, 8x VAE)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     torch.manual_seed(seed)
     time_dim = 8
@@ -75,14 +74,27 @@ def tiny_sdxl_components(seed: int = 0, text_dim: int = 32, unet_channels=(32, 6
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         norm_num_groups=8, layers_per_block=1, sample_size=64, scaling_factor=0.13025,
     )
-    te_cfg = dict(hidden_size=text_dim, intermediate_size=2 * text_dim, num_attention_heads=4, num_hidden_layers=3,
-                  vocab_size=49408, max_position_embeddings=77, projection_dim=text_dim, hidden_act="gelu",
-                  bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-    te1 = CLIPTextModel(CLIPTextConfig(**te_cfg))
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**te_cfg))
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                          prediction_type="epsilon", timestep_spacing="leading", steps_offset=1, clip_sample=False)
-    return dict(unet=unet, vae=vae, text_encoder=te1, text_encoder_2=te2, scheduler=sched)
+    te1, te2 = small_text_encoders(text_dim, 2 * text_dim, "gelu")
+    return dict(unet=unet, vae=vae, text_encoder=te1, text_encoder_2=te2, scheduler=sdxl_scheduler())
+
+
+def small_text_encoders(hidden: int, intermediate: int, act: str):
+    """SDXL's two text encoders (CLIP-L style, and bigG style with a projection) at a small width, over the
+    real CLIP vocabulary (49,408 tokens, 77 positions); random weights from the current torch seed."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = dict(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=4, num_hidden_layers=3,
+               vocab_size=49408, max_position_embeddings=77, projection_dim=hidden, hidden_act=act,
+               bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    return CLIPTextModel(CLIPTextConfig(**cfg)), CLIPTextModelWithProjection(CLIPTextConfig(**cfg))
+
+
+def sdxl_scheduler():
+    """SDXL base's training noise schedule (scaled-linear betas 0.00085..0.012, epsilon, 1000 steps)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         prediction_type="epsilon", timestep_spacing="leading", steps_offset=1, clip_sample=False)
 
 
 def save_pipeline(directory: str | Path, components: dict) -> Path:

@@ -51,8 +51,9 @@ TEACHER_ARCH = dict(
 def teacher_components(seed: int = 0, resolution: int = 64, **arch) -> dict:
     """Random-weight components of the toy teacher (the untrained teacher of the same ``seed``);
     ``arch`` overrides entries of :data:`TEACHER_ARCH`."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from ..tiny import sdxl_scheduler, small_text_encoders
 
     unknown = set(arch) - set(TEACHER_ARCH)
     if unknown:
@@ -76,13 +77,8 @@ def teacher_components(seed: int = 0, resolution: int = 64, **arch) -> dict:
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         norm_num_groups=8, layers_per_block=1, sample_size=resolution, scaling_factor=1.0,
     )
-    te_cfg = dict(hidden_size=text_dim, intermediate_size=4 * text_dim, num_attention_heads=4, num_hidden_layers=3,
-                  vocab_size=49408, max_position_embeddings=77, projection_dim=text_dim, hidden_act="quick_gelu",
-                  bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-    te1 = CLIPTextModel(CLIPTextConfig(**te_cfg))
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**te_cfg))
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                          prediction_type="epsilon", timestep_spacing="leading", steps_offset=1, clip_sample=False)
+    te1, te2 = small_text_encoders(text_dim, 4 * text_dim, "quick_gelu")
+    sched = sdxl_scheduler()
     for m in (unet, vae, te1, te2):
         m.eval()
     return dict(unet=unet, vae=vae, text_encoder=te1, text_encoder_2=te2, scheduler=sched)
