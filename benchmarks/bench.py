@@ -236,6 +236,10 @@ SPECS = [
     Spec("cm_step_ours-compile", "cm_step", "knob", "CM step, ours but eager teacher", default=False,
          knobs=replace(OURS, loop="reference", compile=False)),
     Spec("cm_step_ours", "cm_step", "ours", "CM training step", knobs=replace(OURS, loop="reference")),
+    Spec("student_step_ref", "student_step", "reference", "student step alone: f_theta forward + backward "
+         "(checkpointing) + clip + AdamW, fixed target, fp16, fp32 LoRA-input copies", knobs=REF),
+    Spec("student_step_ours", "student_step", "ours", "student step alone, bf16, no LoRA-input copy",
+         knobs=OURS),
     Spec("student_images_ref", "student_images", "reference", "4-step student sampling + decode, 1 image at a time",
          extra={"precision": "fp16", "batch": 1}),
     Spec("student_images_ours", "student_images", "ours", "4-step student sampling + decode, batch B",
@@ -583,6 +587,52 @@ class Bench:
                          + (f"; compile {out['compile_s']:.0f} s" if "compile_s" in out else ""))
         return out
 
+    def m_student_step(self, spec: Spec) -> dict:
+        """The student's part of every training step, without any teacher or target pass: its cost in
+        forward-equivalents is this time over the eager teacher forward of the same batch and precision."""
+        knobs = spec.knobs
+        self.set_precision(knobs.precision)
+        scaler = self.scaler_for(knobs.precision)
+        latents, cond = self.inputs(knobs)
+        models.set_lora_input_casting(self.unet, knobs.lora_cast == "fp32")
+        t = self.grid.timestep(self.start)
+        x_t = self.sched.add_noise(latents, self.noise, t)
+        target = latents.clone()
+
+        def step():
+            with self.autocast(knobs.precision):
+                pred = consistency_fn(UNetEps(self.unet), x_t, t, cond, self.sched, 10.0)
+            loss = distance(pred, target)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                self.all_reduce_grads()
+                scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+                scaler.step(self.optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                self.all_reduce_grads()
+                torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+        step()  # warm-up
+        times = []
+        for _ in range(self.args.repeats):
+            with Timer(self.device) as tm:
+                step()
+            times.append(tm.seconds)
+        s = median(times)
+        out = dict(value=s, unit="s/step", seconds=times, median_s=s, processes=WORLD)
+        fwd = self.results.get("teacher_fwd_ref" if knobs.precision == "fp16" else "teacher_fwd_ours", {})
+        if fwd.get("status") == "ok":
+            out["forward_equivalents"] = s / fwd["median_s"]
+        out["notes"] = (f"{knobs.describe('cm')}; {len(times)} repeats"
+                        + (f"; {out['forward_equivalents']:.2f} forward-equivalents (eager forward "
+                           f"{fwd['median_s']:.3f} s)" if "forward_equivalents" in out else ""))
+        return out
+
     def m_cm_step(self, spec: Spec) -> dict:
         knobs = spec.knobs
         self.set_precision(knobs.precision)
@@ -734,7 +784,7 @@ class Bench:
 
     # --- driver ------------------------------------------------------------------------------------
     def run_one(self, spec: Spec):
-        fn = {"peak": self.m_matmul_peak, "teacher_fwd": self.m_teacher_fwd, "cm_step": self.m_cm_step, "direct_cm_step": self.m_direct_cm_step,
+        fn = {"peak": self.m_matmul_peak, "teacher_fwd": self.m_teacher_fwd, "student_step": self.m_student_step, "cm_step": self.m_cm_step, "direct_cm_step": self.m_direct_cm_step,
               "teacher_images": self.m_teacher_images, "student_images": self.m_student_images,
               "check": self.m_direct_cm_agreement}[spec.group]
         if self.args.no_compile and spec.knobs is not None and spec.knobs.compile:
@@ -857,8 +907,8 @@ def parse_args(argv=None):
                                             "memory and TFLOP/s on an SDXL-architecture model with random weights.")
     p.add_argument("--tiny", action="store_true", help="tiny SDXL config, 64 px, N=10: runs on a CPU in < 1 minute")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--only", default=None, help=f"comma-separated measurements (default: all but the optional "
-                   f"ones). Names: {', '.join(s.name for s in SPECS)}")
+    p.add_argument("--only", default=None, help=f"comma-separated measurements, run in the order given (default: "
+                   f"all but the optional ones). Names: {', '.join(s.name for s in SPECS)}")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats of the short measurements "
                    "(default 3; 1 with --tiny); the teacher forward uses 4x this (2 with --tiny)")
     p.add_argument("--repeats_direct_cm", type=int, default=1, help="timed Direct CM steps (after one short warm-up)")
@@ -902,7 +952,7 @@ def parse_args(argv=None):
         unknown = [n for n in names if n not in SPEC_BY_NAME]
         if unknown:
             p.error(f"--only: unknown {', '.join(unknown)}; choose from {', '.join(SPEC_BY_NAME)}")
-        args.selected = [s for s in SPECS if s.name in names]
+        args.selected = [SPEC_BY_NAME[n] for n in dict.fromkeys(names)]  # in the order given
     else:
         args.selected = [s for s in SPECS if s.default and not (args.no_compile and s.name == "teacher_fwd_ours_compiled")]
     args.compile_backend = args.compile_backend or ("eager" if args.tiny else "inductor")
@@ -964,6 +1014,10 @@ def main(argv=None):
     for spec in args.selected:
         bench.run_one(spec)
         write_json(args, bench, env)  # after every row: a run cut short keeps what it measured
+        if WORLD > 1 and bench.results[spec.name]["status"] != "ok":
+            # The other processes may be waiting in a collective of this measurement: stop them all.
+            print(f"rank {RANK}: {spec.name} failed; stopping (the JSON keeps the rows measured)", flush=True)
+            sys.exit(1)
     if RANK == 0:
         print_table(bench, args.selected)
     log(f"total wall time {time.perf_counter() - T0:.0f} s")

@@ -9,6 +9,7 @@ P processes reproduce one process with the same global batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -157,10 +158,12 @@ class Trainer:
 
         self.dataset = self.load_data()
         self.precomputed = find_cache(args, self.dataset, self.weight_dtype)
-        if self.precomputed is not None and dev.type != "cpu":
-            # The steps read cached embeddings: the text encoders go to the CPU until validation needs them.
-            for te in self.text_encoders:
-                te.to("cpu")
+        # The steps read cached latents and embeddings: the text encoders and the VAE wait on the CPU until
+        # validation needs them (models_on_device).
+        offload = self.precomputed is not None and dev.type != "cpu"
+        self.offloaded = [*self.text_encoders, self.vae] if offload else []
+        for m in self.offloaded:
+            m.to("cpu")
         self.global_batch = args.train_batch_size * acc.num_processes * args.gradient_accumulation_steps
         if args.max_train_steps is None:
             args.max_train_steps = math.ceil(args.num_train_epochs * len(self.dataset) / self.global_batch)
@@ -235,14 +238,20 @@ class Trainer:
         self.skipped_images = state.get("skipped_images", 0)
 
     # --- one micro-batch ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def models_on_device(self):
+        """The offloaded text encoders and VAE on the accelerator's device for the duration (validation)."""
+        for m in self.offloaded:
+            m.to(self.accelerator.device)
+        try:
+            yield
+        finally:
+            for m in self.offloaded:
+                m.to("cpu")
+
     def conditioning(self, batch) -> dict:
         dev = self.accelerator.device
-        offloaded = [te for te in self.text_encoders if te.device != dev]
-        for te in offloaded:  # kept on the CPU while training reads precomputed embeddings
-            te.to(dev)
         prompt_embeds, pooled = models.encode_prompts(batch["captions"], self.tokenizers, self.text_encoders)
-        for te in offloaded:
-            te.to("cpu")
         ids = models.time_ids(batch["original_sizes"], batch["crop_top_lefts"], (self.args.resolution,) * 2)
         return {"prompt_embeds": prompt_embeds.to(dev, self.weight_dtype),
                 "text_embeds": pooled.to(dev, self.weight_dtype), "time_ids": ids.to(dev, self.weight_dtype)}
@@ -306,6 +315,10 @@ class Trainer:
     # --- validation --------------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self):
+        with self.models_on_device():
+            self._validate()
+
+    def _validate(self):
         acc, args = self.accelerator, self.args
         prompts = args.validation_prompts or [self.dataset.ds[i][args.caption_column]
                                               for i in range(min(4, len(self.dataset)))]

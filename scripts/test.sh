@@ -38,7 +38,7 @@ python -m cmdistill.launch test.py \
     --lora_scale="$LORA_SCALE" \
     --weight_dtype="$WEIGHT_DTYPE" \
     --batch_size="$BATCH_SIZE" \
-    ${COMPILE:+--compile} \
+    $([ "${COMPILE:-0}" != 0 ] && echo --compile) \
     --dgm_metrics $DGM_METRICS \
     --instance_metrics $INSTANCE_METRICS \
     ${METRICS_WEIGHTS_DIR:+--metrics_weights_dir="$METRICS_WEIGHTS_DIR"} \

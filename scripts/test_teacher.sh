@@ -39,7 +39,7 @@ python -m cmdistill.launch test_teacher.py \
     --resolution="$RESOLUTION" \
     --weight_dtype="$WEIGHT_DTYPE" \
     --batch_size="$BATCH_SIZE" \
-    ${COMPILE:+--compile} \
+    $([ "${COMPILE:-0}" != 0 ] && echo --compile) \
     --seed="$SEED" \
     --dgm_metrics $DGM_METRICS \
     --instance_metrics $INSTANCE_METRICS \

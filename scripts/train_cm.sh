@@ -34,5 +34,5 @@ python3 -m cmdistill.launch "$SCRIPT" \
   --lora_rank 64 --lora_alpha 64 \
   --dataloader_num_workers "${NUM_WORKERS:-4}" \
   --resume_from_checkpoint latest \
-  ${COMPILE:+--compile_teacher} \
+  $([ "${COMPILE:-0}" != 0 ] && echo --compile_teacher) \
   "$@"

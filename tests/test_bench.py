@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "bench.py"
 # The default measurements of the GPU run (the optional ones are checked separately below).
 DEFAULT = ["matmul_peak", "teacher_fwd_ref", "teacher_fwd_ours", "teacher_fwd_ours_compiled", "cm_step_ref",
-           "cm_step_ref+precomputed", "cm_step_ref+bf16",
-           "cm_step_ours", "student_images_ref", "student_images_ours", "teacher_images_ref", "teacher_images_ours",
+           "cm_step_ref+precomputed", "cm_step_ref+bf16", "cm_step_ours", "student_step_ref", "student_step_ours",
+           "student_images_ref", "student_images_ours", "teacher_images_ref", "teacher_images_ours",
            "direct_cm_agreement", "direct_cm_step_ours", "direct_cm_step_ref"]
 
 
@@ -114,6 +114,33 @@ def test_compile_row_and_failure_isolation(tmp_path):
     c = m["teacher_fwd_ours_compiled"]
     assert c["status"] == "ok" and positive_finite(c["compile_s"]) and positive_finite(c["value"])
     assert "OOM" in r.stdout
+    assert list(m) == ["teacher_fwd_ours_compiled", "student_images_ours", "cm_step_ours"]  # the order given
+
+
+def test_two_processes_measure_together_and_report_once(tmp_path):
+    """torchrun with 2 CPU processes (gloo): both run each measurement on their own batch at once, the LoRA
+    gradients are all-reduced, rank 0 alone writes the JSON, and throughputs count both processes."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "two.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore",
+           "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                        "127.0.0.1", "--master_port", str(port), str(BENCH), "--tiny", "--device", "cpu",
+                        "--no_compile", "--only", "cm_step_ours,teacher_images_ours", "--json", str(out)],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["env"]["processes"] == 2
+    m = data["measurements"]
+    assert all(row["status"] == "ok" and row["processes"] == 2 for row in m.values())
+    step, img = m["cm_step_ours"], m["teacher_images_ours"]
+    assert step["samples_per_s"] == pytest.approx(2 * data["settings"]["batch_size"] / step["median_s"])
+    assert img["value"] == pytest.approx(2 * data["settings"]["batch_size"] / img["median_s"])
+    assert r.stdout.count("measurement ") == 1  # one table, from rank 0
 
 
 def test_full_size_configs_have_sdxl_parameter_counts():
