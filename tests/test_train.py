@@ -115,6 +115,18 @@ def run_two_processes(script, *args):
     return r
 
 
+def test_direct_cm_on_two_processes_matches_one_process_with_the_same_global_batch(teacher_dir, data_dir, tmp_path):
+    """Direct CM (per-sample loop, shrinking active sets): 2 gloo processes x batch 1 == 1 process x batch 2."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    extra = ("--max_train_steps", 2, "--checkpointing_steps", 0, "--validation_steps", 0, "--report_to", "none")
+    run_script("train_direct_cm.py", *common(teacher_dir, data_dir, one, *extra))
+    args = common(teacher_dir, data_dir, two, *extra)
+    args[args.index("--train_batch_size") + 1] = 1
+    r = run_two_processes("train_direct_cm.py", *args)
+    assert "1 per device x 2 processes" in r.stderr
+    np.testing.assert_allclose(losses(two), losses(one), rtol=1e-4)
+
+
 def test_resume_and_process_count_reproduce_the_uninterrupted_run(teacher_dir, data_dir, tmp_path):
     """4 steps on 1 process with batch 2 == 2 steps on 2 processes with batch 1 each (same global batch),
     then resumed from `latest` on 1 process: same losses, same final LoRA."""
