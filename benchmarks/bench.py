@@ -195,11 +195,13 @@ class Knobs:
     lora_cast: str = "fp32"       # fp32: PEFT copies every LoRA input to fp32 | off: no copy (same values, autocast)
     compile: bool = False         # teacher passes through torch.compile (dynamic batch)
     offload: bool = False         # text encoders + VAE off the GPU while training on precomputed inputs
+    compile_student: bool = False  # the student's forward + backward through torch.compile (optional rows)
 
     def describe(self, objective: str) -> str:
         s = f"{self.precision}, {self.inputs}, cfg={self.cfg}, lora_cast={self.lora_cast}"
         s += ", compiled teacher" if self.compile else ""
         s += ", encoders offloaded" if self.offload else ""
+        s += ", compiled student" if self.compile_student else ""
         return s + (f", loop={self.loop}" if objective == "direct_cm" else "")
 
 
@@ -240,6 +242,10 @@ SPECS = [
          "(checkpointing) + clip + AdamW, fixed target, fp16, fp32 LoRA-input copies", knobs=REF),
     Spec("student_step_ours", "student_step", "ours", "student step alone, bf16, no LoRA-input copy",
          knobs=OURS),
+    Spec("student_step_ours+compile", "student_step", "knob", "student step alone, ours + compiled student",
+         default=False, knobs=replace(OURS, compile_student=True)),
+    Spec("cm_step_ours+compile_student", "cm_step", "knob", "CM step, ours + compiled student", default=False,
+         knobs=replace(OURS, loop="reference", compile_student=True)),
     Spec("student_images_ref", "student_images", "reference", "4-step student sampling + decode, 1 image at a time",
          extra={"precision": "fp16", "batch": 1}),
     Spec("student_images_ours", "student_images", "ours", "4-step student sampling + decode, batch B",
@@ -312,6 +318,7 @@ class Bench:
         self._precision = None
         self._precomputed: dict = {}
         self._compiled = None
+        self._compiled_student = None
         self.peak_tflops: float | None = None
 
     # --- setup ------------------------------------------------------------------------------------
@@ -430,6 +437,14 @@ class Bench:
             self._compiled = models.compile_unet(self.unet, backend=self.args.compile_backend)
         return self._compiled
 
+    def student_module(self, knobs: Knobs):
+        """The UNet for the student's pass with grad: eager, or compiled once (its own graph: adapters on, grad)."""
+        if not knobs.compile_student:
+            return self.unet
+        if self._compiled_student is None:
+            self._compiled_student = models.compile_unet(self.unet, backend=self.args.compile_backend)
+        return self._compiled_student
+
     def teacher_unet_eps(self, compile: bool) -> UNetEps:
         return UNetEps(self.compiled_unet(), dynamic_batch=True) if compile else UNetEps(self.unet)
 
@@ -480,7 +495,7 @@ class Bench:
                 target = cm_target(ctx, x_t, start, cond)
             else:
                 target = self.direct_cm_target(ctx, knobs, x_t, start, cond)
-            pred = consistency_fn(UNetEps(self.unet), x_t, t, cond, self.sched, 10.0)
+            pred = consistency_fn(UNetEps(self.student_module(knobs)), x_t, t, cond, self.sched, 10.0)
         loss = distance(pred, target)
         if scaler is not None:  # fp16 mixed precision: accelerate's GradScaler
             scaler.scale(loss).backward()
@@ -601,7 +616,7 @@ class Bench:
 
         def step():
             with self.autocast(knobs.precision):
-                pred = consistency_fn(UNetEps(self.unet), x_t, t, cond, self.sched, 10.0)
+                pred = consistency_fn(UNetEps(self.student_module(knobs)), x_t, t, cond, self.sched, 10.0)
             loss = distance(pred, target)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -787,8 +802,8 @@ class Bench:
         fn = {"peak": self.m_matmul_peak, "teacher_fwd": self.m_teacher_fwd, "student_step": self.m_student_step, "cm_step": self.m_cm_step, "direct_cm_step": self.m_direct_cm_step,
               "teacher_images": self.m_teacher_images, "student_images": self.m_student_images,
               "check": self.m_direct_cm_agreement}[spec.group]
-        if self.args.no_compile and spec.knobs is not None and spec.knobs.compile:
-            spec = replace(spec, knobs=replace(spec.knobs, compile=False))
+        if self.args.no_compile and spec.knobs is not None and (spec.knobs.compile or spec.knobs.compile_student):
+            spec = replace(spec, knobs=replace(spec.knobs, compile=False, compile_student=False))
         log(f"[{spec.name}] {spec.what}")
         cuda = self.device.type == "cuda"
         if cuda:
@@ -914,8 +929,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats_direct_cm", type=int, default=1, help="timed Direct CM steps (after one short warm-up)")
     p.add_argument("--json", default=None, help="write every number, the card, versions and settings here")
     p.add_argument("--no_compile", action="store_true", help="ours without torch.compile (no compile time)")
-    p.add_argument("--compile_backend", default=None, help="default inductor (--tiny: eager, i.e. dynamo's graph "
-                   "capture without code generation, to stay fast on a CPU)")
+    p.add_argument("--compile_backend", default=None, help="default inductor (--tiny: aot_eager, i.e. dynamo's "
+                   "graph capture and AOTAutograd without code generation, to stay fast on a CPU)")
     p.add_argument("--memory_cap_gib", type=float, default=None,
                    help="torch.cuda.set_per_process_memory_fraction to this many GiB (e.g. 24) before anything else")
     p.add_argument("--batch_size", type=int, default=None, help="B (default 16; 4 with --tiny)")
@@ -955,7 +970,7 @@ def parse_args(argv=None):
         args.selected = [SPEC_BY_NAME[n] for n in dict.fromkeys(names)]  # in the order given
     else:
         args.selected = [s for s in SPECS if s.default and not (args.no_compile and s.name == "teacher_fwd_ours_compiled")]
-    args.compile_backend = args.compile_backend or ("eager" if args.tiny else "inductor")
+    args.compile_backend = args.compile_backend or ("aot_eager" if args.tiny else "inductor")
     if args.teacher_steps_timed:
         Grid(1000, args.teacher_steps_timed)  # must divide T
     return args

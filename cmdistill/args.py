@@ -88,6 +88,9 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
     g.add_argument("--compile_teacher", action="store_true",
                    help="torch.compile the teacher's passes (batch dimension dynamic): faster teacher forwards "
                         "after a compile of a few minutes on first use; same values to kernel rounding")
+    g.add_argument("--compile_student", action="store_true",
+                   help="torch.compile the student's forward and backward (LoRA and checkpointing included); "
+                        "same values to kernel rounding; compiles on the first step")
     g.add_argument("--cfg_batched", action="store_true",
                    help="run conditional and unconditional teacher passes as one batch of 2B")
     g.add_argument("--reference_loop", action="store_true",

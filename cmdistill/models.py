@@ -156,10 +156,11 @@ def set_lora_input_casting(unet, enabled: bool) -> int:
 
 
 def compile_unet(unet, backend: str = "inductor", mode: str | None = None):
-    """``torch.compile`` of the UNet for no-grad calls (teacher passes, samplers). Use it through
+    """``torch.compile`` of the UNet. For no-grad calls (teacher passes, samplers) use it through
     ``UNetEps(compiled, dynamic_batch=True)``: the batch dimension is compiled symbolic once, so the
-    shrinking active sets of the Direct CM loop do not recompile for every size. The first call
-    compiles (minutes for SDXL); the result agrees with eager mode to kernel rounding."""
+    shrinking active sets of the Direct CM loop do not recompile for every size. The student's pass
+    with grad (LoRA, gradient checkpointing, DDP) compiles as it is. The first call compiles (minutes
+    for SDXL); the result agrees with eager mode to kernel rounding (tests/test_speed.py)."""
     return torch.compile(unet, backend=backend, mode=mode)
 
 

@@ -179,6 +179,8 @@ class Trainer:
         self.base_unet = acc.unwrap_model(self.unet)
         # The teacher's passes (no grad, adapter off) may run compiled; the student's pass stays eager.
         self.teacher_unet = models.compile_unet(self.base_unet) if args.compile_teacher else self.base_unet
+        # The student's pass with grad (through DDP when there are several processes) may run compiled too.
+        self.student_unet = models.compile_unet(self.unet) if args.compile_student else self.unet
         self.global_step, self.samples_seen, self.skipped_images = 0, 0, 0
 
         resume = resolve_resume(self.output_dir, args.resume_from_checkpoint)
@@ -309,7 +311,7 @@ class Trainer:
                     target = solve_to_zero_reference(ctx.step, ctx.teacher_eps, x_t, start, cond, ctx.sched, ctx.grid)
             else:
                 target = self.objective(ctx, x_t, start, cond)
-            pred = consistency_fn(UNetEps(self.unet), x_t, t, cond, self.sched, args.timestep_scaling_factor)
+            pred = consistency_fn(UNetEps(self.student_unet), x_t, t, cond, self.sched, args.timestep_scaling_factor)
         return distance(pred, target, args.loss_type, args.huber_c)
 
     # --- validation --------------------------------------------------------------------------------

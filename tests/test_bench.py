@@ -117,6 +117,17 @@ def test_compile_row_and_failure_isolation(tmp_path):
     assert list(m) == ["teacher_fwd_ours_compiled", "student_images_ours", "cm_step_ours"]  # the order given
 
 
+def test_compiled_student_rows(tmp_path):
+    """The optional compiled-student rows (AOTAutograd through the checkpointed LoRA UNet) run and report."""
+    out = tmp_path / "cs.json"
+    run_bench("--tiny", "--device", "cpu", "--json", out, "--only",
+              "teacher_fwd_ours,student_step_ours,student_step_ours+compile,cm_step_ours+compile_student")
+    m = json.loads(out.read_text())["measurements"]
+    assert all(row["status"] == "ok" for row in m.values()), {k: r.get("error") for k, r in m.items()}
+    assert "compiled student" in m["student_step_ours+compile"]["notes"]
+    assert positive_finite(m["student_step_ours"]["forward_equivalents"])
+
+
 def test_two_processes_measure_together_and_report_once(tmp_path):
     """torchrun with 2 CPU processes (gloo): both run each measurement on their own batch at once, the LoRA
     gradients are all-reduced, rank 0 alone writes the JSON, and throughputs count both processes."""

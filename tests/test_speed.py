@@ -3,7 +3,7 @@
 * switching off PEFT's copy of LoRA inputs to fp32 (``models.set_lora_input_casting``) under autocast;
 * the teacher through ``torch.compile`` with a dynamic batch dimension (``models.compile_unet`` +
   ``UNetEps(dynamic_batch=True)``), with the adapter disabled, for several batch sizes;
-* ``--compile_teacher`` in the training loop (same losses as without).
+* ``--compile_teacher`` and ``--compile_student`` in the training loop (same losses as without).
 """
 
 from __future__ import annotations
@@ -88,22 +88,23 @@ def test_compiled_teacher_with_dynamic_batch_matches_eager_with_the_adapter_disa
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_compile_teacher_flag_gives_the_same_losses(tiny_pipeline, tiny_image_folder, tmp_path, monkeypatch):
+def test_compile_flags_give_the_same_losses(tiny_pipeline, tiny_image_folder, tmp_path, monkeypatch):
     from cmdistill.args import training_parser
     from cmdistill.train import Trainer
 
-    real = models.compile_unet
-    monkeypatch.setattr(models, "compile_unet", lambda unet, **kw: real(unet, backend="aot_eager"))
+    real, compiled = models.compile_unet, []
+    monkeypatch.setattr(models, "compile_unet",
+                        lambda unet, **kw: compiled.append(unet) or real(unet, backend="aot_eager"))
     losses = {}
-    for flag in ([], ["--compile_teacher"]):
+    for flag in ([], ["--compile_teacher", "--compile_student"]):
         torch._dynamo.reset()
         out = tmp_path / ("compiled" if flag else "eager")
         args = training_parser("direct_cm").parse_args([
             "--pretrained_teacher_model", str(tiny_pipeline), "--train_data_dir", str(tiny_image_folder),
             "--output_dir", str(out), "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "2",
             "--num_discr_timesteps", "10", "--w", "3", "--report_to", "none", "--validation_steps", "0",
-            "--checkpointing_steps", "100", "--no_precomputed", *flag])
+            "--checkpointing_steps", "100", "--no_precomputed", "--gradient_checkpointing", *flag])
         Trainer(args, "direct_cm").train()
         losses[bool(flag)] = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert len(losses[True]) == 2
+    assert len(losses[True]) == 2 and len(compiled) == 2  # the teacher's and the student's module
     assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-7)
