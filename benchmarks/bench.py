@@ -495,6 +495,12 @@ class Bench:
                 target = cm_target(ctx, x_t, start, cond)
             else:
                 target = self.direct_cm_target(ctx, knobs, x_t, start, cond)
+        counted.loss = self.student_update(knobs, x_t, t, cond, target, scaler)
+        return counted
+
+    def student_update(self, knobs: Knobs, x_t, t, cond, target, scaler) -> torch.Tensor:
+        """The student's part of a step: f_theta with grad, distance, backward, (all-reduce,) clip 1.0, AdamW."""
+        with self.autocast(knobs.precision):
             pred = consistency_fn(UNetEps(self.student_module(knobs)), x_t, t, cond, self.sched, 10.0)
         loss = distance(pred, target)
         if scaler is not None:  # fp16 mixed precision: accelerate's GradScaler
@@ -510,8 +516,7 @@ class Bench:
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        counted.loss = loss.detach()
-        return counted
+        return loss.detach()
 
     def all_reduce_grads(self):
         """With several processes: average the LoRA gradients over them, as DDP does (one flat buffer)."""
@@ -615,22 +620,7 @@ class Bench:
         target = latents.clone()
 
         def step():
-            with self.autocast(knobs.precision):
-                pred = consistency_fn(UNetEps(self.student_module(knobs)), x_t, t, cond, self.sched, 10.0)
-            loss = distance(pred, target)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                self.all_reduce_grads()
-                scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-                scaler.step(self.optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                self.all_reduce_grads()
-                torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.student_update(knobs, x_t, t, cond, target, scaler)
 
         step()  # warm-up
         times = []
