@@ -91,6 +91,10 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
     g.add_argument("--compile_student", action="store_true",
                    help="torch.compile the student's forward and backward (LoRA and checkpointing included); "
                         "same values to kernel rounding; compiles on the first step")
+    g.add_argument("--trajectory_pairs", type=int, default=1,
+                   help="Direct CM opt-in, not the paper's objective: each teacher trajectory also gives K-1 "
+                        "training pairs at random later points of the same trajectory (same target), so the "
+                        "student batch is K x --train_batch_size for the teacher cost of --train_batch_size")
     g.add_argument("--cfg_batched", action="store_true",
                    help="run conditional and unconditional teacher passes as one batch of 2B")
     g.add_argument("--reference_loop", action="store_true",

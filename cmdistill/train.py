@@ -26,7 +26,7 @@ from .data import SDXLImageCaptions, load_caption_dataset, make_dataloader
 from .errors import UserError
 from .guidance import GuidedEps, UNetEps
 from .noise import generator_for, per_sample_noise
-from .objectives import OBJECTIVES, DistillContext, distance
+from .objectives import OBJECTIVES, DistillContext, direct_cm_trajectory_pairs, distance, extra_pair_indices
 from .precompute import collate_precomputed, find_cache
 from .sampling import consistency_fn, student_sample
 from .schedule import Grid, NoiseSchedule
@@ -35,6 +35,7 @@ from .solvers import get_solver, solve_to_zero_reference
 logger = logging.getLogger("cmdistill")
 STATE_NAME = "training_state.pt"
 STREAM_T, STREAM_NOISE, STREAM_VAE = 101, 102, 103  # noise streams of the training step (noise.per_sample_noise)
+STREAM_PAIRS = 104  # --trajectory_pairs: the grid indices of the extra pairs
 CONFIG_NAME = "training_config.json"
 
 
@@ -89,6 +90,8 @@ def validate_args(args):
         raise UserError("--train_batch_size and --gradient_accumulation_steps must be >= 1")
     if not args.train_data_dir and not args.dataset_name:
         raise UserError("give --train_data_dir (an image folder with metadata.csv) or --dataset_name")
+    if getattr(args, "trajectory_pairs", 1) < 1:
+        raise UserError(f"--trajectory_pairs {args.trajectory_pairs}: must be >= 1 (1 = off)")
 
 
 class Trainer:
@@ -100,6 +103,8 @@ class Trainer:
 
         self.args, self.objective_name = args, objective
         self.objective = OBJECTIVES[objective]
+        if getattr(args, "trajectory_pairs", 1) > 1 and (objective != "direct_cm" or args.reference_loop):
+            raise UserError("--trajectory_pairs applies to train_direct_cm.py without --reference_loop; drop it")
         self.output_dir = Path(args.output_dir)
         report_to = None if args.report_to in (None, "none") else args.report_to
         self.accelerator = acc = Accelerator(
@@ -305,6 +310,8 @@ class Trainer:
         t = self.grid.timestep(start)
         x_t = self.sched.add_noise(latents, noise, t)
         ctx = self.distill_context()
+        if args.trajectory_pairs > 1:
+            return self.trajectory_pairs_loss(ctx, x_t, start, t, cond, positions)
         with acc.autocast():
             if args.reference_loop and self.objective_name == "direct_cm":
                 with torch.no_grad():
@@ -313,6 +320,21 @@ class Trainer:
                 target = self.objective(ctx, x_t, start, cond)
             pred = consistency_fn(UNetEps(self.student_unet), x_t, t, cond, self.sched, args.timestep_scaling_factor)
         return distance(pred, target, args.loss_type, args.huber_c)
+
+    def trajectory_pairs_loss(self, ctx, x_t, start, t, cond, positions) -> torch.Tensor:
+        """``--trajectory_pairs K`` (Direct CM): each sample's teacher trajectory gives its start pair and K-1
+        pairs at later grid points (drawn from (seed, stream position)), all with the trajectory's x_0."""
+        args, K = self.args, self.args.trajectory_pairs
+        extra = torch.stack([extra_pair_indices(int(n), self.grid.N, generator_for(args.seed, STREAM_PAIRS, p), K - 1)
+                             for n, p in zip(start.tolist(), positions)])
+        with self.accelerator.autocast():
+            target, states = direct_cm_trajectory_pairs(ctx, x_t, start, cond, extra)
+            x_all = torch.cat([x_t.float(), states.transpose(0, 1).reshape(-1, *x_t.shape[1:])])
+            t_all = torch.cat([t, self.grid.timestep(extra.t().reshape(-1))])
+            cond_all = {k: v.repeat(K, *([1] * (v.ndim - 1))) for k, v in cond.items()}
+            pred = consistency_fn(UNetEps(self.student_unet), x_all, t_all, cond_all, self.sched,
+                                  args.timestep_scaling_factor)
+        return distance(pred, target.repeat(K, *([1] * (target.ndim - 1))), args.loss_type, args.huber_c)
 
     # --- validation --------------------------------------------------------------------------------
     @torch.no_grad()
