@@ -179,6 +179,19 @@ def median(xs):
     return float(statistics.median(xs))
 
 
+def timed(device: torch.device, fn, repeats: int, label: str | None = None) -> tuple[list[float], object]:
+    """Time ``fn()`` ``repeats`` times (``Timer``); returns the seconds and the last result. ``label``:
+    log each time as "  <label> <seconds> s"."""
+    times, result = [], None
+    for _ in range(repeats):
+        with Timer(device) as tm:
+            result = fn()
+        times.append(tm.seconds)
+        if label:
+            log(f"  {label} {tm.seconds:.3f} s")
+    return times, result
+
+
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
@@ -590,11 +603,7 @@ class Bench:
             log(f"  compile + first call: {tm.seconds:.1f} s")
         for _ in range(self.args.warmup_fwd - 1):
             fwd()
-        times = []
-        for _ in range(self.args.repeats_fwd):
-            with Timer(self.device) as tm:
-                fwd()
-            times.append(tm.seconds)
+        times, _ = timed(self.device, fwd, self.args.repeats_fwd)
         s = median(times)
         tflops = self.flops_per_forward / s / 1e12
         if self.peak_tflops:
@@ -620,14 +629,10 @@ class Bench:
         target = latents.clone()
 
         def step():
-            self.student_update(knobs, x_t, t, cond, target, scaler)
+            return self.student_update(knobs, x_t, t, cond, target, scaler)
 
         step()  # warm-up
-        times = []
-        for _ in range(self.args.repeats):
-            with Timer(self.device) as tm:
-                step()
-            times.append(tm.seconds)
+        times, _ = timed(self.device, step, self.args.repeats)
         s = median(times)
         out = dict(value=s, unit="s/step", seconds=times, median_s=s, processes=WORLD)
         fwd = self.results.get("teacher_fwd_ref" if knobs.precision == "fp16" else "teacher_fwd_ours", {})
@@ -644,12 +649,8 @@ class Bench:
         scaler = self.scaler_for(knobs.precision)
         self.inputs(knobs)  # precomputation (when asked) happens here, untimed
         self.train_step("cm", knobs, self.start, scaler)  # warm-up
-        times = []
-        for _ in range(self.args.repeats):
-            with Timer(self.device) as tm:
-                counted = self.train_step("cm", knobs, self.start, scaler)
-            times.append(tm.seconds)
-            log(f"  step {tm.seconds:.3f} s")
+        times, counted = timed(self.device, lambda: self.train_step("cm", knobs, self.start, scaler),
+                               self.args.repeats, "step")
         s = median(times)
         return dict(value=s, unit="s/step", seconds=times, median_s=s, teacher_sample_forwards=counted.samples,
                     processes=WORLD, samples_per_s=WORLD * self.B / s,
@@ -671,12 +672,9 @@ class Bench:
             self.train_step("direct_cm", knobs, warm, scaler)
         log(f"  warm-up ({int((N - warm).sum())} sample-steps): {tm.seconds:.2f} s")
         every = 25 if not self.args.tiny else 0
-        times = []
-        for _ in range(self.args.repeats_direct_cm):
-            with Timer(self.device) as tm:
-                counted = self.train_step("direct_cm", knobs, self.start, scaler, every=every)
-            times.append(tm.seconds)
-            log(f"  step {tm.seconds:.2f} s")
+        times, counted = timed(self.device,
+                               lambda: self.train_step("direct_cm", knobs, self.start, scaler, every=every),
+                               self.args.repeats_direct_cm, "step")
         s = median(times)
         per_sample_steps = int((N - self.start).sum())
         ref_steps = int(N - self.start.min())
@@ -789,7 +787,8 @@ class Bench:
 
     # --- driver ------------------------------------------------------------------------------------
     def run_one(self, spec: Spec):
-        fn = {"peak": self.m_matmul_peak, "teacher_fwd": self.m_teacher_fwd, "student_step": self.m_student_step, "cm_step": self.m_cm_step, "direct_cm_step": self.m_direct_cm_step,
+        fn = {"peak": self.m_matmul_peak, "teacher_fwd": self.m_teacher_fwd, "student_step": self.m_student_step,
+              "cm_step": self.m_cm_step, "direct_cm_step": self.m_direct_cm_step,
               "teacher_images": self.m_teacher_images, "student_images": self.m_student_images,
               "check": self.m_direct_cm_agreement}[spec.group]
         if self.args.no_compile and spec.knobs is not None and (spec.knobs.compile or spec.knobs.compile_student):
@@ -959,7 +958,8 @@ def parse_args(argv=None):
             p.error(f"--only: unknown {', '.join(unknown)}; choose from {', '.join(SPEC_BY_NAME)}")
         args.selected = [SPEC_BY_NAME[n] for n in dict.fromkeys(names)]  # in the order given
     else:
-        args.selected = [s for s in SPECS if s.default and not (args.no_compile and s.name == "teacher_fwd_ours_compiled")]
+        args.selected = [s for s in SPECS
+                         if s.default and not (args.no_compile and s.name == "teacher_fwd_ours_compiled")]
     args.compile_backend = args.compile_backend or ("aot_eager" if args.tiny else "inductor")
     if args.teacher_steps_timed:
         Grid(1000, args.teacher_steps_timed)  # must divide T
