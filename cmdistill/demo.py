@@ -222,7 +222,8 @@ def main(argv=None):
                  "--precomputed_dir", out / "precomputed", "--resume_from_checkpoint", "latest"], log, env)
             times[f"eval_{obj}_{seed}"] = run(
                 [py, "test.py", "--output_dir", rdir, "--train_data_dir", ref, "--num_inference_steps",
-                 *a.num_inference_steps, "--max_prompts", a.num_prompts, "--batch_size", 100, "--vae_decode_batch_size", 100, *metric_flags], log, env)
+                 *a.num_inference_steps, "--max_prompts", a.num_prompts, "--batch_size", 100,
+                 "--vae_decode_batch_size", 100, *metric_flags], log, env)
             if seed == a.seeds[0]:
                 runs[name] = rdir
             for e in load_metrics(rdir).values():

@@ -182,7 +182,7 @@ class Trainer:
                                           num_training_steps=args.max_train_steps)
         self.unet, self.optimizer = acc.prepare(unet, optimizer)
         self.base_unet = acc.unwrap_model(self.unet)
-        # The teacher's passes (no grad, adapter off) may run compiled; the student's pass stays eager.
+        # The teacher's passes (no grad, adapter off) may run compiled, with a dynamic batch dimension.
         self.teacher_unet = models.compile_unet(self.base_unet) if args.compile_teacher else self.base_unet
         # The student's pass with grad (through DDP when there are several processes) may run compiled too.
         self.student_unet = models.compile_unet(self.unet) if args.compile_student else self.unet
@@ -310,10 +310,10 @@ class Trainer:
         t = self.grid.timestep(start)
         x_t = self.sched.add_noise(latents, noise, t)
         ctx = self.distill_context()
-        if args.trajectory_pairs > 1:
-            return self.trajectory_pairs_loss(ctx, x_t, start, t, cond, positions)
         with acc.autocast():
-            if args.reference_loop and self.objective_name == "direct_cm":
+            if args.trajectory_pairs > 1:
+                x_t, t, cond, target = self.trajectory_pairs(ctx, x_t, start, t, cond, positions)
+            elif args.reference_loop and self.objective_name == "direct_cm":
                 with torch.no_grad():
                     target = solve_to_zero_reference(ctx.step, ctx.teacher_eps, x_t, start, cond, ctx.sched, ctx.grid)
             else:
@@ -321,20 +321,21 @@ class Trainer:
             pred = consistency_fn(UNetEps(self.student_unet), x_t, t, cond, self.sched, args.timestep_scaling_factor)
         return distance(pred, target, args.loss_type, args.huber_c)
 
-    def trajectory_pairs_loss(self, ctx, x_t, start, t, cond, positions) -> torch.Tensor:
+    def trajectory_pairs(self, ctx, x_t, start, t, cond, positions):
         """``--trajectory_pairs K`` (Direct CM): each sample's teacher trajectory gives its start pair and K-1
-        pairs at later grid points (drawn from (seed, stream position)), all with the trajectory's x_0."""
+        pairs at later grid points (drawn from (seed, stream position)), all with the trajectory's x_0.
+        Returns the K x B student inputs (x, t, cond) and their targets."""
         args, K = self.args, self.args.trajectory_pairs
         extra = torch.stack([extra_pair_indices(int(n), self.grid.N, generator_for(args.seed, STREAM_PAIRS, p), K - 1)
                              for n, p in zip(start.tolist(), positions)])
-        with self.accelerator.autocast():
-            target, states = direct_cm_trajectory_pairs(ctx, x_t, start, cond, extra)
-            x_all = torch.cat([x_t.float(), states.transpose(0, 1).reshape(-1, *x_t.shape[1:])])
-            t_all = torch.cat([t, self.grid.timestep(extra.t().reshape(-1))])
-            cond_all = {k: v.repeat(K, *([1] * (v.ndim - 1))) for k, v in cond.items()}
-            pred = consistency_fn(UNetEps(self.student_unet), x_all, t_all, cond_all, self.sched,
-                                  args.timestep_scaling_factor)
-        return distance(pred, target.repeat(K, *([1] * (target.ndim - 1))), args.loss_type, args.huber_c)
+        target, states = direct_cm_trajectory_pairs(ctx, x_t, start, cond, extra)
+        x_all = torch.cat([x_t.float(), states.transpose(0, 1).reshape(-1, *x_t.shape[1:])])
+        t_all = torch.cat([t, self.grid.timestep(extra.t().reshape(-1))])
+
+        def tile(v):
+            return v.repeat(K, *([1] * (v.ndim - 1)))
+
+        return x_all, t_all, {k: tile(v) for k, v in cond.items()}, tile(target)
 
     # --- validation --------------------------------------------------------------------------------
     @torch.no_grad()
