@@ -26,6 +26,7 @@ and the next one still runs. ``--tiny`` runs the same code paths on the tiny ran
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -45,6 +46,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing the pack
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+import torch._inductor.config  # noqa: E402,F401  (knob rows patch it)
 
 from cmdistill import models  # noqa: E402
 from cmdistill.guidance import GuidedEps, UNetEps  # noqa: E402
@@ -209,18 +211,27 @@ class Knobs:
     compile: bool = False         # teacher passes through torch.compile (dynamic batch)
     offload: bool = False         # text encoders + VAE off the GPU while training on precomputed inputs
     compile_student: bool = False  # the student's forward + backward through torch.compile (optional rows)
+    channels_last: bool = False   # the UNet's 4-D weights in channels_last (NHWC) memory format
+    cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark (cuDNN times its algorithms per shape)
+    attention: str = "default"    # SDPA backend: default (torch's choice) | cudnn (cuDNN attention only)
+    switch: str = "peft"          # teacher's adapter switch: peft (disable_adapters(), flips requires_grad of every
+                                  # adapter weight) | flags (models.adapters_disabled: the layers' flags only)
 
     def describe(self, objective: str) -> str:
         s = f"{self.precision}, {self.inputs}, cfg={self.cfg}, lora_cast={self.lora_cast}"
         s += ", compiled teacher" if self.compile else ""
         s += ", encoders offloaded" if self.offload else ""
         s += ", compiled student" if self.compile_student else ""
+        s += ", channels_last" if self.channels_last else ""
+        s += ", cudnn.benchmark" if self.cudnn_benchmark else ""
+        s += ", cuDNN attention" if self.attention == "cudnn" else ""
+        s += f", {self.switch} adapter switch"
         return s + (f", loop={self.loop}" if objective == "direct_cm" else "")
 
 
 REF = Knobs()
 OURS = Knobs(precision="bf16", inputs="precomputed", cfg="adaptive", loop="per_sample", lora_cast="off",
-             compile=True, offload=True)
+             compile=True, offload=True, switch="flags")
 
 
 @dataclass(frozen=True)
@@ -242,6 +253,24 @@ SPECS = [
          extra={"precision": "bf16"}),
     Spec("teacher_fwd_ours_compiled", "teacher_fwd", "ours", "teacher UNet forward, bf16, torch.compile "
          "(dynamic batch, as the training loop uses it)", extra={"precision": "bf16", "compile": True}),
+    Spec("teacher_fwd_ours+channels_last", "teacher_fwd", "knob", "teacher UNet forward, bf16, eager, weights "
+         "channels_last", default=False, extra={"precision": "bf16", "channels_last": True}),
+    Spec("teacher_fwd_ours_compiled+channels_last", "teacher_fwd", "knob", "teacher UNet forward, bf16, "
+         "torch.compile (dynamic batch), weights channels_last", default=False,
+         extra={"precision": "bf16", "compile": True, "channels_last": True}),
+    Spec("teacher_fwd_ours_compiled_static", "teacher_fwd", "knob", "teacher UNet forward, bf16, torch.compile "
+         "with a static batch (inductor's own channels_last layout pass applies)", default=False,
+         extra={"precision": "bf16", "compile": True, "static": True}),
+    Spec("teacher_fwd_ours+cudnn_benchmark", "teacher_fwd", "knob", "teacher UNet forward, bf16, eager, "
+         "torch.backends.cudnn.benchmark", default=False, extra={"precision": "bf16", "cudnn_benchmark": True}),
+    Spec("teacher_fwd_ours_compiled+tuned", "teacher_fwd", "knob", "teacher UNet forward, bf16, torch.compile "
+         "(dynamic batch) with inductor's conv_1x1_as_mm, coordinate_descent_tuning, no epilogue fusion",
+         default=False, extra={"precision": "bf16", "compile": True, "tuned": True}),
+    Spec("teacher_fwd_ours+cudnn_attention", "teacher_fwd", "knob", "teacher UNet forward, bf16, eager, "
+         "cuDNN attention", default=False, extra={"precision": "bf16", "attention": "cudnn"}),
+    Spec("teacher_fwd_ours_compiled+cudnn_attention", "teacher_fwd", "knob", "teacher UNet forward, bf16, "
+         "torch.compile (dynamic batch), cuDNN attention", default=False,
+         extra={"precision": "bf16", "compile": True, "attention": "cudnn"}),
     Spec("cm_step_ref", "cm_step", "reference", "CM training step", knobs=REF),
     Spec("cm_step_ref+precomputed", "cm_step", "knob", "CM step, reference but precomputed inputs",
          knobs=replace(REF, inputs="precomputed")),
@@ -257,6 +286,14 @@ SPECS = [
          knobs=OURS),
     Spec("student_step_ours+compile", "student_step", "knob", "student step alone, ours + compiled student",
          default=False, knobs=replace(OURS, compile_student=True)),
+    Spec("student_step_ours+channels_last", "student_step", "knob", "student step alone, ours + channels_last "
+         "weights", default=False, knobs=replace(OURS, channels_last=True)),
+    Spec("student_step_ours+cudnn_benchmark", "student_step", "knob", "student step alone, ours + "
+         "torch.backends.cudnn.benchmark", default=False, knobs=replace(OURS, cudnn_benchmark=True)),
+    Spec("student_step_ours+cudnn_attention", "student_step", "knob", "student step alone, ours + cuDNN "
+         "attention", default=False, knobs=replace(OURS, attention="cudnn")),
+    Spec("cm_step_ours+channels_last", "cm_step", "knob", "CM step, ours + channels_last weights", default=False,
+         knobs=replace(OURS, loop="reference", channels_last=True)),
     Spec("cm_step_ours+compile_student", "cm_step", "knob", "CM step, ours + compiled student", default=False,
          knobs=replace(OURS, loop="reference", compile_student=True)),
     Spec("student_images_ref", "student_images", "reference", "4-step student sampling + decode, 1 image at a time",
@@ -271,6 +308,19 @@ SPECS = [
          "solve_to_zero_reference, float32"),
     Spec("direct_cm_step_ours", "direct_cm_step", "ours", "Direct CM training step", knobs=OURS),
     Spec("direct_cm_step_ref", "direct_cm_step", "reference", "Direct CM training step", knobs=REF),
+    Spec("direct_cm_calls_ref", "direct_cm_calls", "reference", "one guided teacher call of the reference Direct "
+         "CM loop (full batch, separate CFG), + the prompt and VAE encode of its step", knobs=REF),
+    Spec("direct_cm_calls_ours", "direct_cm_calls", "ours", "one guided teacher call of the per-sample loop at "
+         "every active-set size 1..B (adaptive CFG)", knobs=OURS),
+    Spec("direct_cm_calls_ours+channels_last", "direct_cm_calls", "knob", "as direct_cm_calls_ours, weights "
+         "channels_last", default=False, knobs=replace(OURS, channels_last=True)),
+    Spec("direct_cm_calls_ours+cudnn_attention", "direct_cm_calls", "knob", "as direct_cm_calls_ours, cuDNN "
+         "attention", default=False, knobs=replace(OURS, attention="cudnn")),
+    Spec("direct_cm_expected+cudnn_attention", "direct_cm_expected", "check", "as direct_cm_expected, from "
+         "direct_cm_calls_ours+cudnn_attention and student_step_ours+cudnn_attention", default=False),
+    Spec("direct_cm_expected", "direct_cm_expected", "check", "expected Direct CM step over the start "
+         "distribution, from the measured call times and student steps (needs direct_cm_calls_* and "
+         "student_step_*; reports the ours/reference ratio)"),
     Spec("direct_cm_step_ref+per_sample", "direct_cm_step", "knob", "Direct CM step, reference but per-sample loop",
          default=False, knobs=replace(REF, loop="per_sample")),
     Spec("direct_cm_step_ours-compile", "direct_cm_step", "knob", "Direct CM step, ours but eager teacher",
@@ -332,6 +382,7 @@ class Bench:
         self._precomputed: dict = {}
         self._compiled = None
         self._compiled_student = None
+        self._layout = False
         self.peak_tflops: float | None = None
 
     # --- setup ------------------------------------------------------------------------------------
@@ -443,12 +494,23 @@ class Bench:
         self.place_encoders(knobs)
         return self._precomputed[knobs.precision]
 
-    def compiled_unet(self):
-        """The UNet under torch.compile, built once and shared by every measurement (so it compiles once);
-        called through ``UNetEps(..., dynamic_batch=True)`` as ``Trainer.distill_context`` does."""
-        if self._compiled is None:
-            self._compiled = models.compile_unet(self.unet, backend=self.args.compile_backend)
-        return self._compiled
+    def compiled_unet(self, static: bool = False, tuned: bool = False):
+        """The UNet under torch.compile, built once per (memory format, static) and shared by every
+        measurement (so it compiles once); called through ``UNetEps(..., dynamic_batch=True)`` as
+        ``Trainer.distill_context`` does, or with ``static`` through a plain ``UNetEps`` (one batch size)."""
+        key = (self._layout, static, tuned, torch.backends.cuda.flash_sdp_enabled())
+        if self._compiled is None or self._compiled[0] != key:
+            if self._compiled is not None:  # another variant: start from a clean dynamo state
+                torch._dynamo.reset()
+                self._compiled_student = None
+            self._compiled = (key, models.compile_unet(self.unet, backend=self.args.compile_backend))
+        return self._compiled[1]
+
+    def set_layout(self, channels_last: bool):
+        """The UNet's 4-D weights (frozen and LoRA) in channels_last or contiguous memory format."""
+        if channels_last != self._layout:
+            self.unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            self._layout = channels_last
 
     def student_module(self, knobs: Knobs):
         """The UNet for the student's pass with grad: eager, or compiled once (its own graph: adapters on, grad)."""
@@ -458,8 +520,10 @@ class Bench:
             self._compiled_student = models.compile_unet(self.unet, backend=self.args.compile_backend)
         return self._compiled_student
 
-    def teacher_unet_eps(self, compile: bool) -> UNetEps:
-        return UNetEps(self.compiled_unet(), dynamic_batch=True) if compile else UNetEps(self.unet)
+    def teacher_unet_eps(self, compile: bool, static: bool = False, tuned: bool = False) -> UNetEps:
+        if not compile:
+            return UNetEps(self.unet)
+        return UNetEps(self.compiled_unet(static, tuned), dynamic_batch=not static)
 
     def place_encoders(self, knobs: Knobs):
         """Text encoders and VAE on the GPU, or (``offload``, precomputed inputs) on the CPU."""
@@ -470,28 +534,52 @@ class Bench:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def guided_teacher(self, cfg: str, batch: int, every: int = 0, label: str = "", compile: bool = False):
-        """The guided teacher eps_fn of ``cmdistill.train.Trainer.distill_context`` (adapter disabled),
-        with a counting wrapper around the UNet call."""
+    def adapter_switch(self, switch: str):
+        """The teacher's adapter switch as a context: PEFT's own, as the reference training scripts do
+        (``disable_adapters()`` / ``enable_adapters()``), or ours (``models.adapters_disabled``)."""
+        if switch == "flags":
+            return models.adapters_disabled(self.unet)
+
+        @contextlib.contextmanager
+        def peft_switch():
+            self.unet.disable_adapters()
+            try:
+                yield
+            finally:
+                self.unet.enable_adapters()
+
+        return peft_switch()
+
+    def guided_teacher(self, cfg: str, batch: int, every: int = 0, label: str = "", compile: bool = False,
+                       switch: str | None = "flags"):
+        """The guided teacher eps_fn of ``cmdistill.train.Trainer.distill_context`` (adapter disabled by
+        ``switch`` around every call; None: the caller disables it once around many calls), with a counting
+        wrapper around the UNet call."""
         counted = Counted(self.teacher_unet_eps(compile), every, label)
         threshold = {"separate": 0, "batched": batch, "adaptive": batch // 2}[cfg]
         guide = counted.guide = AdaptiveCFG(counted, self.w, threshold)
+        if switch is None:
+            return guide, counted
 
         def teacher_eps(x, t, cond):
-            with models.adapters_disabled(self.unet):
+            with self.adapter_switch(switch):
                 return guide(x, t, cond)
 
         return teacher_eps, counted
 
-    def context(self, knobs: Knobs, every: int = 0, label: str = ""):
-        teacher_eps, counted = self.guided_teacher(knobs.cfg, self.B, every, label, compile=knobs.compile)
+    def context(self, knobs: Knobs, every: int = 0, label: str = "", objective: str = "cm"):
+        # The reference's Direct CM loop switches the adapter off once around its loop; ours per call
+        # (Trainer.distill_context), the CM step once (its one guided call) in both.
+        once = objective == "direct_cm" and knobs.loop == "reference"
+        teacher_eps, counted = self.guided_teacher(knobs.cfg, self.B, every, label, compile=knobs.compile,
+                                                   switch=None if once else knobs.switch)
         ctx = DistillContext(teacher_eps=teacher_eps, student_eps_nograd=UNetEps(self.unet), step=self.step_fn,
                              sched=self.sched, grid=self.grid)
         return ctx, counted
 
     def direct_cm_target(self, ctx: DistillContext, knobs: Knobs, x_t, start, cond):
         if knobs.loop == "reference":
-            with torch.no_grad():
+            with torch.no_grad(), self.adapter_switch(knobs.switch):
                 return solve_to_zero_reference(ctx.step, ctx.teacher_eps, x_t, start, cond, ctx.sched, ctx.grid)
         return direct_cm_target(ctx, x_t, start, cond)
 
@@ -502,7 +590,7 @@ class Bench:
         models.set_lora_input_casting(self.unet, knobs.lora_cast == "fp32")
         t = self.grid.timestep(start)
         x_t = self.sched.add_noise(latents, self.noise, t)
-        ctx, counted = self.context(knobs, every, objective)
+        ctx, counted = self.context(knobs, every, objective, objective)
         with self.autocast(knobs.precision):
             if objective == "cm":
                 target = cm_target(ctx, x_t, start, cond)
@@ -581,7 +669,8 @@ class Bench:
         eps = UNetEps(self.unet)
         out = {}
         if spec.extra.get("compile"):
-            eps = self.teacher_unet_eps(True)
+            eps = self.teacher_unet_eps(True, static=spec.extra.get("static", False),
+                                        tuned=spec.extra.get("tuned", False))
 
         def fwd():
             with torch.no_grad(), models.adapters_disabled(self.unet), self.autocast(prec):
@@ -695,13 +784,14 @@ class Bench:
         part = Grid(self.sched.T, k)  # same per-step cost as the N-grid; scaled by N / k below
         n_runs = self.args.ref_images if batch == 1 else self.args.repeats
         self.place_encoders(replace(knobs, offload=False))  # prompts are encoded per batch, in the timed region
-        teacher_eps, _ = self.guided_teacher(knobs.cfg, batch, compile=knobs.compile)
+        # Sampling runs the teacher alone (the reference script: a plain pipeline): one switch per batch.
+        teacher_eps, _ = self.guided_teacher(knobs.cfg, batch, compile=knobs.compile, switch=None)
 
         def one(i, grid):
             idx = slice(i * batch % self.B, i * batch % self.B + batch)
             with Timer(self.device) as t_enc:  # the prompts of this batch, both text encoders
                 cond = self.encode_conditioning(self.captions[idx], prec)
-            with Timer(self.device) as t_smp, torch.no_grad(), self.autocast(prec):
+            with Timer(self.device) as t_smp, torch.no_grad(), self.autocast(prec), self.adapter_switch("flags"):
                 x0 = teacher_sample(self.step_fn, teacher_eps, self.x_T[idx], cond, self.sched, grid)
             with Timer(self.device) as t_dec:
                 self.decode(x0)
@@ -748,6 +838,94 @@ class Bench:
                     notes=f"{prec}, batch {batch}, {self.args.student_steps} steps, prompt encode + decode "
                           f"included; {n_runs} runs")
 
+    def m_direct_cm_calls(self, spec: Spec) -> dict:
+        """Seconds per guided teacher call of a Direct CM step's loop. The reference loop always calls the
+        full batch (its step also encodes the prompts and images: timed here too); the per-sample loop
+        calls the active set, of every size 1..B over a step (adaptive CFG: one call of 2a when a <= B/2)."""
+        knobs = spec.knobs
+        self.set_precision(knobs.precision)
+        latents, cond = self.inputs(knobs)
+        out = {"per_step_s": 0.0}
+        if knobs.inputs == "encode":
+            times, _ = timed(self.device, lambda: self.inputs(knobs), self.args.repeats)
+            out["encode_s"] = median(times)
+            out["per_step_s"] += out["encode_s"]
+        once = knobs.loop == "reference"  # the reference loop switches the adapter off once per step
+        if once:
+            def switch_pair():
+                with self.adapter_switch(knobs.switch):
+                    pass
+            times, _ = timed(self.device, switch_pair, self.args.repeats)
+            out["switch_s"] = median(times)
+            out["per_step_s"] += out["switch_s"]
+        teacher_eps, counted = self.guided_teacher(knobs.cfg, self.B, compile=knobs.compile,
+                                                   switch=None if once else knobs.switch)
+        t = self.grid.timestep(torch.full((self.B,), self.N // 2))
+        sizes = [self.B] if knobs.loop == "reference" else list(range(1, self.B + 1))
+
+        def call(a):  # (the reference loop's one switch per step is timed above, in switch_s)
+            with torch.no_grad(), self.autocast(knobs.precision), \
+                    (self.adapter_switch("flags") if once else contextlib.nullcontext()):
+                return teacher_eps(self.noise[:a], t[:a], {k: v[:a] for k, v in cond.items()})
+
+        for a in sizes:  # warm-up: every shape once (a compiled teacher specializes batch 1 and 2)
+            call(a)
+        per_size = {}
+        for a in sizes:
+            times, _ = timed(self.device, lambda: call(a), self.args.repeats)
+            per_size[a] = median(times)
+        out.update(value=per_size[self.B], unit="s/call", seconds=[per_size[self.B]], median_s=per_size[self.B],
+                   seconds_per_call={str(a): v for a, v in per_size.items()},
+                   notes=f"{knobs.describe('direct_cm')}; " + ", ".join(f"{a}: {v:.3f}" for a, v in per_size.items())
+                         + (f"; encode {out['encode_s']:.3f} s" if "encode_s" in out else "")
+                         + (f"; adapter switch {out['switch_s']:.3f} s" if "switch_s" in out else ""))
+        return out
+
+    def m_direct_cm_expected(self, spec: Spec) -> dict:
+        """The expected Direct CM step over the training distribution of start indices (each sample's n
+        uniform on 0..N-1, as ``Trainer.loss`` draws it), from measured parts: the reference loop runs
+        N - min(n) full-batch calls; the per-sample loop runs, for a = B..1, (L_(a) - L_(a+1)) calls of the
+        a samples still active (L = N - n sorted descending); + each behaviour's measured student step."""
+        res = self.results
+        variant = spec.name[len("direct_cm_expected"):]  # "" or "+<knob>": ours' rows of that knob
+        calls_ours, student_ours = f"direct_cm_calls_ours{variant}", f"student_step_ours{variant}"
+        need = ["direct_cm_calls_ref", "student_step_ref", student_ours, calls_ours]
+        missing = [n for n in need if res.get(n, {}).get("status") != "ok"]
+        if missing:
+            raise RuntimeError(f"direct_cm_expected needs the rows {', '.join(missing)} earlier in --only")
+        B, N = self.B, self.N
+        t_ref = res["direct_cm_calls_ref"]["median_s"]
+        enc_ref = res["direct_cm_calls_ref"]["per_step_s"]  # prompt + VAE encode, one adapter switch
+        per = res[calls_ours]["seconds_per_call"]
+        t_ours = torch.tensor([0.0] + [per[str(a)] for a in range(1, B + 1)], dtype=torch.float64)
+        s_ref, s_ours = res["student_step_ref"]["median_s"], res[student_ours]["median_s"]
+
+        def predict(starts: torch.Tensor):  # starts [M, B] -> (reference, ours) seconds, each [M]
+            L = (N - starts).double().sort(dim=1, descending=True).values
+            runs = L - torch.cat([L[:, 1:], torch.zeros_like(L[:, :1])], dim=1)  # calls at active size a = 1..B
+            ours = (runs * t_ours[1:]).sum(1) + s_ours
+            ref = L[:, 0] * t_ref + enc_ref + s_ref
+            return ref, ours
+
+        g = torch.Generator().manual_seed(0)
+        draws = torch.randint(0, N, (self.args.expected_draws, B), generator=g)
+        ref, ours = predict(draws)
+        seed_ref, seed_ours = (float(v) for v in predict(self.start[None]))
+        e_ref, e_ours = float(ref.mean()), float(ours.mean())
+        out = dict(value=e_ref / e_ours, unit="x (expected speed-up)", median_s=e_ours, seconds=[e_ours],
+                   expected_ref_s=e_ref, expected_ours_s=e_ours, draws=self.args.expected_draws,
+                   ratio_of_means=e_ref / e_ours, mean_of_ratios=float((ref / ours).mean()),
+                   predicted_seed_ref_s=seed_ref, predicted_seed_ours_s=seed_ours, calls_row=calls_ours,
+                   student_row=student_ours)
+        for name, key in (("direct_cm_step_ref", "predicted_seed_ref_s"), ("direct_cm_step_ours", "predicted_seed_ours_s")):
+            if res.get(name, {}).get("status") == "ok":
+                out[f"measured_{name}_s"] = res[name]["median_s"]
+        out["notes"] = (f"E[reference] {e_ref:.1f} s, E[ours] {e_ours:.1f} s over {self.args.expected_draws} draws "
+                        f"of {B} starts; seed {self.args.seed}'s starts predicted {seed_ref:.1f} / {seed_ours:.1f} s"
+                        + "".join(f"; measured {k[9:-2]} {v:.1f} s" for k, v in out.items()
+                                  if k.startswith("measured_")))
+        return out
+
     def m_direct_cm_agreement(self, spec: Spec) -> dict:
         """float32, no autocast: ours (solve_to_zero per sample, adaptive CFG, via objectives.direct_cm_target)
         against the reference loop (solve_to_zero_reference, separate CFG), same x_t and starts."""
@@ -790,6 +968,7 @@ class Bench:
         fn = {"peak": self.m_matmul_peak, "teacher_fwd": self.m_teacher_fwd, "student_step": self.m_student_step,
               "cm_step": self.m_cm_step, "direct_cm_step": self.m_direct_cm_step,
               "teacher_images": self.m_teacher_images, "student_images": self.m_student_images,
+              "direct_cm_calls": self.m_direct_cm_calls, "direct_cm_expected": self.m_direct_cm_expected,
               "check": self.m_direct_cm_agreement}[spec.group]
         if self.args.no_compile and spec.knobs is not None and (spec.knobs.compile or spec.knobs.compile_student):
             spec = replace(spec, knobs=replace(spec.knobs, compile=False, compile_student=False))
@@ -804,7 +983,16 @@ class Bench:
         try:
             if spec.name == self.args.inject_oom:  # tests: the failure isolation and the OOM row
                 raise torch.OutOfMemoryError("CUDA out of memory (injected by --inject_oom)")
-            row.update(fn(spec))
+            knob = (lambda k: getattr(spec.knobs, k)) if spec.knobs else (lambda k: (spec.extra or {}).get(k, False))
+            self.set_layout(bool(knob("channels_last")))
+            torch.backends.cudnn.benchmark = bool(knob("cudnn_benchmark"))
+            cudnn_attention = knob("attention") == "cudnn"
+            torch.backends.cuda.enable_flash_sdp(not cudnn_attention)
+            torch.backends.cuda.enable_mem_efficient_sdp(not cudnn_attention)
+            torch.backends.cuda.enable_cudnn_sdp(True)
+            tuned = dict(conv_1x1_as_mm=True, coordinate_descent_tuning=True, epilogue_fusion=False)
+            with torch._inductor.config.patch(tuned if (spec.extra or {}).get("tuned") else {}):
+                row.update(fn(spec))
             row["status"] = "ok"
         except Exception as e:  # noqa: BLE001 - every failure is reported in its row; the others still run
             row["status"] = "oom" if is_oom(e) else "error"
@@ -839,6 +1027,10 @@ def fmt_value(row) -> str:
         return f"{v:.3f} img/s"
     if u == "TFLOP/s":
         return f"{v:.1f} TFLOP/s" if v >= 1 else f"{v:.3g} TFLOP/s"
+    if u == "s/call":
+        return f"{v:.3f} s/call"
+    if u.startswith("x "):
+        return f"{v:.2f}{u}"
     return f"{v:.2e} {u}"
 
 
@@ -870,6 +1062,10 @@ def print_table(bench: Bench, selected: list[Spec]):
         if ref and ours and ref["status"] == ours["status"] == "ok":
             f = ours["value"] / ref["value"] if better == "higher" else ref["value"] / ours["value"]
             lines.append(f"  {group}: ours {f:.2f}x the reference")
+    e = bench.results.get("direct_cm_expected")
+    if e and e["status"] == "ok":
+        lines.append(f"  direct_cm_step, expected over the start distribution: ours {e['value']:.2f}x the reference "
+                     f"({e['expected_ours_s']:.1f} vs {e['expected_ref_s']:.1f} s)")
     d = bench.results.get("direct_cm_step_ours") or bench.results.get("direct_cm_step_ref")
     if d and d["status"] == "ok":
         lines.append(f"  Direct CM starts (seed {bench.args.seed}): {bench.start.tolist()}; sum of per-sample steps "
@@ -936,6 +1132,8 @@ def parse_args(argv=None):
     p.add_argument("--decode_batch", type=int, default=None, help="VAE decode chunk (default: the whole batch)")
     p.add_argument("--vae_encode_batch", type=int, default=8, help="VAE encode chunk (the training default, 8)")
     p.add_argument("--agreement_tol", type=float, default=1e-4)
+    p.add_argument("--expected_draws", type=int, default=100_000,
+                   help="direct_cm_expected: draws of B start indices averaged over")
     p.add_argument("--seed", type=int, default=24, help="seed of the data, noise and Direct CM start indices")
     p.add_argument("--inject_oom", default=None, help=argparse.SUPPRESS)  # tests: fail this measurement with an OOM
     args = p.parse_args(argv)

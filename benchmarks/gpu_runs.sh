@@ -4,11 +4,16 @@
 #                                            # under a 24 GiB cap (set_per_process_memory_fraction)
 #   bash benchmarks/gpu_runs.sh multi OUT    # 1 GPU vs 2 GPUs (torchrun) for the rows of ours, then the
 #                                            # toy-world training loss curves on 1 GPU (batch 32) and 2 GPUs (2 x 16)
+#   bash benchmarks/gpu_runs.sh layout OUT   # channels_last / static-batch compile / compiled student, and the
+#                                            # per-call times behind the expected Direct CM step
+#   bash benchmarks/gpu_runs.sh switch OUT   # reference vs ours after the flag-only adapter switch; cudnn.benchmark
+#                                            # and inductor's tuned settings as knobs
+#   bash benchmarks/gpu_runs.sh expected OUT # the expected Direct CM step (per-call times), CM step; cuDNN attention
 #   bash benchmarks/gpu_runs.sh final OUT    # GPU 0: the Direct CM reference vs ours (compiled) side by side;
 #                                            # GPU 1: the 24 GiB cap with expandable segments, then the loss curves
 set -u
-stage=${1:?usage: gpu_runs.sh single|multi|final OUT}
-OUT=${2:?usage: gpu_runs.sh single|multi|final OUT}
+stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected OUT}
+OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected OUT}
 mkdir -p "$OUT"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/inductor} HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm --format=csv > "$OUT/gpus_$stage.csv" 2>&1
@@ -43,6 +48,47 @@ if [ "$stage" = final ]; then
   toy cm 2 16; toy direct_cm 2 16
   tail -n 16 "$OUT/final.log" "$OUT/cap24.log"
   curves
+elif [ "$stage" = layout ]; then
+  # GPU 0: channels_last weights, eager and compiled with a dynamic batch, and the Direct CM call times that give
+  # the expected step; GPU 1: inductor's static-batch layout pass, and the compiled student.
+  R0=matmul_peak,teacher_fwd_ref,teacher_fwd_ours,teacher_fwd_ours+channels_last,student_step_ref,student_step_ours
+  R0=$R0,direct_cm_calls_ref,teacher_fwd_ours_compiled+channels_last,direct_cm_calls_ours+channels_last,direct_cm_expected
+  R1=matmul_peak,teacher_fwd_ours,student_step_ours,student_step_ours+channels_last,teacher_fwd_ours_compiled_static
+  R1=$R1,student_step_ours+compile
+  timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:0 --repeats 3 --only "$R0" \
+    --json "$OUT/layout0.json" > "$OUT/layout0.log" 2>&1 &
+  timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:1 --repeats 3 --only "$R1" \
+    --json "$OUT/layout1.json" > "$OUT/layout1.log" 2>&1 &
+  wait
+  tail -n 22 "$OUT/layout0.log" "$OUT/layout1.log"
+elif [ "$stage" = switch ]; then
+  # GPU 0: reference vs ours after the flag-only adapter switch, with the call times behind the expected Direct CM
+  # step; GPU 1: cudnn.benchmark and inductor's tuned settings as knobs.
+  R0=matmul_peak,teacher_fwd_ref,teacher_fwd_ours,student_step_ref,student_step_ours,direct_cm_calls_ref
+  R0=$R0,teacher_fwd_ours_compiled,direct_cm_calls_ours,direct_cm_expected,cm_step_ref,cm_step_ours
+  R0=$R0,direct_cm_step_ours,direct_cm_step_ref
+  R1=matmul_peak,teacher_fwd_ours,teacher_fwd_ours+cudnn_benchmark,student_step_ours,student_step_ours+cudnn_benchmark
+  R1=$R1,teacher_fwd_ours_compiled+tuned
+  timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:0 --repeats 3 --only "$R0" \
+    --json "$OUT/switch0.json" > "$OUT/switch0.log" 2>&1 &
+  timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:1 --repeats 3 --only "$R1" \
+    --json "$OUT/switch1.json" > "$OUT/switch1.log" 2>&1 &
+  wait
+  tail -n 24 "$OUT/switch0.log" "$OUT/switch1.log"
+elif [ "$stage" = expected ]; then
+  # GPU 0: reference vs ours with the per-call times behind the expected Direct CM step, and the CM step;
+  # GPU 1: the same with cuDNN attention as a knob.
+  R0=matmul_peak,teacher_fwd_ref,teacher_fwd_ours,student_step_ref,student_step_ours,direct_cm_calls_ref
+  R0=$R0,teacher_fwd_ours_compiled,direct_cm_calls_ours,direct_cm_expected,cm_step_ref,cm_step_ours
+  R1=matmul_peak,teacher_fwd_ours,teacher_fwd_ours+cudnn_attention,student_step_ref,student_step_ours
+  R1=$R1,student_step_ours+cudnn_attention,direct_cm_calls_ref,teacher_fwd_ours_compiled+cudnn_attention
+  R1=$R1,direct_cm_calls_ours+cudnn_attention,direct_cm_expected+cudnn_attention
+  timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:0 --repeats 3 --only "$R0" \
+    --json "$OUT/expected0.json" > "$OUT/expected0.log" 2>&1 &
+  timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:1 --repeats 3 --only "$R1" \
+    --json "$OUT/expected1.json" > "$OUT/expected1.log" 2>&1 &
+  wait
+  tail -n 22 "$OUT/expected0.log" "$OUT/expected1.log"
 elif [ "$stage" = single ]; then
   ROWS=matmul_peak,teacher_fwd_ref,teacher_fwd_ours,teacher_fwd_ours_compiled,cm_step_ref,cm_step_ours
   ROWS=$ROWS,cm_step_ours+lora_cast,cm_step_ours-compile,student_images_ours,teacher_images_ref,teacher_images_ours

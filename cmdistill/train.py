@@ -78,8 +78,11 @@ def make_optimizer(args, params):
                                        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
         except ImportError:
             logger.warning("--use_8bit_adam: bitsandbytes is not installed; using torch.optim.AdamW (fp32 states)")
+    params = list(params)
+    # On a GPU, one fused kernel for the update of all LoRA weights (same update, fewer passes over memory).
+    fused = bool(params) and all(p.is_cuda for p in params)
     return torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+                             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=fused or None)
 
 
 def validate_args(args):

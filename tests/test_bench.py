@@ -16,7 +16,8 @@ BENCH = ROOT / "benchmarks" / "bench.py"
 DEFAULT = ["matmul_peak", "teacher_fwd_ref", "teacher_fwd_ours", "teacher_fwd_ours_compiled", "cm_step_ref",
            "cm_step_ref+precomputed", "cm_step_ref+bf16", "cm_step_ours", "student_step_ref", "student_step_ours",
            "student_images_ref", "student_images_ours", "teacher_images_ref", "teacher_images_ours",
-           "direct_cm_agreement", "direct_cm_step_ours", "direct_cm_step_ref"]
+           "direct_cm_agreement", "direct_cm_step_ours", "direct_cm_step_ref", "direct_cm_calls_ref",
+           "direct_cm_calls_ours", "direct_cm_expected"]
 
 
 def run_bench(*args, check=True):
@@ -61,6 +62,27 @@ def test_tiny_run_has_every_measurement_with_positive_finite_numbers(tiny_run):
     # The teacher samplers timed a fraction of the steps and scaled (as the GPU run does).
     assert m["teacher_images_ours"]["steps_timed"] < m["teacher_images_ours"]["steps_total"]
     assert "scaled" in m["teacher_images_ours"]["notes"]
+
+
+def test_tiny_run_expected_direct_cm_step_follows_the_loops(tiny_run):
+    """direct_cm_expected's prediction for the run's own starts, recomputed by walking both loops call
+    by call with the measured per-call times (the reference: N - min(n) full-batch calls)."""
+    _, data = tiny_run
+    s, m = data["settings"], data["measurements"]
+    N, B, start = s["num_discr_timesteps"], s["batch_size"], s["start_indices"]
+    e, per = m["direct_cm_expected"], m["direct_cm_calls_ours"]["seconds_per_call"]
+    assert sorted(map(int, per)) == list(range(1, B + 1)) and m["direct_cm_calls_ref"]["seconds_per_call"].keys() == {str(B)}
+    n, ours = list(start), m["student_step_ours"]["median_s"]
+    while any(k < N for k in n):
+        ours += per[str(sum(k < N for k in n))]
+        n = [k + 1 if k < N else k for k in n]
+    ref = ((N - min(start)) * m["direct_cm_calls_ref"]["median_s"] + m["direct_cm_calls_ref"]["per_step_s"]
+           + m["student_step_ref"]["median_s"])
+    assert e["predicted_seed_ours_s"] == pytest.approx(ours, rel=1e-9)
+    assert e["predicted_seed_ref_s"] == pytest.approx(ref, rel=1e-9)
+    assert e["value"] == pytest.approx(e["expected_ref_s"] / e["expected_ours_s"])
+    assert e["draws"] == 100_000 and positive_finite(e["expected_ours_s"])
+    assert m["direct_cm_calls_ref"]["switch_s"] >= 0 and m["direct_cm_calls_ref"]["encode_s"] > 0
 
 
 def test_tiny_run_direct_cm_uses_the_same_starts_and_counts_steps(tiny_run):

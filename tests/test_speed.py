@@ -3,7 +3,8 @@
 * switching off PEFT's copy of LoRA inputs to fp32 (``models.set_lora_input_casting``) under autocast;
 * the teacher through ``torch.compile`` with a dynamic batch dimension (``models.compile_unet`` +
   ``UNetEps(dynamic_batch=True)``), with the adapter disabled, for several batch sizes;
-* ``--compile_teacher`` and ``--compile_student`` in the training loop (same losses as without).
+* ``--compile_teacher`` and ``--compile_student`` in the training loop (same losses as without);
+* the teacher's adapter switch (``models.adapters_disabled``, flags only) against PEFT's own.
 """
 
 from __future__ import annotations
@@ -63,6 +64,29 @@ def test_lora_input_casting_off_gives_the_same_forward_and_gradients_under_autoc
     for ga, gb in zip(grads_a, grads_b):
         # the forward is bit-identical; the backward's fp32 copy only changes where the gradient is rounded
         torch.testing.assert_close(ga, gb, rtol=2e-2, atol=1e-5)
+
+
+def test_adapter_switch_is_peft_disable_without_touching_requires_grad():
+    unet = student_unet(torch.float32)
+    x, t, cond = inputs(2, seed=3)
+    with torch.no_grad():
+        student = UNetEps(unet)(x, t, cond)
+        unet.disable_adapters()  # PEFT's switch (also sets requires_grad=False on every adapter weight)
+        peft_teacher = UNetEps(unet)(x, t, cond)
+        unet.enable_adapters()
+        grads_before = {n: p.requires_grad for n, p in unet.named_parameters()}
+        with models.adapters_disabled(unet):
+            ours = UNetEps(unet)(x, t, cond)
+            # nested use (e.g. a teacher call inside a teacher context) keeps the adapter off ...
+            with models.adapters_disabled(unet):
+                pass
+            torch.testing.assert_close(UNetEps(unet)(x, t, cond), peft_teacher, rtol=0, atol=0)
+        after = UNetEps(unet)(x, t, cond)
+    torch.testing.assert_close(ours, peft_teacher, rtol=0, atol=0)
+    torch.testing.assert_close(after, student, rtol=0, atol=0)  # ... and the exit restores the student
+    assert (student - peft_teacher).abs().max() > 1e-3
+    assert {n: p.requires_grad for n, p in unet.named_parameters()} == grads_before
+    assert sum(grads_before.values()) > 0
 
 
 @pytest.mark.parametrize("w", [1.0, 3.0])
