@@ -48,7 +48,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing the pack
 import torch  # noqa: E402
 import torch._inductor.config  # noqa: E402,F401  (knob rows patch it)
 
-from cmdistill import models  # noqa: E402
+from cmdistill import checkpointing, models  # noqa: E402
 from cmdistill.guidance import GuidedEps, UNetEps  # noqa: E402
 from cmdistill.objectives import DistillContext, cm_target, direct_cm_target, distance  # noqa: E402
 from cmdistill.sampling import consistency_fn, student_sample, teacher_sample  # noqa: E402
@@ -213,6 +213,7 @@ class Knobs:
     compile_student: bool = False  # the student's forward + backward through torch.compile (optional rows)
     channels_last: bool = False   # the UNet's 4-D weights in channels_last (NHWC) memory format
     cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark (cuDNN times its algorithms per shape)
+    checkpoint_budget_gib: float = 0  # selective checkpointing: GiB of activations kept (0: every block checkpointed)
     attention: str = "default"    # SDPA backend: default (torch's choice) | cudnn (cuDNN attention only)
     switch: str = "peft"          # teacher's adapter switch: peft (disable_adapters(), flips requires_grad of every
                                   # adapter weight) | flags (models.adapters_disabled: the layers' flags only)
@@ -225,6 +226,7 @@ class Knobs:
         s += ", channels_last" if self.channels_last else ""
         s += ", cudnn.benchmark" if self.cudnn_benchmark else ""
         s += ", cuDNN attention" if self.attention == "cudnn" else ""
+        s += f", {self.checkpoint_budget_gib:g} GiB un-checkpointed" if self.checkpoint_budget_gib else ""
         s += f", {self.switch} adapter switch"
         return s + (f", loop={self.loop}" if objective == "direct_cm" else "")
 
@@ -292,6 +294,14 @@ SPECS = [
          "torch.backends.cudnn.benchmark", default=False, knobs=replace(OURS, cudnn_benchmark=True)),
     Spec("student_step_ours+cudnn_attention", "student_step", "knob", "student step alone, ours + cuDNN "
          "attention", default=False, knobs=replace(OURS, attention="cudnn")),
+    Spec("student_step_ours+sac20", "student_step", "knob", "student step alone, ours + selective checkpointing "
+         "(20 GiB of activations kept)", default=False, knobs=replace(OURS, checkpoint_budget_gib=20)),
+    Spec("student_step_ours+sac40", "student_step", "knob", "student step alone, ours + selective checkpointing "
+         "(40 GiB)", default=False, knobs=replace(OURS, checkpoint_budget_gib=40)),
+    Spec("cm_step_ours+sac40", "cm_step", "knob", "CM step, ours + selective checkpointing (40 GiB)", default=False,
+         knobs=replace(OURS, loop="reference", checkpoint_budget_gib=40)),
+    Spec("direct_cm_step_ours+sac40", "direct_cm_step", "knob", "Direct CM step, ours + selective checkpointing "
+         "(40 GiB)", default=False, knobs=replace(OURS, checkpoint_budget_gib=40)),
     Spec("cm_step_ours+channels_last", "cm_step", "knob", "CM step, ours + channels_last weights", default=False,
          knobs=replace(OURS, loop="reference", channels_last=True)),
     Spec("cm_step_ours+compile_student", "cm_step", "knob", "CM step, ours + compiled student", default=False,
@@ -383,6 +393,7 @@ class Bench:
         self._compiled = None
         self._compiled_student = None
         self._layout = False
+        self._budget = 0.0
         self.peak_tflops: float | None = None
 
     # --- setup ------------------------------------------------------------------------------------
@@ -505,6 +516,17 @@ class Bench:
                 self._compiled_student = None
             self._compiled = (key, models.compile_unet(self.unet, backend=self.args.compile_backend))
         return self._compiled[1]
+
+    def set_checkpointing(self, budget_gib: float):
+        """Every block checkpointed (0), or selective checkpointing with ``budget_gib`` GiB kept (the trainer's
+        ``--checkpointing_budget_gib``)."""
+        if budget_gib != self._budget:
+            info = checkpointing.enable(self.unet, budget_gib, self.B, self.h, self.h)
+            if budget_gib:
+                log(f"  selective checkpointing: {info['kept_blocks']} of {info['blocks']} blocks kept, "
+                    f"{info['kept_gib']:.1f} GiB estimated, {100 * info['recompute_avoided']:.0f}% of the recompute "
+                    "avoided")
+            self._budget = budget_gib
 
     def set_layout(self, channels_last: bool):
         """The UNet's 4-D weights (frozen and LoRA) in channels_last or contiguous memory format."""
@@ -985,6 +1007,7 @@ class Bench:
                 raise torch.OutOfMemoryError("CUDA out of memory (injected by --inject_oom)")
             knob = (lambda k: getattr(spec.knobs, k)) if spec.knobs else (lambda k: (spec.extra or {}).get(k, False))
             self.set_layout(bool(knob("channels_last")))
+            self.set_checkpointing(float(knob("checkpoint_budget_gib") or 0))
             torch.backends.cudnn.benchmark = bool(knob("cudnn_benchmark"))
             cudnn_attention = knob("attention") == "cudnn"
             torch.backends.cuda.enable_flash_sdp(not cudnn_attention)

@@ -70,6 +70,10 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
     g.add_argument("--allow_tf32", action="store_true")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
     g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--checkpointing_budget_gib", type=float, default=None,
+                   help="selective checkpointing (implies --gradient_checkpointing): keep the activations of the "
+                        "blocks dearest to recompute, up to this many GiB (estimated per block by a meta-device "
+                        "dry run); same gradients, less recomputation. E.g. 40 on an 80 GB card at batch 16, 1024 px")
     g = p.add_argument_group("distillation (SPEC §2-§6)")
     g.add_argument("--w", type=float, default=9.0, help="teacher guidance, Imagen form (paper: 9.0)")
     g.add_argument("--solver", default="ddim", choices=["ddim", "euler", "heun"])

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import models
+from . import checkpointing, models
 from .args import training_parser
 from .data import SDXLImageCaptions, load_caption_dataset, make_dataloader
 from .errors import UserError
@@ -86,6 +86,9 @@ def make_optimizer(args, params):
 
 
 def validate_args(args):
+    if args.checkpointing_budget_gib is not None and args.checkpointing_budget_gib < 0:
+        raise UserError(f"--checkpointing_budget_gib {args.checkpointing_budget_gib:g} must be >= 0 (GiB of "
+                        "activations kept un-checkpointed; 0 = checkpoint every block)")
     Grid(1000, args.num_discr_timesteps)  # raises a one-line error when N does not divide T
     if args.resolution % 8:
         raise UserError(f"--resolution {args.resolution} must be a multiple of 8 (the VAE downsamples 8x)")
@@ -157,8 +160,18 @@ class Trainer:
         if self.weight_dtype != torch.float32 and args.lora_dropout == 0:
             # Every adapter forward runs under autocast: skip PEFT's copy of each activation to fp32 (same values).
             models.set_lora_input_casting(unet, False)
-        if args.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+        self.checkpointing = {}
+        if args.gradient_checkpointing or args.checkpointing_budget_gib:
+            # Every block checkpointed, or (--checkpointing_budget_gib) the blocks that are dearest to recompute
+            # per byte kept un-checkpointed within that much activation memory (cmdistill.checkpointing).
+            side = args.resolution // self.vae_scale_factor
+            self.checkpointing = checkpointing.enable(unet, args.checkpointing_budget_gib,
+                                                      args.train_batch_size * args.trajectory_pairs, side, side)
+            if args.checkpointing_budget_gib:
+                c = self.checkpointing
+                logger.info("selective checkpointing: %d of %d blocks keep their activations (%.1f GiB estimated), "
+                            "%.0f%% of the recomputation avoided", c["kept_blocks"], c["blocks"], c["kept_gib"],
+                            100 * c["recompute_avoided"])
         self.params = [p for p in unet.parameters() if p.requires_grad]
         if args.scale_lr:
             args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * acc.num_processes
@@ -196,7 +209,8 @@ class Trainer:
             self.load_checkpoint(resume)
         self.config = {k: v for k, v in vars(args).items()}
         self.config.update(objective=objective, num_processes=acc.num_processes, global_batch_size=self.global_batch,
-                           mixed_precision=acc.mixed_precision, vae_scale_factor=self.vae_scale_factor)
+                           mixed_precision=acc.mixed_precision, vae_scale_factor=self.vae_scale_factor,
+                           selective_checkpointing=self.checkpointing)
         if acc.is_main_process:
             write_json_atomic(self.output_dir / CONFIG_NAME, self.config)
 

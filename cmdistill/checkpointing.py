@@ -1,0 +1,138 @@
+"""Selective activation checkpointing of the student UNet, sized to a memory budget.
+
+Full gradient checkpointing (diffusers' ``enable_gradient_checkpointing``) stores only each block's input
+and recomputes every ResNet and transformer block in the backward pass: about one extra forward per step.
+Storing all activations does not fit (batch 16 at 1024 px needs more than 80 GB). In between, the blocks
+whose recomputation costs the most per byte they would keep can be left un-checkpointed until a budget of
+extra activation memory is used up (``--checkpointing_budget_gib``); the gradients are the same.
+
+Costs come from a dry run of the same UNet on the meta device (no memory, no compute) at the training
+batch and resolution: the bytes autograd saves inside each checkpointable block, and its FLOPs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    name: str          # module name in the UNet (e.g. "down_blocks.2.attentions.0.transformer_blocks.3")
+    saved_bytes: int   # bytes autograd keeps for its backward when the block is not checkpointed
+    flops: float       # its forward FLOPs (what checkpointing recomputes)
+
+
+class SelectiveCheckpointing:
+    """diffusers' ``gradient_checkpointing_func``: blocks in ``keep`` run as they are (their activations
+    stay in memory), every other block through ``torch.utils.checkpoint`` (non-reentrant)."""
+
+    def __init__(self, keep=()):
+        self.keep = set(keep)
+
+    def __call__(self, module, *args):
+        if module in self.keep:
+            return module(*args)
+        return checkpoint(module.__call__, *args, use_reentrant=False)
+
+
+def _storage_key(t: torch.Tensor):
+    return t.untyped_storage()._cdata
+
+
+def block_costs(unet, batch: int, height: int, width: int, flash_attention: bool = True) -> list[BlockCost]:
+    """Dry run of a copy of ``unet`` on the meta device (same config, same adapter, same dtypes) at
+    ``batch`` x latent ``height`` x ``width``: per checkpointable block (in forward order), the bytes autograd
+    saves inside it and its FLOPs. Adapter weights are taken at the frozen weights' dtype, as they run
+    under autocast. ``flash_attention``: attention as torch runs it on a GPU and, for float32, on a CPU
+    (flash SDPA keeps its output and log-sum-exp); False: SDPA's math path, which keeps the attention
+    probabilities (what the meta device would otherwise trace)."""
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = unet.config
+    frozen = next(p for p in unet.parameters() if not p.requires_grad).dtype
+    with torch.device("meta"):
+        twin = UNet2DConditionModel.from_config(cfg)
+    peft_config = getattr(unet, "peft_config", {}).get("default")
+    if peft_config is not None:
+        from peft import LoraConfig
+
+        twin.add_adapter(LoraConfig(r=peft_config.r, lora_alpha=peft_config.lora_alpha,
+                                    target_modules=peft_config.target_modules))
+    twin.to(frozen)
+    trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
+    for n, p in twin.named_parameters():
+        p.requires_grad_(n in trainable)
+    twin.train()
+    names = {m: n for n, m in twin.named_modules()}
+    costs: list[BlockCost] = []
+    counter = FlopCounterMode(display=False)
+
+    def measure(module, *args):
+        seen: dict = {}
+
+        def pack(t):
+            seen.setdefault(_storage_key(t), t.untyped_storage().nbytes())
+            return t
+
+        before = counter.get_total_flops()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = module(*args)
+        costs.append(BlockCost(names[module], int(sum(seen.values())), float(counter.get_total_flops() - before)))
+        return out
+
+    twin.enable_gradient_checkpointing(gradient_checkpointing_func=measure)
+    if flash_attention:  # what a GPU's SDPA saves (output + logsumexp), not the math path's probabilities
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def flash(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+            if attn_mask is not None:
+                return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False,
+                                                                      scale=scale)[0]
+
+        torch.nn.functional.scaled_dot_product_attention = flash
+    text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    kw = dict(device="meta", dtype=frozen)
+    x = torch.empty(batch, cfg.in_channels, height, width, **kw)
+    added = {"text_embeds": torch.empty(batch, text_dim, **kw), "time_ids": torch.empty(batch, 6, **kw)}
+    emb = torch.empty(batch, 77, cfg.cross_attention_dim, **kw)
+    try:
+        with counter:
+            twin(x, torch.zeros(batch, device="meta", dtype=torch.long), encoder_hidden_states=emb,
+                 added_cond_kwargs=added, return_dict=False)
+    finally:
+        if flash_attention:
+            torch.nn.functional.scaled_dot_product_attention = sdpa
+    return costs
+
+
+def plan(costs: list[BlockCost], budget_bytes: float) -> list[str]:
+    """The blocks to keep un-checkpointed: highest recomputed FLOPs per saved byte first, while the
+    saved bytes fit in ``budget_bytes``."""
+    chosen, used = [], 0
+    for c in sorted(costs, key=lambda c: c.flops / max(c.saved_bytes, 1), reverse=True):
+        if used + c.saved_bytes <= budget_bytes:
+            chosen.append(c.name)
+            used += c.saved_bytes
+    return chosen
+
+
+def enable(unet, budget_gib: float | None, batch: int, height: int, width: int) -> dict:
+    """Gradient checkpointing of ``unet`` with ``budget_gib`` GiB of activations kept (None or 0: every
+    block checkpointed, as ``enable_gradient_checkpointing()``). Returns a summary for the run config."""
+    if not budget_gib:
+        unet.enable_gradient_checkpointing()
+        return {"kept_blocks": 0}
+    costs = block_costs(unet, batch, height, width)
+    keep = set(plan(costs, budget_gib * 2**30))
+    modules = dict(unet.named_modules())
+    unet.enable_gradient_checkpointing(gradient_checkpointing_func=SelectiveCheckpointing(modules[n] for n in keep))
+    kept = [c for c in costs if c.name in keep]
+    total_flops = sum(c.flops for c in costs) or 1.0
+    return {"kept_blocks": len(kept), "blocks": len(costs),
+            "kept_gib": sum(c.saved_bytes for c in kept) / 2**30,
+            "recompute_avoided": sum(c.flops for c in kept) / total_flops}
