@@ -9,11 +9,12 @@
 #   bash benchmarks/gpu_runs.sh switch OUT   # reference vs ours after the flag-only adapter switch; cudnn.benchmark
 #                                            # and inductor's tuned settings as knobs
 #   bash benchmarks/gpu_runs.sh expected OUT # the expected Direct CM step (per-call times), CM step; cuDNN attention
+#   bash benchmarks/gpu_runs.sh sac OUT      # the student step with selective checkpointing (20 / 40 GiB kept)
 #   bash benchmarks/gpu_runs.sh final OUT    # GPU 0: the Direct CM reference vs ours (compiled) side by side;
 #                                            # GPU 1: the 24 GiB cap with expandable segments, then the loss curves
 set -u
-stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected OUT}
-OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected OUT}
+stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac OUT}
+OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac OUT}
 mkdir -p "$OUT"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/inductor} HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm --format=csv > "$OUT/gpus_$stage.csv" 2>&1
@@ -27,6 +28,15 @@ TOY=(--pretrained_teacher_model toy/world/teacher --train_data_dir toy/world/dat
 toy() {  # objective gpus per_device_batch
   NUM_GPUS=$2 $PY -m cmdistill.launch "train_$1.py" "${TOY[@]}" --train_batch_size "$3" \
     --output_dir "$OUT/loss_$1_$2gpu" > "$OUT/loss_$1_$2gpu.log" 2>&1
+}
+pair() {  # NAME: rows $R0 on GPU 0 and $R1 on GPU 1 at the same time (3 repeats); then the end of both logs
+  for g in 0 1; do
+    rows=R$g
+    timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:$g --repeats 3 --only "${!rows}" \
+      --json "$OUT/$1$g.json" > "$OUT/$1$g.log" 2>&1 &
+  done
+  wait
+  tail -n 24 "$OUT/${1}0.log" "$OUT/${1}1.log"
 }
 curves() {
   for o in cm direct_cm; do for g in 1 2; do
@@ -55,12 +65,7 @@ elif [ "$stage" = layout ]; then
   R0=$R0,direct_cm_calls_ref,teacher_fwd_ours_compiled+channels_last,direct_cm_calls_ours+channels_last,direct_cm_expected
   R1=matmul_peak,teacher_fwd_ours,student_step_ours,student_step_ours+channels_last,teacher_fwd_ours_compiled_static
   R1=$R1,student_step_ours+compile
-  timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:0 --repeats 3 --only "$R0" \
-    --json "$OUT/layout0.json" > "$OUT/layout0.log" 2>&1 &
-  timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:1 --repeats 3 --only "$R1" \
-    --json "$OUT/layout1.json" > "$OUT/layout1.log" 2>&1 &
-  wait
-  tail -n 22 "$OUT/layout0.log" "$OUT/layout1.log"
+  pair layout
 elif [ "$stage" = switch ]; then
   # GPU 0: reference vs ours after the flag-only adapter switch, with the call times behind the expected Direct CM
   # step; GPU 1: cudnn.benchmark and inductor's tuned settings as knobs.
@@ -69,12 +74,7 @@ elif [ "$stage" = switch ]; then
   R0=$R0,direct_cm_step_ours,direct_cm_step_ref
   R1=matmul_peak,teacher_fwd_ours,teacher_fwd_ours+cudnn_benchmark,student_step_ours,student_step_ours+cudnn_benchmark
   R1=$R1,teacher_fwd_ours_compiled+tuned
-  timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:0 --repeats 3 --only "$R0" \
-    --json "$OUT/switch0.json" > "$OUT/switch0.log" 2>&1 &
-  timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:1 --repeats 3 --only "$R1" \
-    --json "$OUT/switch1.json" > "$OUT/switch1.log" 2>&1 &
-  wait
-  tail -n 24 "$OUT/switch0.log" "$OUT/switch1.log"
+  pair switch
 elif [ "$stage" = expected ]; then
   # GPU 0: reference vs ours with the per-call times behind the expected Direct CM step, and the CM step;
   # GPU 1: the same with cuDNN attention as a knob.
@@ -83,12 +83,13 @@ elif [ "$stage" = expected ]; then
   R1=matmul_peak,teacher_fwd_ours,teacher_fwd_ours+cudnn_attention,student_step_ref,student_step_ours
   R1=$R1,student_step_ours+cudnn_attention,direct_cm_calls_ref,teacher_fwd_ours_compiled+cudnn_attention
   R1=$R1,direct_cm_calls_ours+cudnn_attention,direct_cm_expected+cudnn_attention
-  timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:0 --repeats 3 --only "$R0" \
-    --json "$OUT/expected0.json" > "$OUT/expected0.log" 2>&1 &
-  timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:1 --repeats 3 --only "$R1" \
-    --json "$OUT/expected1.json" > "$OUT/expected1.log" 2>&1 &
-  wait
-  tail -n 22 "$OUT/expected0.log" "$OUT/expected1.log"
+  pair expected
+elif [ "$stage" = sac ]; then
+  # GPU 0: the student step with every block checkpointed and with selective checkpointing (20 and 40 GiB kept)
+  timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:0 --repeats 3 \
+    --only teacher_fwd_ours,student_step_ours,student_step_ours+sac20,student_step_ours+sac40 \
+    --json "$OUT/sac.json" > "$OUT/sac.log" 2>&1
+  tail -n 12 "$OUT/sac.log"
 elif [ "$stage" = single ]; then
   ROWS=matmul_peak,teacher_fwd_ref,teacher_fwd_ours,teacher_fwd_ours_compiled,cm_step_ref,cm_step_ours
   ROWS=$ROWS,cm_step_ours+lora_cast,cm_step_ours-compile,student_images_ours,teacher_images_ref,teacher_images_ours

@@ -11,6 +11,15 @@ def _comma_list(s: str) -> list[str]:
     return [x.strip() for x in s.replace(" ", ",").split(",") if x.strip()]
 
 
+def _budget(s: str):
+    if s == "auto":
+        return s
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{s}' is neither a number of GiB nor 'auto'") from None
+
+
 def training_parser(objective: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=f"Distill an SDXL teacher into a LoRA student with the {objective} objective "
@@ -70,11 +79,12 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
     g.add_argument("--allow_tf32", action="store_true")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
     g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument("--checkpointing_budget_gib", type=float, default=None,
+    g.add_argument("--checkpointing_budget_gib", type=_budget, default=None,
                    help="selective checkpointing (implies --gradient_checkpointing): keep the activations of the "
                         "blocks dearest to recompute, up to this many GiB (estimated per block by a meta-device "
                         "dry run, which runs ~1.2-1.4x low under bf16 autocast); same gradients, less recomputation. "
-                        "At batch 16, 1024 px: 20 -> peak 48.6 GiB, 40 -> 70.2 GiB (an 80 GB card)")
+                        "At batch 16, 1024 px: 20 -> peak 48.6 GiB, 40 -> 70.2 GiB (an 80 GB card). 'auto': sized "
+                        "after the first step from the card's memory left (0 when none is)")
     g = p.add_argument_group("distillation (SPEC §2-§6)")
     g.add_argument("--w", type=float, default=9.0, help="teacher guidance, Imagen form (paper: 9.0)")
     g.add_argument("--solver", default="ddim", choices=["ddim", "euler", "heun"])

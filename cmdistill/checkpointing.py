@@ -136,3 +136,14 @@ def enable(unet, budget_gib: float | None, batch: int, height: int, width: int) 
     return {"kept_blocks": len(kept), "blocks": len(costs),
             "kept_gib": sum(c.saved_bytes for c in kept) / 2**30,
             "recompute_avoided": sum(c.flops for c in kept) / total_flops}
+
+
+# Measured on an H200 (benchmarks/RESULTS.md): the step's peak rose 1.22-1.37x the estimated bytes kept
+# (autocast's fp32 copies are not in the dry run); and a margin of the card's memory is left free.
+OVERSHOOT, HEADROOM = 1.4, 0.9
+
+
+def auto_budget_gib(peak_bytes: int, total_bytes: int) -> float:
+    """``--checkpointing_budget_gib auto``: the budget that the memory left after a fully checkpointed
+    step's peak allows: (HEADROOM x card memory - peak) / OVERSHOOT, in GiB, at least 0."""
+    return max(0.0, (HEADROOM * total_bytes - peak_bytes) / OVERSHOOT) / 2**30

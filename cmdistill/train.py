@@ -86,7 +86,7 @@ def make_optimizer(args, params):
 
 
 def validate_args(args):
-    if args.checkpointing_budget_gib is not None and args.checkpointing_budget_gib < 0:
+    if args.checkpointing_budget_gib not in (None, "auto") and args.checkpointing_budget_gib < 0:
         raise UserError(f"--checkpointing_budget_gib {args.checkpointing_budget_gib:g} must be >= 0 (GiB of "
                         "activations kept un-checkpointed; 0 = checkpoint every block)")
     Grid(1000, args.num_discr_timesteps)  # raises a one-line error when N does not divide T
@@ -164,14 +164,9 @@ class Trainer:
         if args.gradient_checkpointing or args.checkpointing_budget_gib:
             # Every block checkpointed, or (--checkpointing_budget_gib) the blocks that are dearest to recompute
             # per byte kept un-checkpointed within that much activation memory (cmdistill.checkpointing).
-            side = args.resolution // self.vae_scale_factor
-            self.checkpointing = checkpointing.enable(unet, args.checkpointing_budget_gib,
-                                                      args.train_batch_size * args.trajectory_pairs, side, side)
-            if args.checkpointing_budget_gib:
-                c = self.checkpointing
-                logger.info("selective checkpointing: %d of %d blocks keep their activations (%.1f GiB estimated), "
-                            "%.0f%% of the recomputation avoided", c["kept_blocks"], c["blocks"], c["kept_gib"],
-                            100 * c["recompute_avoided"])
+            # 'auto': every block checkpointed for the first step, then sized from its peak (size_checkpointing).
+            budget = 0 if args.checkpointing_budget_gib == "auto" else args.checkpointing_budget_gib
+            self.set_checkpointing(unet, budget)
         self.params = [p for p in unet.parameters() if p.requires_grad]
         if args.scale_lr:
             args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * acc.num_processes
@@ -212,6 +207,36 @@ class Trainer:
                            mixed_precision=acc.mixed_precision, vae_scale_factor=self.vae_scale_factor,
                            selective_checkpointing=self.checkpointing)
         if acc.is_main_process:
+            write_json_atomic(self.output_dir / CONFIG_NAME, self.config)
+
+    def set_checkpointing(self, unet, budget_gib):
+        args = self.args
+        side = args.resolution // self.vae_scale_factor
+        self.checkpointing = checkpointing.enable(unet, budget_gib, args.train_batch_size * args.trajectory_pairs,
+                                                  side, side)
+        if budget_gib:
+            c = self.checkpointing
+            logger.info("selective checkpointing: %d of %d blocks keep their activations (%.1f GiB estimated), "
+                        "%.0f%% of the recomputation avoided", c["kept_blocks"], c["blocks"], c["kept_gib"],
+                        100 * c["recompute_avoided"])
+
+    def size_checkpointing(self):
+        """``--checkpointing_budget_gib auto``, after the first (fully checkpointed) step of this run: keep
+        as many activations as the memory left on the card allows (``checkpointing.auto_budget_gib``)."""
+        dev = self.accelerator.device
+        if dev.type != "cuda":
+            logger.info("--checkpointing_budget_gib auto: no CUDA device, every block stays checkpointed")
+            budget, peak = 0.0, None
+        else:
+            peak = torch.cuda.max_memory_allocated(dev)
+            budget = checkpointing.auto_budget_gib(peak, torch.cuda.get_device_properties(dev).total_memory)
+            logger.info("--checkpointing_budget_gib auto: first step peaked at %.1f GiB; budget %.1f GiB",
+                        peak / 2**30, budget)
+        self.set_checkpointing(self.base_unet, budget)
+        self.checkpointing.update(auto_budget_gib=budget,
+                                  first_step_peak_gib=None if peak is None else peak / 2**30)
+        self.config["selective_checkpointing"] = self.checkpointing
+        if self.accelerator.is_main_process:
             write_json_atomic(self.output_dir / CONFIG_NAME, self.config)
 
     def load_data(self) -> SDXLImageCaptions:
@@ -435,6 +460,8 @@ class Trainer:
                     f.write(json.dumps({"step": self.global_step, **logs}) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{loss_mean:.4g}")
+            if args.checkpointing_budget_gib == "auto" and "auto_budget_gib" not in self.checkpointing:
+                self.size_checkpointing()
             if args.checkpointing_steps and self.global_step % args.checkpointing_steps == 0:
                 self.save_checkpoint()
             if acc.is_main_process and args.validation_steps and self.global_step % args.validation_steps == 0:

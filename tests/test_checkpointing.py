@@ -146,6 +146,38 @@ def test_training_with_a_budget_gives_the_same_losses(tiny_pipeline, tiny_image_
     assert sel["recompute_avoided"] == pytest.approx(1.0)
 
 
+def test_auto_budget_is_the_memory_left_after_the_first_step_over_the_measured_overshoot():
+    gib = 2**30
+    assert checkpointing.auto_budget_gib(22.4 * gib, 80 * gib) == pytest.approx((72 - 22.4) / 1.4)
+    assert checkpointing.auto_budget_gib(23 * gib, 24 * gib) == 0.0  # a 24 GiB card: nothing to spare
+
+
+def test_auto_budget_on_the_cpu_keeps_full_checkpointing(tiny_pipeline, tiny_image_folder, tmp_path):
+    from cmdistill.args import training_parser
+    from cmdistill.train import Trainer
+
+    out = tmp_path / "auto"
+    args = training_parser("cm").parse_args([
+        "--pretrained_teacher_model", str(tiny_pipeline), "--train_data_dir", str(tiny_image_folder),
+        "--output_dir", str(out), "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "2",
+        "--num_discr_timesteps", "10", "--lora_rank", "4", "--lora_alpha", "4", "--validation_steps", "0",
+        "--checkpointing_steps", "100", "--mixed_precision", "no", "--report_to", "none", "--no_precomputed",
+        "--checkpointing_budget_gib", "auto"])
+    Trainer(args, "cm").train()
+    sel = json.loads((out / "training_config.json").read_text())["selective_checkpointing"]
+    assert sel == {"kept_blocks": 0, "auto_budget_gib": 0.0, "first_step_peak_gib": None}
+
+
+def test_budget_flag_takes_a_number_or_auto():
+    from cmdistill.args import training_parser
+
+    p = training_parser("cm")
+    assert p.parse_args(["--checkpointing_budget_gib", "12.5"]).checkpointing_budget_gib == 12.5
+    assert p.parse_args(["--checkpointing_budget_gib", "auto"]).checkpointing_budget_gib == "auto"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--checkpointing_budget_gib", "lots"])
+
+
 def test_negative_budget_is_a_one_line_error():
     from cmdistill.args import training_parser
     from cmdistill.errors import UserError
