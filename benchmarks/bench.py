@@ -393,7 +393,7 @@ class Bench:
         self._compiled = None
         self._compiled_student = None
         self._layout = False
-        self._budget = 0.0
+        self._budget = (0.0, None)
         self.peak_tflops: float | None = None
 
     # --- setup ------------------------------------------------------------------------------------
@@ -520,19 +520,21 @@ class Bench:
     def set_checkpointing(self, budget_gib: float):
         """Every block checkpointed (0), or selective checkpointing with ``budget_gib`` GiB kept (the trainer's
         ``--checkpointing_budget_gib``)."""
-        if budget_gib != self._budget:
+        key = (budget_gib, self._precision)
+        if key != self._budget and (budget_gib or self._budget[0]):
             info = checkpointing.enable(self.unet, budget_gib, self.B, self.h, self.h)
             if budget_gib:
                 log(f"  selective checkpointing: {info['kept_blocks']} of {info['blocks']} blocks kept, "
                     f"{info['kept_gib']:.1f} GiB estimated, {100 * info['recompute_avoided']:.0f}% of the recompute "
                     "avoided")
-            self._budget = budget_gib
+        self._budget = key
 
     def set_layout(self, channels_last: bool):
         """The UNet's 4-D weights (frozen and LoRA) in channels_last or contiguous memory format."""
         if channels_last != self._layout:
             self.unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             self._layout = channels_last
+            self.optimizer.state.clear()  # AdamW's moments in the old layout would not match (fused kernel)
 
     def student_module(self, knobs: Knobs):
         """The UNet for the student's pass with grad: eager, or compiled once (its own graph: adapters on, grad)."""
@@ -590,9 +592,9 @@ class Bench:
         return teacher_eps, counted
 
     def context(self, knobs: Knobs, every: int = 0, label: str = "", objective: str = "cm"):
-        # The reference's Direct CM loop switches the adapter off once around its loop; ours per call
-        # (Trainer.distill_context), the CM step once (its one guided call) in both.
-        once = objective == "direct_cm" and knobs.loop == "reference"
+        # The reference switches the adapter off once around a Direct CM step's loop (PEFT's switch); ours per
+        # call (Trainer.distill_context); the CM step once (its one guided call) in both.
+        once = objective == "direct_cm" and knobs.switch == "peft"
         teacher_eps, counted = self.guided_teacher(knobs.cfg, self.B, every, label, compile=knobs.compile,
                                                    switch=None if once else knobs.switch)
         ctx = DistillContext(teacher_eps=teacher_eps, student_eps_nograd=UNetEps(self.unet), step=self.step_fn,
@@ -600,10 +602,11 @@ class Bench:
         return ctx, counted
 
     def direct_cm_target(self, ctx: DistillContext, knobs: Knobs, x_t, start, cond):
-        if knobs.loop == "reference":
-            with torch.no_grad(), self.adapter_switch(knobs.switch):
-                return solve_to_zero_reference(ctx.step, ctx.teacher_eps, x_t, start, cond, ctx.sched, ctx.grid)
-        return direct_cm_target(ctx, x_t, start, cond)
+        with self.adapter_switch(knobs.switch) if knobs.switch == "peft" else contextlib.nullcontext():
+            if knobs.loop == "reference":
+                with torch.no_grad():
+                    return solve_to_zero_reference(ctx.step, ctx.teacher_eps, x_t, start, cond, ctx.sched, ctx.grid)
+            return direct_cm_target(ctx, x_t, start, cond)
 
     def train_step(self, objective: str, knobs: Knobs, start: torch.Tensor, scaler, every: int = 0):
         """One optimisation step as ``Trainer.loss`` + ``Trainer.train`` do it: (encode,) noise to t_n, target
@@ -872,7 +875,7 @@ class Bench:
             times, _ = timed(self.device, lambda: self.inputs(knobs), self.args.repeats)
             out["encode_s"] = median(times)
             out["per_step_s"] += out["encode_s"]
-        once = knobs.loop == "reference"  # the reference loop switches the adapter off once per step
+        once = knobs.switch == "peft"  # the reference switches the adapter off once per Direct CM step
         if once:
             def switch_pair():
                 with self.adapter_switch(knobs.switch):
@@ -1007,6 +1010,8 @@ class Bench:
                 raise torch.OutOfMemoryError("CUDA out of memory (injected by --inject_oom)")
             knob = (lambda k: getattr(spec.knobs, k)) if spec.knobs else (lambda k: (spec.extra or {}).get(k, False))
             self.set_layout(bool(knob("channels_last")))
+            if spec.knobs is not None:  # the plan's dry run uses the frozen weights' dtype: set it first
+                self.set_precision(spec.knobs.precision)
             self.set_checkpointing(float(knob("checkpoint_budget_gib") or 0))
             torch.backends.cudnn.benchmark = bool(knob("cudnn_benchmark"))
             cudnn_attention = knob("attention") == "cudnn"

@@ -12,6 +12,7 @@ batch and resolution: the bytes autograd saves inside each checkpointable block,
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -38,10 +39,6 @@ class SelectiveCheckpointing:
         return checkpoint(module.__call__, *args, use_reentrant=False)
 
 
-def _storage_key(t: torch.Tensor):
-    return t.untyped_storage()._cdata
-
-
 def block_costs(unet, batch: int, height: int, width: int, flash_attention: bool = True) -> list[BlockCost]:
     """Dry run of a copy of ``unet`` on the meta device (same config, same adapter, same dtypes) at
     ``batch`` x latent ``height`` x ``width``: per checkpointable block (in forward order), the bytes autograd
@@ -56,12 +53,8 @@ def block_costs(unet, batch: int, height: int, width: int, flash_attention: bool
     frozen = next(p for p in unet.parameters() if not p.requires_grad).dtype
     with torch.device("meta"):
         twin = UNet2DConditionModel.from_config(cfg)
-    peft_config = getattr(unet, "peft_config", {}).get("default")
-    if peft_config is not None:
-        from peft import LoraConfig
-
-        twin.add_adapter(LoraConfig(r=peft_config.r, lora_alpha=peft_config.lora_alpha,
-                                    target_modules=peft_config.target_modules))
+    for name, peft_config in getattr(unet, "peft_config", {}).items():  # the same adapter(s), dropout included
+        twin.add_adapter(copy.deepcopy(peft_config), adapter_name=name)
     twin.to(frozen)
     trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
     for n, p in twin.named_parameters():
@@ -72,41 +65,42 @@ def block_costs(unet, batch: int, height: int, width: int, flash_attention: bool
     counter = FlopCounterMode(display=False)
 
     def measure(module, *args):
-        seen: dict = {}
+        seen: dict = {}  # one entry per storage (views share one); the storage is kept alive while counting
 
         def pack(t):
-            seen.setdefault(_storage_key(t), t.untyped_storage().nbytes())
+            storage = t.untyped_storage()
+            seen.setdefault(storage._cdata, storage)
             return t
 
         before = counter.get_total_flops()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = module(*args)
-        costs.append(BlockCost(names[module], int(sum(seen.values())), float(counter.get_total_flops() - before)))
+        saved = sum(st.nbytes() for st in seen.values())
+        costs.append(BlockCost(names[module], int(saved), float(counter.get_total_flops() - before)))
         return out
 
     twin.enable_gradient_checkpointing(gradient_checkpointing_func=measure)
-    if flash_attention:  # what a GPU's SDPA saves (output + logsumexp), not the math path's probabilities
-        sdpa = torch.nn.functional.scaled_dot_product_attention
-
-        def flash(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
-            if attn_mask is not None:
-                return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
-            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False,
-                                                                      scale=scale)[0]
-
-        torch.nn.functional.scaled_dot_product_attention = flash
     text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
     kw = dict(device="meta", dtype=frozen)
     x = torch.empty(batch, cfg.in_channels, height, width, **kw)
     added = {"text_embeds": torch.empty(batch, text_dim, **kw), "time_ids": torch.empty(batch, 6, **kw)}
     emb = torch.empty(batch, 77, cfg.cross_attention_dim, **kw)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def flash(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        if attn_mask is not None:
+            return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False,
+                                                                  scale=scale)[0]
+
     try:
-        with counter:
+        if flash_attention:  # what a GPU's SDPA saves (output + logsumexp), not the math path's probabilities
+            torch.nn.functional.scaled_dot_product_attention = flash
+        with counter, torch.enable_grad():
             twin(x, torch.zeros(batch, device="meta", dtype=torch.long), encoder_hidden_states=emb,
                  added_cond_kwargs=added, return_dict=False)
     finally:
-        if flash_attention:
-            torch.nn.functional.scaled_dot_product_attention = sdpa
+        torch.nn.functional.scaled_dot_product_attention = sdpa
     return costs
 
 

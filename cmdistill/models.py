@@ -179,17 +179,14 @@ def adapters_disabled(unet):
     PEFT's ``disable_adapters()`` / ``enable_adapters()`` also flip ``requires_grad`` of every adapter
     parameter, a Python walk over ~800 layers that cost 0.05-0.1 s per teacher call on SDXL (measured;
     more than half of a small Direct CM call). Here only each layer's disable flag is set, from a list built
-    once per UNet (``add_lora`` resets it): the same forward, in microseconds. The flags are restored on exit."""
-    layers = _TUNER_LAYERS.get(unet)
-    if layers is None:
-        layers = _TUNER_LAYERS[unet] = tuner_layers(unet)
-    if not all(hasattr(m, "_disable_adapters") for m in layers):  # a PEFT without the flag: its own switch
-        unet.disable_adapters()
-        try:
-            yield unet
-        finally:
-            unet.enable_adapters()
-        return
+    once per UNet and set of adapters: the same forward, in microseconds. The flags are restored on exit."""
+    key = tuple(getattr(unet, "peft_config", {}))  # the adapters' names: a change rebuilds the list
+    cached = _TUNER_LAYERS.get(unet)
+    if cached is None or cached[0] != key:
+        cached = _TUNER_LAYERS[unet] = (key, tuner_layers(unet))
+    layers = cached[1]
+    if not layers:
+        unet.disable_adapters()  # no adapter at all: the library's own error
     before = [m._disable_adapters for m in layers]
     for m in layers:
         m._disable_adapters = True

@@ -161,7 +161,7 @@ class Trainer:
             # Every adapter forward runs under autocast: skip PEFT's copy of each activation to fp32 (same values).
             models.set_lora_input_casting(unet, False)
         self.checkpointing = {}
-        if args.gradient_checkpointing or args.checkpointing_budget_gib:
+        if args.gradient_checkpointing or args.checkpointing_budget_gib is not None:
             # Every block checkpointed, or (--checkpointing_budget_gib) the blocks that are dearest to recompute
             # per byte kept un-checkpointed within that much activation memory (cmdistill.checkpointing).
             # 'auto': every block checkpointed for the first step, then sized from its peak (size_checkpointing).

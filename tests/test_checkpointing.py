@@ -59,13 +59,18 @@ def test_selective_checkpointing_calls_the_checkpoint_only_for_blocks_not_kept(m
     assert sorted(by_module[m] for m in calls) == sorted(names[2:])
 
 
-def test_block_costs_of_the_meta_twin_match_the_real_model_on_the_cpu():
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_block_costs_of_the_meta_twin_match_the_real_model_on_the_cpu(dropout):
     """The dry run (meta device, no data) against the same measurement on the real tiny UNet (CPU tensors,
     whose float32 SDPA is a flash kernel too): the same blocks in the same order, the same FLOPs, the same
     saved bytes (attention blocks: up to 64 bytes more, the GPU flash kernel's RNG state and lengths)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     unet = student_unet(torch.float32)
+    if dropout:  # LoRA dropout keeps a mask per adapter layer: the twin must have it too
+        for m in models.tuner_layers(unet):
+            m.lora_dropout["default"] = torch.nn.Dropout(dropout)
+        unet.peft_config["default"].lora_dropout = dropout
     est = checkpointing.block_costs(unet, 3, 8, 8)
     real, counter = [], FlopCounterMode(display=False)
     names = {m: n for n, m in unet.named_modules()}

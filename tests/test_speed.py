@@ -89,6 +89,29 @@ def test_adapter_switch_is_peft_disable_without_touching_requires_grad():
     assert sum(grads_before.values()) > 0
 
 
+def test_adapter_switch_follows_adapters_added_after_first_use():
+    from peft import LoraConfig
+
+    unet = tiny_sdxl_components(seed=0)["unet"]
+    unet.requires_grad_(False)
+    with pytest.raises(ValueError):  # no adapter yet: the library's own error, not a silent no-op
+        with models.adapters_disabled(unet):
+            pass
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"]), adapter_name="late")
+    for name, p in unet.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    x, t, cond = inputs(2, seed=4)
+    with torch.no_grad():
+        student = UNetEps(unet)(x, t, cond)
+        with models.adapters_disabled(unet):
+            teacher = UNetEps(unet)(x, t, cond)
+        unet.disable_adapters()
+        peft_teacher = UNetEps(unet)(x, t, cond)
+    torch.testing.assert_close(teacher, peft_teacher, rtol=0, atol=0)
+    assert (student - teacher).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("w", [1.0, 3.0])
 def test_compiled_teacher_with_dynamic_batch_matches_eager_with_the_adapter_disabled(w):
     torch._dynamo.reset()
