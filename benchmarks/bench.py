@@ -213,6 +213,7 @@ class Knobs:
     compile_student: bool = False  # the student's forward + backward through torch.compile (optional rows)
     channels_last: bool = False   # the UNet's 4-D weights in channels_last (NHWC) memory format
     cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark (cuDNN times its algorithms per shape)
+    compile_mode: str = "default"  # torch.compile mode of the teacher (reduce-overhead: CUDA graphs per batch size)
     checkpoint_budget_gib: float = 0  # selective checkpointing: GiB of activations kept (0: every block checkpointed)
     attention: str = "default"    # SDPA backend: default (torch's choice) | cudnn (cuDNN attention only)
     switch: str = "peft"          # teacher's adapter switch: peft (disable_adapters(), flips requires_grad of every
@@ -221,6 +222,7 @@ class Knobs:
     def describe(self, objective: str) -> str:
         s = f"{self.precision}, {self.inputs}, cfg={self.cfg}, lora_cast={self.lora_cast}"
         s += ", compiled teacher" if self.compile else ""
+        s += f" ({self.compile_mode})" if self.compile and self.compile_mode != "default" else ""
         s += ", encoders offloaded" if self.offload else ""
         s += ", compiled student" if self.compile_student else ""
         s += ", channels_last" if self.channels_last else ""
@@ -260,6 +262,9 @@ SPECS = [
     Spec("teacher_fwd_ours_compiled+channels_last", "teacher_fwd", "knob", "teacher UNet forward, bf16, "
          "torch.compile (dynamic batch), weights channels_last", default=False,
          extra={"precision": "bf16", "compile": True, "channels_last": True}),
+    Spec("teacher_fwd_ours_compiled+cudagraphs", "teacher_fwd", "knob", "teacher UNet forward, bf16, "
+         "torch.compile mode reduce-overhead (dynamic batch, a CUDA graph per batch size)", default=False,
+         extra={"precision": "bf16", "compile": True, "compile_mode": "reduce-overhead"}),
     Spec("teacher_fwd_ours_compiled_static", "teacher_fwd", "knob", "teacher UNet forward, bf16, torch.compile "
          "with a static batch (inductor's own channels_last layout pass applies)", default=False,
          extra={"precision": "bf16", "compile": True, "static": True}),
@@ -326,6 +331,14 @@ SPECS = [
          "channels_last", default=False, knobs=replace(OURS, channels_last=True)),
     Spec("direct_cm_calls_ours+cudnn_attention", "direct_cm_calls", "knob", "as direct_cm_calls_ours, cuDNN "
          "attention", default=False, knobs=replace(OURS, attention="cudnn")),
+    Spec("direct_cm_calls_ours+cudagraphs", "direct_cm_calls", "knob", "as direct_cm_calls_ours, teacher "
+         "compiled with mode reduce-overhead (CUDA graphs)", default=False,
+         knobs=replace(OURS, compile_mode="reduce-overhead")),
+    Spec("direct_cm_expected+cudagraphs", "direct_cm_expected", "check", "as direct_cm_expected, from "
+         "direct_cm_calls_ours+cudagraphs", default=False),
+    Spec("direct_cm_step_ours+cudagraphs", "direct_cm_step", "knob", "Direct CM step, ours with the teacher "
+         "compiled in mode reduce-overhead (CUDA graphs)", default=False,
+         knobs=replace(OURS, compile_mode="reduce-overhead")),
     Spec("direct_cm_expected+cudnn_attention", "direct_cm_expected", "check", "as direct_cm_expected, from "
          "direct_cm_calls_ours+cudnn_attention and student_step_ours+cudnn_attention", default=False),
     Spec("direct_cm_expected", "direct_cm_expected", "check", "expected Direct CM step over the start "
@@ -505,16 +518,16 @@ class Bench:
         self.place_encoders(knobs)
         return self._precomputed[knobs.precision]
 
-    def compiled_unet(self, static: bool = False, tuned: bool = False):
+    def compiled_unet(self, static: bool = False, tuned: bool = False, mode: str = "default"):
         """The UNet under torch.compile, built once per (memory format, static) and shared by every
         measurement (so it compiles once); called through ``UNetEps(..., dynamic_batch=True)`` as
         ``Trainer.distill_context`` does, or with ``static`` through a plain ``UNetEps`` (one batch size)."""
-        key = (self._layout, static, tuned, torch.backends.cuda.flash_sdp_enabled())
+        key = (self._layout, static, tuned, torch.backends.cuda.flash_sdp_enabled(), mode)
         if self._compiled is None or self._compiled[0] != key:
             if self._compiled is not None:  # another variant: start from a clean dynamo state
                 torch._dynamo.reset()
                 self._compiled_student = None
-            self._compiled = (key, models.compile_unet(self.unet, backend=self.args.compile_backend))
+            self._compiled = (key, models.compile_unet(self.unet, backend=self.args.compile_backend, mode=mode))
         return self._compiled[1]
 
     def set_checkpointing(self, budget_gib: float):
@@ -544,10 +557,12 @@ class Bench:
             self._compiled_student = models.compile_unet(self.unet, backend=self.args.compile_backend)
         return self._compiled_student
 
-    def teacher_unet_eps(self, compile: bool, static: bool = False, tuned: bool = False) -> UNetEps:
+    def teacher_unet_eps(self, compile: bool, static: bool = False, tuned: bool = False,
+                         mode: str = "default") -> UNetEps:
         if not compile:
             return UNetEps(self.unet)
-        return UNetEps(self.compiled_unet(static, tuned), dynamic_batch=not static)
+        return UNetEps(self.compiled_unet(static, tuned, mode), dynamic_batch=not static,
+                       fresh_output=models.uses_cudagraphs(mode))
 
     def place_encoders(self, knobs: Knobs):
         """Text encoders and VAE on the GPU, or (``offload``, precomputed inputs) on the CPU."""
@@ -575,11 +590,11 @@ class Bench:
         return peft_switch()
 
     def guided_teacher(self, cfg: str, batch: int, every: int = 0, label: str = "", compile: bool = False,
-                       switch: str | None = "flags"):
+                       switch: str | None = "flags", mode: str = "default"):
         """The guided teacher eps_fn of ``cmdistill.train.Trainer.distill_context`` (adapter disabled by
         ``switch`` around every call; None: the caller disables it once around many calls), with a counting
         wrapper around the UNet call."""
-        counted = Counted(self.teacher_unet_eps(compile), every, label)
+        counted = Counted(self.teacher_unet_eps(compile, mode=mode), every, label)
         threshold = {"separate": 0, "batched": batch, "adaptive": batch // 2}[cfg]
         guide = counted.guide = AdaptiveCFG(counted, self.w, threshold)
         if switch is None:
@@ -596,7 +611,7 @@ class Bench:
         # call (Trainer.distill_context); the CM step once (its one guided call) in both.
         once = objective == "direct_cm" and knobs.switch == "peft"
         teacher_eps, counted = self.guided_teacher(knobs.cfg, self.B, every, label, compile=knobs.compile,
-                                                   switch=None if once else knobs.switch)
+                                                   switch=None if once else knobs.switch, mode=knobs.compile_mode)
         ctx = DistillContext(teacher_eps=teacher_eps, student_eps_nograd=UNetEps(self.unet), step=self.step_fn,
                              sched=self.sched, grid=self.grid)
         return ctx, counted
@@ -695,7 +710,8 @@ class Bench:
         out = {}
         if spec.extra.get("compile"):
             eps = self.teacher_unet_eps(True, static=spec.extra.get("static", False),
-                                        tuned=spec.extra.get("tuned", False))
+                                        tuned=spec.extra.get("tuned", False),
+                                        mode=spec.extra.get("compile_mode", "default"))
 
         def fwd():
             with torch.no_grad(), models.adapters_disabled(self.unet), self.autocast(prec):
@@ -884,7 +900,7 @@ class Bench:
             out["switch_s"] = median(times)
             out["per_step_s"] += out["switch_s"]
         teacher_eps, counted = self.guided_teacher(knobs.cfg, self.B, compile=knobs.compile,
-                                                   switch=None if once else knobs.switch)
+                                                   switch=None if once else knobs.switch, mode=knobs.compile_mode)
         t = self.grid.timestep(torch.full((self.B,), self.N // 2))
         sizes = [self.B] if knobs.loop == "reference" else list(range(1, self.B + 1))
 
@@ -914,6 +930,8 @@ class Bench:
         res = self.results
         variant = spec.name[len("direct_cm_expected"):]  # "" or "+<knob>": ours' rows of that knob
         calls_ours, student_ours = f"direct_cm_calls_ours{variant}", f"student_step_ours{variant}"
+        if student_ours not in res:  # a knob of the teacher only: the plain student step
+            student_ours = "student_step_ours"
         need = ["direct_cm_calls_ref", "student_step_ref", student_ours, calls_ours]
         missing = [n for n in need if res.get(n, {}).get("status") != "ok"]
         if missing:

@@ -103,6 +103,11 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
     g.add_argument("--compile_teacher", action="store_true",
                    help="torch.compile the teacher's passes (batch dimension dynamic): faster teacher forwards "
                         "after a compile of a few minutes on first use; same values to kernel rounding")
+    g.add_argument("--compile_mode", default="default", choices=["default", "reduce-overhead", "max-autotune",
+                                                                  "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode of the teacher (--compile_teacher): reduce-overhead replays a CUDA "
+                        "graph per batch size, for the small calls at the end of the Direct CM loop (not yet "
+                        "measured on a GPU)")
     g.add_argument("--compile_student", action="store_true",
                    help="torch.compile the student's forward and backward (LoRA and checkpointing included); "
                         "same values to kernel rounding; compiles on the first step")

@@ -14,12 +14,16 @@ class UNetEps:
     prediction back to float32. ``t`` holds timestep values, passed to the UNet as they are (SPEC §2).
 
     ``dynamic_batch=True`` (for a ``torch.compile``d UNet, ``cmdistill.models.compile_unet``) marks the
-    batch dimension of every input as dynamic, so one compiled graph serves every batch size."""
+    batch dimension of every input as dynamic, so one compiled graph serves every batch size.
+    ``fresh_output=True`` (a UNet compiled to replay CUDA graphs) starts a new graph step before each call
+    and never returns the graph's own output buffer, which the next replay would overwrite."""
 
-    def __init__(self, unet, dtype: torch.dtype | None = None, dynamic_batch: bool = False):
+    def __init__(self, unet, dtype: torch.dtype | None = None, dynamic_batch: bool = False,
+                 fresh_output: bool = False):
         self.unet = unet
         self.dtype = dtype
         self.dynamic_batch = dynamic_batch
+        self.fresh_output = fresh_output
 
     def __call__(self, x: torch.Tensor, t, cond: dict) -> torch.Tensor:
         dtype = self.dtype or cond["prompt_embeds"].dtype
@@ -31,8 +35,11 @@ class UNetEps:
         if self.dynamic_batch:
             for v in (x, t, emb, *added.values()):
                 torch._dynamo.maybe_mark_dynamic(v, 0)
+        if self.fresh_output:
+            torch.compiler.cudagraph_mark_step_begin()
         out = self.unet(x, t, encoder_hidden_states=emb, added_cond_kwargs=added, return_dict=False)[0]
-        return out.float()
+        res = out.float()
+        return res.clone() if self.fresh_output and res is out else res
 
 
 def unconditional(cond: dict) -> dict:

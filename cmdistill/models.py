@@ -153,12 +153,24 @@ def set_lora_input_casting(unet, enabled: bool) -> int:
     return len(layers)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def uses_cudagraphs(mode: str | None) -> bool:
+    """Whether torch.compile's ``mode`` replays CUDA graphs (whose outputs the next replay overwrites)."""
+    return mode in ("reduce-overhead", "max-autotune")
+
+
 def compile_unet(unet, backend: str = "inductor", mode: str | None = None):
     """``torch.compile`` of the UNet. For no-grad calls (teacher passes, samplers) use it through
     ``UNetEps(compiled, dynamic_batch=True)``: the batch dimension is compiled symbolic once, so the
     shrinking active sets of the Direct CM loop do not recompile for every size. The student's pass
     with grad (LoRA, gradient checkpointing, DDP) compiles as it is. The first call compiles (minutes
-    for SDXL); the result agrees with eager mode to kernel rounding (tests/test_speed.py)."""
+    for SDXL); the result agrees with eager mode to kernel rounding (tests/test_speed.py).
+    ``mode`` (inductor only): e.g. "reduce-overhead" replays a CUDA graph per batch size, which removes
+    the per-kernel launch cost of small calls; call it through ``UNetEps(..., fresh_output=True)``."""
+    if mode in (None, "default") or backend != "inductor":
+        return torch.compile(unet, backend=backend)
     return torch.compile(unet, backend=backend, mode=mode)
 
 

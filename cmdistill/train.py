@@ -194,7 +194,8 @@ class Trainer:
         self.unet, self.optimizer = acc.prepare(unet, optimizer)
         self.base_unet = acc.unwrap_model(self.unet)
         # The teacher's passes (no grad, adapter off) may run compiled, with a dynamic batch dimension.
-        self.teacher_unet = models.compile_unet(self.base_unet) if args.compile_teacher else self.base_unet
+        self.teacher_unet = (models.compile_unet(self.base_unet, mode=args.compile_mode) if args.compile_teacher
+                             else self.base_unet)
         # The student's pass with grad (through DDP when there are several processes) may run compiled too.
         self.student_unet = models.compile_unet(self.unet) if args.compile_student else self.unet
         self.global_step, self.samples_seen, self.skipped_images = 0, 0, 0
@@ -324,7 +325,10 @@ class Trainer:
         return (mean + std * z) * self.vae.config.scaling_factor
 
     def distill_context(self) -> DistillContext:
-        teacher = GuidedEps(UNetEps(self.teacher_unet, dynamic_batch=self.args.compile_teacher), self.args.w,
+        compiled = self.args.compile_teacher
+        teacher = GuidedEps(UNetEps(self.teacher_unet, dynamic_batch=compiled,
+                                    fresh_output=compiled and models.uses_cudagraphs(self.args.compile_mode)),
+                            self.args.w,
                             batched=self.args.cfg_batched)
 
         def teacher_eps(x, t, cond):

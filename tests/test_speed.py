@@ -139,11 +139,13 @@ def test_compile_flags_give_the_same_losses(tiny_pipeline, tiny_image_folder, tm
     from cmdistill.args import training_parser
     from cmdistill.train import Trainer
 
-    real, compiled = models.compile_unet, []
+    real, compiled, modes, fresh = models.compile_unet, [], [], []
     monkeypatch.setattr(models, "compile_unet",
-                        lambda unet, **kw: compiled.append(unet) or real(unet, backend="aot_eager"))
+                        lambda unet, **kw: compiled.append(unet) or modes.append(kw.get("mode"))
+                        or real(unet, backend="aot_eager"))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: fresh.append(1))
     losses = {}
-    for flag in ([], ["--compile_teacher", "--compile_student"]):
+    for flag in ([], ["--compile_teacher", "--compile_student", "--compile_mode", "reduce-overhead"]):
         torch._dynamo.reset()
         out = tmp_path / ("compiled" if flag else "eager")
         args = training_parser("direct_cm").parse_args([
@@ -154,4 +156,35 @@ def test_compile_flags_give_the_same_losses(tiny_pipeline, tiny_image_folder, tm
         Trainer(args, "direct_cm").train()
         losses[bool(flag)] = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert len(losses[True]) == 2 and len(compiled) == 2  # the teacher's and the student's module
+    assert modes == ["reduce-overhead", None]  # the CUDA-graph mode is the teacher's only
+    assert fresh  # every compiled teacher call starts a new graph step (a no-op on the CPU)
     assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-7)
+
+
+def test_fresh_output_never_hands_out_the_modules_own_buffer(monkeypatch):
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    unet = student_unet(torch.float32)
+    returned = []
+    real_forward = unet.forward
+    monkeypatch.setattr(unet, "forward", lambda *a, **kw: returned.append(real_forward(*a, **kw)[0]) or
+                        (returned[-1],))
+    x, t, cond = inputs(2, seed=7)
+    with torch.no_grad():
+        plain = UNetEps(unet)(x, t, cond)
+        assert plain is returned[-1]  # float32 out: .float() is the same tensor
+        fresh = UNetEps(unet, fresh_output=True)(x, t, cond)
+    assert fresh is not returned[-1] and fresh.data_ptr() != returned[-1].data_ptr()
+    torch.testing.assert_close(fresh, plain, rtol=0, atol=0)
+    assert marks == [1]
+
+
+def test_compile_unet_passes_the_mode_to_inductor_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: calls.append(kw) or m)
+    models.compile_unet("unet", mode="reduce-overhead")
+    models.compile_unet("unet", backend="aot_eager", mode="reduce-overhead")
+    models.compile_unet("unet", mode="default")
+    assert calls == [{"backend": "inductor", "mode": "reduce-overhead"}, {"backend": "aot_eager"},
+                     {"backend": "inductor"}]
+    assert models.uses_cudagraphs("reduce-overhead") and not models.uses_cudagraphs("max-autotune-no-cudagraphs")
