@@ -537,9 +537,7 @@ class Bench:
         if key != self._budget and (budget_gib or self._budget[0]):
             info = checkpointing.enable(self.unet, budget_gib, self.B, self.h, self.h)
             if budget_gib:
-                log(f"  selective checkpointing: {info['kept_blocks']} of {info['blocks']} blocks kept, "
-                    f"{info['kept_gib']:.1f} GiB estimated, {100 * info['recompute_avoided']:.0f}% of the recompute "
-                    "avoided")
+                log("  " + checkpointing.describe(info))
         self._budget = key
 
     def set_layout(self, channels_last: bool):

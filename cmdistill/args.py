@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .models import DEFAULT_LORA_TARGETS
+from .models import COMPILE_MODES, DEFAULT_LORA_TARGETS
 
 
 def _comma_list(s: str) -> list[str]:
@@ -103,8 +103,7 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
     g.add_argument("--compile_teacher", action="store_true",
                    help="torch.compile the teacher's passes (batch dimension dynamic): faster teacher forwards "
                         "after a compile of a few minutes on first use; same values to kernel rounding")
-    g.add_argument("--compile_mode", default="default", choices=["default", "reduce-overhead", "max-autotune",
-                                                                  "max-autotune-no-cudagraphs"],
+    g.add_argument("--compile_mode", default="default", choices=COMPILE_MODES,
                    help="torch.compile mode of the teacher (--compile_teacher): reduce-overhead replays a CUDA "
                         "graph per batch size, for the small calls at the end of the Direct CM loop (not yet "
                         "measured on a GPU)")

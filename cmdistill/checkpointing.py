@@ -132,6 +132,13 @@ def enable(unet, budget_gib: float | None, batch: int, height: int, width: int) 
             "recompute_avoided": sum(c.flops for c in kept) / total_flops}
 
 
+def describe(info: dict) -> str:
+    """One line on what ``enable`` chose (a budget > 0)."""
+    return (f"selective checkpointing: {info['kept_blocks']} of {info['blocks']} blocks keep their activations "
+            f"({info['kept_gib']:.1f} GiB estimated), {100 * info['recompute_avoided']:.0f}% of the recomputation "
+            "avoided")
+
+
 # Measured on an H200 (benchmarks/RESULTS.md): the step's peak rose 1.22-1.37x the estimated bytes kept
 # (autocast's fp32 copies are not in the dry run); and a margin of the card's memory is left free.
 OVERSHOOT, HEADROOM = 1.4, 0.9

@@ -136,7 +136,6 @@ def add_lora(unet, rank: int = 64, alpha: float = 64, dropout: float = 0.0, targ
     from peft import LoraConfig
 
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets)))
-    _TUNER_LAYERS.pop(unet, None)
     return unet
 
 

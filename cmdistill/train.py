@@ -216,10 +216,7 @@ class Trainer:
         self.checkpointing = checkpointing.enable(unet, budget_gib, args.train_batch_size * args.trajectory_pairs,
                                                   side, side)
         if budget_gib:
-            c = self.checkpointing
-            logger.info("selective checkpointing: %d of %d blocks keep their activations (%.1f GiB estimated), "
-                        "%.0f%% of the recomputation avoided", c["kept_blocks"], c["blocks"], c["kept_gib"],
-                        100 * c["recompute_avoided"])
+            logger.info(checkpointing.describe(self.checkpointing))
 
     def size_checkpointing(self):
         """``--checkpointing_budget_gib auto``, after the first (fully checkpointed) step of this run: keep
