@@ -50,7 +50,8 @@ import torch._inductor.config  # noqa: E402,F401  (knob rows patch it)
 
 from cmdistill import checkpointing, models  # noqa: E402
 from cmdistill.guidance import GuidedEps, UNetEps  # noqa: E402
-from cmdistill.objectives import DistillContext, cm_target, direct_cm_target, distance  # noqa: E402
+from cmdistill.objectives import (  # noqa: E402
+    DistillContext, backward_in_micro_batches, cm_target, direct_cm_target, distance)
 from cmdistill.sampling import consistency_fn, student_sample, teacher_sample  # noqa: E402
 from cmdistill.schedule import Grid, NoiseSchedule  # noqa: E402
 from cmdistill.solvers import get_solver, solve_to_zero_reference  # noqa: E402
@@ -215,6 +216,8 @@ class Knobs:
     cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark (cuDNN times its algorithms per shape)
     compile_mode: str = "default"  # torch.compile mode of the teacher (reduce-overhead: CUDA graphs per batch size)
     checkpoint_budget_gib: float = 0  # selective checkpointing: GiB of activations kept (0: every block checkpointed)
+    compile_blocks: bool = False  # every ResNet / transformer block through torch.compile (models.compile_blocks)
+    micro_batch: int = 0          # the student's forward + backward this many samples at a time (0: whole batch)
     attention: str = "default"    # SDPA backend: default (torch's choice) | cudnn (cuDNN attention only)
     switch: str = "peft"          # teacher's adapter switch: peft (disable_adapters(), flips requires_grad of every
                                   # adapter weight) | flags (models.adapters_disabled: the layers' flags only)
@@ -225,10 +228,14 @@ class Knobs:
         s += f" ({self.compile_mode})" if self.compile and self.compile_mode != "default" else ""
         s += ", encoders offloaded" if self.offload else ""
         s += ", compiled student" if self.compile_student else ""
+        s += ", compiled blocks" if self.compile_blocks else ""
         s += ", channels_last" if self.channels_last else ""
         s += ", cudnn.benchmark" if self.cudnn_benchmark else ""
         s += ", cuDNN attention" if self.attention == "cudnn" else ""
-        s += f", {self.checkpoint_budget_gib:g} GiB un-checkpointed" if self.checkpoint_budget_gib else ""
+        if self.checkpoint_budget_gib:
+            s += (", no block checkpointed" if math.isinf(self.checkpoint_budget_gib)
+                  else f", {self.checkpoint_budget_gib:g} GiB un-checkpointed")
+        s += f", student in micro-batches of {self.micro_batch}" if self.micro_batch else ""
         s += f", {self.switch} adapter switch"
         return s + (f", loop={self.loop}" if objective == "direct_cm" else "")
 
@@ -307,6 +314,32 @@ SPECS = [
          knobs=replace(OURS, loop="reference", checkpoint_budget_gib=40)),
     Spec("direct_cm_step_ours+sac40", "direct_cm_step", "knob", "Direct CM step, ours + selective checkpointing "
          "(40 GiB)", default=False, knobs=replace(OURS, checkpoint_budget_gib=40)),
+    Spec("student_step_ours+micro2", "student_step", "knob", "student step alone, ours, the student's forward + "
+         "backward 2 samples at a time, no block checkpointed", default=False,
+         knobs=replace(OURS, micro_batch=2, checkpoint_budget_gib=float("inf"))),
+    Spec("student_step_ours+micro4", "student_step", "knob", "student step alone, ours, 4 samples at a time, no block "
+         "checkpointed", default=False, knobs=replace(OURS, micro_batch=4, checkpoint_budget_gib=float("inf"))),
+    Spec("student_step_ours+micro8", "student_step", "knob", "student step alone, ours, 8 samples at a time, no block "
+         "checkpointed (a card with more than 80 GB)", default=False,
+         knobs=replace(OURS, micro_batch=8, checkpoint_budget_gib=float("inf"))),
+    Spec("student_step_ours+micro8+sac40", "student_step", "knob", "student step alone, ours, 8 samples at a time, "
+         "selective checkpointing (40 GiB)", default=False, knobs=replace(OURS, micro_batch=8, checkpoint_budget_gib=40)),
+    Spec("cm_step_ours+micro4", "cm_step", "knob", "CM step, ours, the student 4 samples at a time, no block "
+         "checkpointed", default=False,
+         knobs=replace(OURS, loop="reference", micro_batch=4, checkpoint_budget_gib=float("inf"))),
+    Spec("direct_cm_step_ours+micro4", "direct_cm_step", "knob", "Direct CM step, ours, the student 4 samples at a "
+         "time, no block checkpointed", default=False,
+         knobs=replace(OURS, micro_batch=4, checkpoint_budget_gib=float("inf"))),
+    Spec("student_step_ours+blocks", "student_step", "knob", "student step alone, ours + compiled blocks "
+         "(models.compile_blocks), every block checkpointed", default=False, knobs=replace(OURS, compile_blocks=True)),
+    Spec("student_step_ours+blocks+micro4", "student_step", "knob", "student step alone, ours + compiled blocks, "
+         "4 samples at a time, no block checkpointed", default=False,
+         knobs=replace(OURS, compile_blocks=True, micro_batch=4, checkpoint_budget_gib=float("inf"))),
+    Spec("cm_step_ours+blocks+micro4", "cm_step", "knob", "CM step, ours + compiled blocks, the student 4 samples "
+         "at a time, no block checkpointed", default=False,
+         knobs=replace(OURS, loop="reference", compile_blocks=True, micro_batch=4, checkpoint_budget_gib=float("inf"))),
+    Spec("cm_step_ours+blocks", "cm_step", "knob", "CM step, ours + compiled blocks", default=False,
+         knobs=replace(OURS, loop="reference", compile_blocks=True)),
     Spec("cm_step_ours+channels_last", "cm_step", "knob", "CM step, ours + channels_last weights", default=False,
          knobs=replace(OURS, loop="reference", channels_last=True)),
     Spec("cm_step_ours+compile_student", "cm_step", "knob", "CM step, ours + compiled student", default=False,
@@ -334,13 +367,9 @@ SPECS = [
     Spec("direct_cm_calls_ours+cudagraphs", "direct_cm_calls", "knob", "as direct_cm_calls_ours, teacher "
          "compiled with mode reduce-overhead (CUDA graphs)", default=False,
          knobs=replace(OURS, compile_mode="reduce-overhead")),
-    Spec("direct_cm_expected+cudagraphs", "direct_cm_expected", "check", "as direct_cm_expected, from "
-         "direct_cm_calls_ours+cudagraphs", default=False),
     Spec("direct_cm_step_ours+cudagraphs", "direct_cm_step", "knob", "Direct CM step, ours with the teacher "
          "compiled in mode reduce-overhead (CUDA graphs)", default=False,
          knobs=replace(OURS, compile_mode="reduce-overhead")),
-    Spec("direct_cm_expected+cudnn_attention", "direct_cm_expected", "check", "as direct_cm_expected, from "
-         "direct_cm_calls_ours+cudnn_attention and student_step_ours+cudnn_attention", default=False),
     Spec("direct_cm_expected", "direct_cm_expected", "check", "expected Direct CM step over the start "
          "distribution, from the measured call times and student steps (needs direct_cm_calls_* and "
          "student_step_*; reports the ours/reference ratio)"),
@@ -352,6 +381,17 @@ SPECS = [
          "separate", default=False, knobs=replace(OURS, cfg="separate")),
 ]
 SPEC_BY_NAME = {s.name: s for s in SPECS}
+EXPECTED_VARIANT = "direct_cm_expected+"
+
+
+def spec_named(name: str) -> Spec:
+    """A row by name; ``direct_cm_expected+K1[+K2...]``: the expected Direct CM step from ours' rows of those
+    knobs (``direct_cm_calls_ours+...`` and ``student_step_ours+...``, run earlier in ``--only``)."""
+    if name in SPEC_BY_NAME:
+        return SPEC_BY_NAME[name]
+    knobs = name[len(EXPECTED_VARIANT):]
+    return Spec(name, "direct_cm_expected", "check", f"as direct_cm_expected, from ours' rows of +{knobs}",
+                default=False)
 
 
 class Counted:
@@ -406,7 +446,8 @@ class Bench:
         self._compiled = None
         self._compiled_student = None
         self._layout = False
-        self._budget = (0.0, None)
+        self._budget = (0.0, None, None)
+        self._blocks_compiled = False
         self.peak_tflops: float | None = None
 
     # --- setup ------------------------------------------------------------------------------------
@@ -530,12 +571,13 @@ class Bench:
             self._compiled = (key, models.compile_unet(self.unet, backend=self.args.compile_backend, mode=mode))
         return self._compiled[1]
 
-    def set_checkpointing(self, budget_gib: float):
+    def set_checkpointing(self, budget_gib: float, micro_batch: int = 0):
         """Every block checkpointed (0), or selective checkpointing with ``budget_gib`` GiB kept (the trainer's
-        ``--checkpointing_budget_gib``)."""
-        key = (budget_gib, self._precision)
+        ``--checkpointing_budget_gib``), planned for the student's (micro-)batch; inf: no block checkpointed."""
+        batch = min(micro_batch or self.B, self.B)
+        key = (budget_gib, self._precision, batch)
         if key != self._budget and (budget_gib or self._budget[0]):
-            info = checkpointing.enable(self.unet, budget_gib, self.B, self.h, self.h)
+            info = checkpointing.enable(self.unet, budget_gib, batch, self.h, self.h)
             if budget_gib:
                 log("  " + checkpointing.describe(info))
         self._budget = key
@@ -638,24 +680,28 @@ class Bench:
         return counted
 
     def student_update(self, knobs: Knobs, x_t, t, cond, target, scaler) -> torch.Tensor:
-        """The student's part of a step: f_theta with grad, distance, backward, (all-reduce,) clip 1.0, AdamW."""
-        with self.autocast(knobs.precision):
-            pred = consistency_fn(UNetEps(self.student_module(knobs)), x_t, t, cond, self.sched, 10.0)
-        loss = distance(pred, target)
+        """The student's part of a step: f_theta with grad, distance, backward (in micro-batches: as
+        ``Trainer.loss_and_backward``), (all-reduce,) clip 1.0, AdamW."""
+        student = UNetEps(self.student_module(knobs))
+
+        def loss_of(sl):
+            with self.autocast(knobs.precision):
+                pred = consistency_fn(student, x_t[sl], t[sl], {k: v[sl] for k, v in cond.items()}, self.sched, 10.0)
+            return distance(pred, target[sl])
+
+        backward = (lambda loss: scaler.scale(loss).backward()) if scaler is not None else (lambda loss: loss.backward())
+        loss = backward_in_micro_batches(loss_of, x_t.shape[0], knobs.micro_batch, backward)
+        self.all_reduce_grads()
         if scaler is not None:  # fp16 mixed precision: accelerate's GradScaler
-            scaler.scale(loss).backward()
-            self.all_reduce_grads()
             scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             scaler.step(self.optimizer)
             scaler.update()
         else:
-            loss.backward()
-            self.all_reduce_grads()
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss
 
     def all_reduce_grads(self):
         """With several processes: average the LoRA gradients over them, as DDP does (one flat buffer)."""
@@ -926,10 +972,21 @@ class Bench:
         N - min(n) full-batch calls; the per-sample loop runs, for a = B..1, (L_(a) - L_(a+1)) calls of the
         a samples still active (L = N - n sorted descending); + each behaviour's measured student step."""
         res = self.results
-        variant = spec.name[len("direct_cm_expected"):]  # "" or "+<knob>": ours' rows of that knob
-        calls_ours, student_ours = f"direct_cm_calls_ours{variant}", f"student_step_ours{variant}"
-        if student_ours not in res:  # a knob of the teacher only: the plain student step
-            student_ours = "student_step_ours"
+        # "" or "+<knob>[+<knob>...]": ours' calls and student rows of those knobs (the plain row where a knob
+        # leaves that part alone, e.g. +cudagraphs the student step and +micro4 the teacher calls)
+        variant = spec.name[len("direct_cm_expected"):]
+        knobs = [k for k in variant.split("+") if k]
+        combos = sorted({"+".join(knobs[i:j]) for i in range(len(knobs)) for j in range(i + 1, len(knobs) + 1)},
+                        key=len, reverse=True)  # the longest knob combination that has a row of its own
+
+        def row_for(prefix: str) -> str:
+            return next((f"{prefix}+{c}" for c in combos if f"{prefix}+{c}" in res), prefix)
+
+        calls_ours, student_ours = row_for("direct_cm_calls_ours"), row_for("student_step_ours")
+        covered = set(calls_ours.split("+")[1:]) | set(student_ours.split("+")[1:])
+        if set(knobs) - covered:
+            raise RuntimeError(f"{spec.name} needs rows direct_cm_calls_ours+K or student_step_ours+K for "
+                               f"{', '.join(sorted(set(knobs) - covered))} earlier in --only")
         need = ["direct_cm_calls_ref", "student_step_ref", student_ours, calls_ours]
         missing = [n for n in need if res.get(n, {}).get("status") != "ok"]
         if missing:
@@ -1011,8 +1068,9 @@ class Bench:
               "teacher_images": self.m_teacher_images, "student_images": self.m_student_images,
               "direct_cm_calls": self.m_direct_cm_calls, "direct_cm_expected": self.m_direct_cm_expected,
               "check": self.m_direct_cm_agreement}[spec.group]
-        if self.args.no_compile and spec.knobs is not None and (spec.knobs.compile or spec.knobs.compile_student):
-            spec = replace(spec, knobs=replace(spec.knobs, compile=False, compile_student=False))
+        if self.args.no_compile and spec.knobs is not None and (spec.knobs.compile or spec.knobs.compile_student
+                                                                or spec.knobs.compile_blocks):
+            spec = replace(spec, knobs=replace(spec.knobs, compile=False, compile_student=False, compile_blocks=False))
         log(f"[{spec.name}] {spec.what}")
         cuda = self.device.type == "cuda"
         if cuda:
@@ -1026,9 +1084,12 @@ class Bench:
                 raise torch.OutOfMemoryError("CUDA out of memory (injected by --inject_oom)")
             knob = (lambda k: getattr(spec.knobs, k)) if spec.knobs else (lambda k: (spec.extra or {}).get(k, False))
             self.set_layout(bool(knob("channels_last")))
+            if bool(knob("compile_blocks")) != self._blocks_compiled:
+                self._blocks_compiled = bool(knob("compile_blocks"))
+                models.compile_blocks(self.unet, self._blocks_compiled, backend=self.args.compile_backend)
             if spec.knobs is not None:  # the plan's dry run uses the frozen weights' dtype: set it first
                 self.set_precision(spec.knobs.precision)
-            self.set_checkpointing(float(knob("checkpoint_budget_gib") or 0))
+            self.set_checkpointing(float(knob("checkpoint_budget_gib") or 0), int(knob("micro_batch") or 0))
             torch.backends.cudnn.benchmark = bool(knob("cudnn_benchmark"))
             cudnn_attention = knob("attention") == "cudnn"
             torch.backends.cuda.enable_flash_sdp(not cudnn_attention)
@@ -1195,10 +1256,10 @@ def parse_args(argv=None):
         args.teacher_steps_timed = 5 if args.tiny else 10
     if args.only:
         names = [n.strip() for n in args.only.split(",") if n.strip()]
-        unknown = [n for n in names if n not in SPEC_BY_NAME]
+        unknown = [n for n in names if n not in SPEC_BY_NAME and not n.startswith(EXPECTED_VARIANT)]
         if unknown:
             p.error(f"--only: unknown {', '.join(unknown)}; choose from {', '.join(SPEC_BY_NAME)}")
-        args.selected = [SPEC_BY_NAME[n] for n in dict.fromkeys(names)]  # in the order given
+        args.selected = [spec_named(n) for n in dict.fromkeys(names)]  # in the order given
     else:
         args.selected = [s for s in SPECS
                          if s.default and not (args.no_compile and s.name == "teacher_fwd_ours_compiled")]

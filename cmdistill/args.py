@@ -85,6 +85,10 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
                         "dry run, which runs ~1.2-1.4x low under bf16 autocast); same gradients, less recomputation. "
                         "At batch 16, 1024 px: 20 -> peak 48.6 GiB, 40 -> 70.2 GiB (an 80 GB card). 'auto': sized "
                         "after the first step from the card's memory left (0 when none is)")
+    g.add_argument("--student_micro_batch", type=int, default=None,
+                   help="run the student's forward + backward this many samples at a time (the targets still for "
+                        "the whole batch; same gradients): less activation memory per part, so with "
+                        "--checkpointing_budget_gib more of it is kept instead of recomputed")
     g = p.add_argument_group("distillation (SPEC §2-§6)")
     g.add_argument("--w", type=float, default=9.0, help="teacher guidance, Imagen form (paper: 9.0)")
     g.add_argument("--solver", default="ddim", choices=["ddim", "euler", "heun"])
@@ -110,6 +114,10 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
     g.add_argument("--compile_student", action="store_true",
                    help="torch.compile the student's forward and backward (LoRA and checkpointing included); "
                         "same values to kernel rounding; compiles on the first step")
+    g.add_argument("--compile_blocks", action="store_true",
+                   help="torch.compile each ResNet and transformer block of the UNet (regional compilation): the "
+                        "student's forward, backward and recomputation, and the CM target pass, run compiled "
+                        "blocks; compiles far faster than --compile_student; same values to kernel rounding")
     g.add_argument("--trajectory_pairs", type=int, default=1,
                    help="Direct CM opt-in, not the paper's objective: each teacher trajectory also gives K-1 "
                         "training pairs at random later points of the same trajectory (same target), so the "

@@ -26,7 +26,8 @@ from .data import SDXLImageCaptions, load_caption_dataset, make_dataloader
 from .errors import UserError
 from .guidance import GuidedEps, UNetEps
 from .noise import generator_for, per_sample_noise
-from .objectives import OBJECTIVES, DistillContext, direct_cm_trajectory_pairs, distance, extra_pair_indices
+from .objectives import (OBJECTIVES, DistillContext, backward_in_micro_batches, direct_cm_trajectory_pairs, distance,
+                         extra_pair_indices)
 from .precompute import collate_precomputed, find_cache
 from .sampling import consistency_fn, student_sample
 from .schedule import Grid, NoiseSchedule
@@ -86,6 +87,9 @@ def make_optimizer(args, params):
 
 
 def validate_args(args):
+    if args.student_micro_batch is not None and args.student_micro_batch < 1:
+        raise UserError(f"--student_micro_batch {args.student_micro_batch} must be >= 1 (samples per student "
+                        "forward + backward; leave it out for the whole batch at once)")
     if args.checkpointing_budget_gib not in (None, "auto") and args.checkpointing_budget_gib < 0:
         raise UserError(f"--checkpointing_budget_gib {args.checkpointing_budget_gib:g} must be >= 0 (GiB of "
                         "activations kept un-checkpointed; 0 = checkpoint every block)")
@@ -193,6 +197,8 @@ class Trainer:
                                           num_training_steps=args.max_train_steps)
         self.unet, self.optimizer = acc.prepare(unet, optimizer)
         self.base_unet = acc.unwrap_model(self.unet)
+        if args.compile_blocks:  # regional compilation: every pass through the UNet runs compiled blocks
+            models.compile_blocks(self.base_unet)
         # The teacher's passes (no grad, adapter off) may run compiled, with a dynamic batch dimension.
         self.teacher_unet = (models.compile_unet(self.base_unet, mode=args.compile_mode) if args.compile_teacher
                              else self.base_unet)
@@ -213,8 +219,10 @@ class Trainer:
     def set_checkpointing(self, unet, budget_gib):
         args = self.args
         side = args.resolution // self.vae_scale_factor
-        self.checkpointing = checkpointing.enable(unet, budget_gib, args.train_batch_size * args.trajectory_pairs,
-                                                  side, side)
+        batch = args.train_batch_size * args.trajectory_pairs  # the student's batch, or its micro-batches
+        if args.student_micro_batch:
+            batch = min(batch, args.student_micro_batch)
+        self.checkpointing = checkpointing.enable(unet, budget_gib, batch, side, side)
         if budget_gib:
             logger.info(checkpointing.describe(self.checkpointing))
 
@@ -336,9 +344,10 @@ class Trainer:
                               sched=self.sched, grid=self.grid, timestep_scaling=self.args.timestep_scaling_factor,
                               max_batch=self.args.teacher_max_batch)
 
-    def loss(self, batch) -> torch.Tensor:
-        """One micro-batch. Each sample's grid index and noise are drawn from (seed, stream position),
-        so the result does not depend on how the global batch is split over processes."""
+    def loss_and_backward(self, batch) -> torch.Tensor:
+        """One micro-batch: the targets (no grad), then the student's forward and backward, in parts of
+        ``--student_micro_batch`` samples. Each sample's grid index and noise are drawn from (seed, stream
+        position), so the result does not depend on how the global batch is split over processes."""
         acc, args = self.accelerator, self.args
         positions = batch["positions"]
         if "mean" in batch:  # precomputed (cmdistill.precompute): no VAE encoder, no text encoders
@@ -361,8 +370,16 @@ class Trainer:
                     target = solve_to_zero_reference(ctx.step, ctx.teacher_eps, x_t, start, cond, ctx.sched, ctx.grid)
             else:
                 target = self.objective(ctx, x_t, start, cond)
-            pred = consistency_fn(UNetEps(self.student_unet), x_t, t, cond, self.sched, args.timestep_scaling_factor)
-        return distance(pred, target, args.loss_type, args.huber_c)
+        student = UNetEps(self.student_unet)
+
+        def loss_of(sl):
+            with acc.autocast():
+                pred = consistency_fn(student, x_t[sl], t[sl], {k: v[sl] for k, v in cond.items()}, self.sched,
+                                      args.timestep_scaling_factor)
+            return distance(pred, target[sl], args.loss_type, args.huber_c)
+
+        return backward_in_micro_batches(loss_of, x_t.shape[0], args.student_micro_batch, acc.backward,
+                                         lambda: acc.no_sync(self.unet))
 
     def trajectory_pairs(self, ctx, x_t, start, t, cond, positions):
         """``--trajectory_pairs K`` (Direct CM): each sample's teacher trajectory gives its start pair and K-1
@@ -440,8 +457,7 @@ class Trainer:
                 batch = next(batches)
                 skipped += batch["skipped"]
                 with acc.accumulate(self.unet):
-                    loss = self.loss(batch)
-                    acc.backward(loss)
+                    loss = self.loss_and_backward(batch)
                     if acc.sync_gradients:
                         grad_norm = acc.clip_grad_norm_(self.params, args.max_grad_norm)
                     self.optimizer.step()

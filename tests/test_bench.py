@@ -143,10 +143,17 @@ def test_compiled_student_rows(tmp_path):
     """The optional compiled-student rows (AOTAutograd through the checkpointed LoRA UNet) run and report."""
     out = tmp_path / "cs.json"
     run_bench("--tiny", "--device", "cpu", "--json", out, "--only",
-              "teacher_fwd_ours,student_step_ours,student_step_ours+compile,cm_step_ours+compile_student")
+              "teacher_fwd_ours,student_step_ours,student_step_ours+compile,cm_step_ours+compile_student,"
+              "student_step_ours+blocks+micro4,student_step_ours+micro2,direct_cm_calls_ref,student_step_ref,"
+              "direct_cm_calls_ours,direct_cm_expected+micro2,direct_cm_expected+blocks+micro4")
     m = json.loads(out.read_text())["measurements"]
     assert all(row["status"] == "ok" for row in m.values()), {k: r.get("error") for k, r in m.items()}
     assert "compiled student" in m["student_step_ours+compile"]["notes"]
+    assert "compiled blocks, no block checkpointed, student in micro-batches of 4" in m[
+        "student_step_ours+blocks+micro4"]["notes"]
+    for variant, student in (("micro2", "student_step_ours+micro2"), ("blocks+micro4", "student_step_ours+blocks+micro4")):
+        e = m[f"direct_cm_expected+{variant}"]  # ours' rows of that variant, the plain calls row
+        assert e["calls_row"] == "direct_cm_calls_ours" and e["student_row"] == student
     assert positive_finite(m["student_step_ours"]["forward_equivalents"])
 
 

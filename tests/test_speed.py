@@ -144,21 +144,27 @@ def test_compile_flags_give_the_same_losses(tiny_pipeline, tiny_image_folder, tm
                         lambda unet, **kw: compiled.append(unet) or modes.append(kw.get("mode"))
                         or real(unet, backend="aot_eager"))
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: fresh.append(1))
+    real_blocks, blocks = models.compile_blocks, []
+    monkeypatch.setattr(models, "compile_blocks", lambda unet: blocks.append(real_blocks(unet, backend="aot_eager")))
     losses = {}
-    for flag in ([], ["--compile_teacher", "--compile_student", "--compile_mode", "reduce-overhead"]):
+    for flag in ([], ["--compile_teacher", "--compile_student", "--compile_mode", "reduce-overhead"],
+                 ["--compile_blocks", "--student_micro_batch", "1"]):
         torch._dynamo.reset()
-        out = tmp_path / ("compiled" if flag else "eager")
+        out = tmp_path / ("-".join(flag).replace("--", "") or "eager")
         args = training_parser("direct_cm").parse_args([
             "--pretrained_teacher_model", str(tiny_pipeline), "--train_data_dir", str(tiny_image_folder),
             "--output_dir", str(out), "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "2",
             "--num_discr_timesteps", "10", "--w", "3", "--report_to", "none", "--validation_steps", "0",
             "--checkpointing_steps", "100", "--no_precomputed", "--gradient_checkpointing", *flag])
         Trainer(args, "direct_cm").train()
-        losses[bool(flag)] = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert len(losses[True]) == 2 and len(compiled) == 2  # the teacher's and the student's module
+        losses[" ".join(flag)] = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(compiled) == 2  # the teacher's and the student's module
     assert modes == ["reduce-overhead", None]  # the CUDA-graph mode is the teacher's only
     assert fresh  # every compiled teacher call starts a new graph step (a no-op on the CPU)
-    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-7)
+    assert len(blocks) == 1 and blocks[0] > 0  # --compile_blocks: the UNet's blocks, compiled once
+    eager = losses.pop("")
+    for flag, got in losses.items():
+        assert len(got) == 2 and got == pytest.approx(eager, rel=1e-4, abs=1e-7), flag
 
 
 def test_fresh_output_never_hands_out_the_modules_own_buffer(monkeypatch):
@@ -188,3 +194,38 @@ def test_compile_unet_passes_the_mode_to_inductor_only(monkeypatch):
     assert calls == [{"backend": "inductor", "mode": "reduce-overhead"}, {"backend": "aot_eager"},
                      {"backend": "inductor"}]
     assert models.uses_cudagraphs("reduce-overhead") and not models.uses_cudagraphs("max-autotune-no-cudagraphs")
+
+
+def test_compiled_blocks_give_the_same_student_gradients_and_teacher_and_switch_back_to_eager():
+    """Regional compilation (models.compile_blocks): every ResNet / transformer block compiled in place; the
+    student's loss and LoRA gradients (every block checkpointed, so recomputed through the compiled blocks) and
+    the teacher's no-grad pass with the adapter off equal the eager ones; enabled=False restores eager blocks."""
+    from cmdistill import checkpointing
+
+    torch._dynamo.reset()
+    unet = student_unet(torch.float32)
+    unet.train()
+    unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpointing.SelectiveCheckpointing())
+    x, t, cond = inputs(3, seed=4)
+
+    def run():
+        out = UNetEps(unet)(x, t, cond)
+        out.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
+        unet.zero_grad(set_to_none=True)
+        with torch.no_grad(), models.adapters_disabled(unet):
+            teacher = UNetEps(unet)(x[:2], t[:2], {k: v[:2] for k, v in cond.items()})
+        return out.detach(), grads, teacher
+
+    eager = run()
+    n = models.compile_blocks(unet, backend="aot_eager")
+    blocks = [m for m in unet.modules() if type(m).__name__ in models.BLOCK_TYPES]
+    assert n == len(blocks) > 0 and all(m._compiled_call_impl is not None for m in blocks)
+    compiled = run()
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled[2], eager[2], rtol=1e-5, atol=1e-6)
+    assert any(g.abs().max() > 0 for g in eager[1].values())
+    for name, g in eager[1].items():
+        torch.testing.assert_close(compiled[1][name], g, rtol=1e-4, atol=1e-7)
+    models.compile_blocks(unet, enabled=False)
+    assert all(m._compiled_call_impl is None for m in blocks)
