@@ -10,12 +10,14 @@
 #                                            # and inductor's tuned settings as knobs
 #   bash benchmarks/gpu_runs.sh expected OUT # the expected Direct CM step (per-call times), CM step; cuDNN attention
 #   bash benchmarks/gpu_runs.sh sac OUT      # the student step with selective checkpointing (20 / 40 GiB kept)
-#   bash benchmarks/gpu_runs.sh next OUT     # not run yet: ours + selective checkpointing; the teacher with CUDA graphs
+#   bash benchmarks/gpu_runs.sh next OUT     # ours + selective checkpointing; the teacher with CUDA graphs
+#   bash benchmarks/gpu_runs.sh micro OUT    # the student in micro-batches without checkpointing, compiled blocks:
+#                                            # GPU 0 the CM step, GPU 1 the expected Direct CM step
 #   bash benchmarks/gpu_runs.sh final OUT    # GPU 0: the Direct CM reference vs ours (compiled) side by side;
 #                                            # GPU 1: the 24 GiB cap with expandable segments, then the loss curves
 set -u
-stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next OUT}
-OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next OUT}
+stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro OUT}
+OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro OUT}
 mkdir -p "$OUT"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/inductor} HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm --format=csv > "$OUT/gpus_$stage.csv" 2>&1
@@ -86,7 +88,7 @@ elif [ "$stage" = expected ]; then
   R1=$R1,direct_cm_calls_ours+cudnn_attention,direct_cm_expected+cudnn_attention
   pair expected
 elif [ "$stage" = next ]; then
-  # Not run yet. GPU 0: reference vs ours (+ selective checkpointing at 40 GiB, which needs an 80 GB card);
+  # GPU 0: reference vs ours (+ selective checkpointing at 40 GiB, which needs an 80 GB card);
   # GPU 1: the teacher compiled with CUDA graphs (mode reduce-overhead) for the small Direct CM calls.
   R0=matmul_peak,teacher_fwd_ref,teacher_fwd_ours,student_step_ref,student_step_ours,direct_cm_calls_ref
   R0=$R0,teacher_fwd_ours_compiled,direct_cm_calls_ours,direct_cm_expected,cm_step_ref,cm_step_ours
@@ -95,6 +97,17 @@ elif [ "$stage" = next ]; then
   R1=$R1,teacher_fwd_ours_compiled+cudagraphs,direct_cm_calls_ours+cudagraphs,direct_cm_expected+cudagraphs
   R1=$R1,direct_cm_step_ours+cudagraphs
   pair next
+elif [ "$stage" = micro ]; then
+  # GPU 0: the CM step with the student in micro-batches of 4 (no checkpointing), then with compiled blocks too;
+  # GPU 1: the student-step variants behind the expected Direct CM step (micro-batches 2 / 4 / 8, compiled blocks).
+  R0=matmul_peak,teacher_fwd_ref,teacher_fwd_ours,student_step_ref,student_step_ours,student_step_ours+micro4
+  R0=$R0,student_step_ours+micro8+sac40,cm_step_ref,cm_step_ours,cm_step_ours+micro4,student_step_ours+blocks+micro4
+  R0=$R0,cm_step_ours+blocks+micro4
+  R1=matmul_peak,teacher_fwd_ours,student_step_ref,student_step_ours,student_step_ours+blocks
+  R1=$R1,student_step_ours+blocks+micro4,student_step_ours+micro2,student_step_ours+micro4,student_step_ours+micro8
+  R1=$R1,direct_cm_calls_ref,teacher_fwd_ours_compiled,direct_cm_calls_ours,direct_cm_expected
+  R1=$R1,direct_cm_expected+micro4,direct_cm_expected+micro8,direct_cm_expected+blocks+micro4
+  pair micro
 elif [ "$stage" = sac ]; then
   # GPU 0: the student step with every block checkpointed and with selective checkpointing (20 and 40 GiB kept)
   timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:0 --repeats 3 \

@@ -188,7 +188,9 @@ def compile_blocks(unet, enabled: bool = True, backend: str = "inductor") -> int
     if enabled:
         # Each class compiles once per grad mode x adapter switch x shape family: more than dynamo's default
         # of 8 entries per code object.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        cfg = torch._dynamo.config
+        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # older torch
+        setattr(cfg, name, max(getattr(cfg, name), 64))
     for m in blocks:
         if enabled:
             m.compile(backend=backend)
