@@ -50,11 +50,10 @@ import torch._inductor.config  # noqa: E402,F401  (knob rows patch it)
 
 from cmdistill import checkpointing, models  # noqa: E402
 from cmdistill.guidance import GuidedEps, UNetEps  # noqa: E402
-from cmdistill.objectives import (  # noqa: E402
-    DistillContext, backward_in_micro_batches, cm_target, direct_cm_target, distance)
+from cmdistill.objectives import DistillContext, cm_target, direct_cm_target, distance  # noqa: E402
 from cmdistill.sampling import consistency_fn, student_sample, teacher_sample  # noqa: E402
 from cmdistill.schedule import Grid, NoiseSchedule  # noqa: E402
-from cmdistill.solvers import get_solver, solve_to_zero_reference  # noqa: E402
+from cmdistill.solvers import TrajectoryPool, get_solver, solve_to_zero_reference  # noqa: E402
 from cmdistill.train import make_optimizer  # noqa: E402
 
 T0 = time.perf_counter()
@@ -66,6 +65,29 @@ RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1
 def log(msg: str) -> None:
     if RANK == 0:
         print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+
+
+def micro_batches(n: int, size: int | None) -> list[slice]:
+    """Consecutive slices of at most ``size`` of n samples (None or 0: one slice of all n)."""
+    size = n if not size or size >= n else size
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def backward_in_micro_batches(loss_of, n: int, micro_batch: int | None, backward) -> torch.Tensor:
+    """The ``micro_batch`` knob: the gradient of the batch-mean loss with the student's forward and backward
+    run ``micro_batch`` samples at a time (``loss_of(sl)``: the mean loss of samples ``sl``, weighted by their
+    share of the batch), so that only one part's activations live at a time. Measured slower than
+    checkpointing the whole batch on an H200 (RESULTS.md): small batches leave the GPU waiting on launches.
+    Returns the batch's loss."""
+    total = None
+    parts = micro_batches(n, micro_batch)
+    for sl in parts:
+        loss = loss_of(sl)
+        if len(parts) > 1:
+            loss = loss * ((sl.stop - sl.start) / n)
+        backward(loss)
+        total = loss.detach() if total is None else total + loss.detach()
+    return total
 
 
 def barrier():
@@ -217,6 +239,7 @@ class Knobs:
     compile_mode: str = "default"  # torch.compile mode of the teacher (reduce-overhead: CUDA graphs per batch size)
     checkpoint_budget_gib: float = 0  # selective checkpointing: GiB of activations kept (0: every block checkpointed)
     compile_blocks: bool = False  # every ResNet / transformer block through torch.compile (models.compile_blocks)
+    lookahead: int = 0            # Direct CM: batches whose trajectories ride in the current one's calls (pool)
     micro_batch: int = 0          # the student's forward + backward this many samples at a time (0: whole batch)
     attention: str = "default"    # SDPA backend: default (torch's choice) | cudnn (cuDNN attention only)
     switch: str = "peft"          # teacher's adapter switch: peft (disable_adapters(), flips requires_grad of every
@@ -236,6 +259,7 @@ class Knobs:
             s += (", no block checkpointed" if math.isinf(self.checkpoint_budget_gib)
                   else f", {self.checkpoint_budget_gib:g} GiB un-checkpointed")
         s += f", student in micro-batches of {self.micro_batch}" if self.micro_batch else ""
+        s += f", teacher lookahead {self.lookahead} batches" if self.lookahead else ""
         s += f", {self.switch} adapter switch"
         return s + (f", loop={self.loop}" if objective == "direct_cm" else "")
 
@@ -264,6 +288,9 @@ SPECS = [
          extra={"precision": "bf16"}),
     Spec("teacher_fwd_ours_compiled", "teacher_fwd", "ours", "teacher UNet forward, bf16, torch.compile "
          "(dynamic batch, as the training loop uses it)", extra={"precision": "bf16", "compile": True}),
+    Spec("teacher_fwd_ours+blocks", "teacher_fwd", "knob", "teacher UNet forward, bf16, every block compiled "
+         "(models.compile_blocks), no whole-model compile", default=False,
+         extra={"precision": "bf16", "compile_blocks": True}),
     Spec("teacher_fwd_ours+channels_last", "teacher_fwd", "knob", "teacher UNet forward, bf16, eager, weights "
          "channels_last", default=False, extra={"precision": "bf16", "channels_last": True}),
     Spec("teacher_fwd_ours_compiled+channels_last", "teacher_fwd", "knob", "teacher UNet forward, bf16, "
@@ -338,6 +365,11 @@ SPECS = [
     Spec("cm_step_ours+blocks+micro4", "cm_step", "knob", "CM step, ours + compiled blocks, the student 4 samples "
          "at a time, no block checkpointed", default=False,
          knobs=replace(OURS, loop="reference", compile_blocks=True, micro_batch=4, checkpoint_budget_gib=float("inf"))),
+    Spec("student_step_ours+blocks+sac40", "student_step", "knob", "student step alone, ours + compiled blocks + "
+         "selective checkpointing (40 GiB)", default=False,
+         knobs=replace(OURS, compile_blocks=True, checkpoint_budget_gib=40)),
+    Spec("cm_step_ours+blocks+sac40", "cm_step", "knob", "CM step, ours + compiled blocks + selective checkpointing "
+         "(40 GiB)", default=False, knobs=replace(OURS, loop="reference", compile_blocks=True, checkpoint_budget_gib=40)),
     Spec("cm_step_ours+blocks", "cm_step", "knob", "CM step, ours + compiled blocks", default=False,
          knobs=replace(OURS, loop="reference", compile_blocks=True)),
     Spec("cm_step_ours+channels_last", "cm_step", "knob", "CM step, ours + channels_last weights", default=False,
@@ -370,6 +402,12 @@ SPECS = [
     Spec("direct_cm_step_ours+cudagraphs", "direct_cm_step", "knob", "Direct CM step, ours with the teacher "
          "compiled in mode reduce-overhead (CUDA graphs)", default=False,
          knobs=replace(OURS, compile_mode="reduce-overhead")),
+    Spec("direct_cm_steps_ours+lookahead2", "direct_cm_pipeline", "knob", "consecutive Direct CM steps, ours with "
+         "the next 2 batches' teacher trajectories in the current batch's calls (--teacher_lookahead 2)",
+         default=False, knobs=replace(OURS, lookahead=2)),
+    Spec("direct_cm_steps_ours+lookahead2+blocks", "direct_cm_pipeline", "knob", "as "
+         "direct_cm_steps_ours+lookahead2, + compiled blocks", default=False,
+         knobs=replace(OURS, lookahead=2, compile_blocks=True)),
     Spec("direct_cm_expected", "direct_cm_expected", "check", "expected Direct CM step over the start "
          "distribution, from the measured call times and student steps (needs direct_cm_calls_* and "
          "student_step_*; reports the ours/reference ratio)"),
@@ -772,7 +810,7 @@ class Bench:
                 f"({self.flops_per_forward / self.B / 1e12:.4g} per sample)")
         with Timer(self.device) as tm:
             fwd()
-        if spec.extra.get("compile"):
+        if spec.extra.get("compile") or spec.extra.get("compile_blocks"):
             out["compile_s"] = tm.seconds
             log(f"  compile + first call: {tm.seconds:.1f} s")
         for _ in range(self.args.warmup_fwd - 1):
@@ -859,6 +897,70 @@ class Bench:
                     batched_cfg_calls=counted.guide.batched_calls, separate_cfg_calls=counted.guide.separate_calls,
                     notes=f"{knobs.describe('direct_cm')}; {counted.samples} teacher sample-forwards in "
                           f"{counted.calls} calls; {len(times)} timed")
+
+    def m_direct_cm_pipeline(self, spec: Spec) -> dict:
+        """Consecutive Direct CM steps as ``Trainer`` runs them with ``--teacher_lookahead K``: the next K
+        batches' trajectories ride in the room of the current batch's teacher calls (``TrajectoryPool``),
+        every step with freshly drawn starts. After a warm-up step (it has no head start), the timed
+        steps give the teacher's seconds per sample-step at full calls; the expected step is then
+        E[sum of N - n] = B (N + 1) / 2 sample-steps at that rate + the measured student step (in the steady
+        state every call is full: ``tests/test_math.py``)."""
+        knobs = spec.knobs
+        self.set_precision(knobs.precision)
+        scaler = self.scaler_for(knobs.precision)
+        latents, cond = self.inputs(knobs)
+        models.set_lora_input_casting(self.unet, knobs.lora_cast == "fp32")
+        N, B, K = self.N, self.B, knobs.lookahead
+        ctx, _ = self.context(knobs, 0, "pipeline", "direct_cm")
+        calls = []
+        pool = TrajectoryPool(ctx.step, ctx.teacher_eps, ctx.sched, ctx.grid, B, callback=calls.append)
+        warm, timed_steps = 1, self.args.repeats_pipeline
+        g = torch.Generator().manual_seed(self.args.seed)
+        starts = [torch.randint(0, N, (B,), generator=g) for _ in range(warm + timed_steps)]
+
+        def x_t(k):
+            return self.sched.add_noise(latents, self.noise, self.grid.timestep(starts[k]))
+
+        submitted = 0
+
+        def step(k):
+            nonlocal submitted
+            while submitted < len(starts) and submitted <= k + K:
+                pool.submit(submitted, x_t(submitted), starts[submitted], cond)
+                submitted += 1
+            n0 = len(calls)
+            with Timer(self.device) as tt, torch.no_grad(), self.autocast(knobs.precision):
+                target = pool.result(k)
+            with Timer(self.device) as ts:
+                self.student_update(knobs, x_t(k), self.grid.timestep(starts[k]), cond, target, scaler)
+            done = calls[n0:]
+            log(f"  step {k}: teacher {tt.seconds:.2f} s in {len(done)} calls ({sum(done)} sample-steps), "
+                f"student {ts.seconds:.3f} s")
+            return tt.seconds, ts.seconds, len(done), sum(done)
+
+        for k in range(warm):
+            step(k)
+        parts = [step(k) for k in range(warm, warm + timed_steps)]
+        teacher_s, student_s = sum(p[0] for p in parts), [p[1] for p in parts]
+        n_calls, n_steps = sum(p[2] for p in parts), sum(p[3] for p in parts)
+        per_sample_step = teacher_s / n_steps
+        expected = B * (N + 1) / 2 * per_sample_step + median(student_s)
+        measured = [p[0] + p[1] for p in parts]
+        out = dict(value=expected, unit="s/step (expected)", median_s=expected, seconds=measured,
+                   measured_mean_s=sum(measured) / len(measured), teacher_s_per_sample_step=per_sample_step,
+                   teacher_s_per_full_call=per_sample_step * B, calls=n_calls, sample_steps=n_steps,
+                   mean_call_size=n_steps / n_calls, student_step_s=median(student_s), lookahead=K)
+        ref = next((r for k, r in self.results.items() if k.startswith("direct_cm_expected") and r.get("status") == "ok"),
+                   {})  # any expected-step row: the reference's expectation is the same in each
+        note = ""
+        if ref:
+            out["expected_ref_s"] = ref["expected_ref_s"]
+            out["speed_up_expected"] = ref["expected_ref_s"] / expected
+            note = f"; {out['speed_up_expected']:.2f}x the reference's expected {ref['expected_ref_s']:.1f} s"
+        out["notes"] = (f"{knobs.describe('direct_cm')}; {timed_steps} steps timed: {n_steps} sample-steps in "
+                        f"{n_calls} calls (mean size {n_steps / n_calls:.1f}), {per_sample_step * B:.3f} s per full "
+                        f"call, mean measured {out['measured_mean_s']:.1f} s/step" + note)
+        return out
 
     def m_teacher_images(self, spec: Spec) -> dict:
         knobs = spec.knobs
@@ -1067,7 +1169,7 @@ class Bench:
               "cm_step": self.m_cm_step, "direct_cm_step": self.m_direct_cm_step,
               "teacher_images": self.m_teacher_images, "student_images": self.m_student_images,
               "direct_cm_calls": self.m_direct_cm_calls, "direct_cm_expected": self.m_direct_cm_expected,
-              "check": self.m_direct_cm_agreement}[spec.group]
+              "direct_cm_pipeline": self.m_direct_cm_pipeline, "check": self.m_direct_cm_agreement}[spec.group]
         if self.args.no_compile and spec.knobs is not None and (spec.knobs.compile or spec.knobs.compile_student
                                                                 or spec.knobs.compile_blocks):
             spec = replace(spec, knobs=replace(spec.knobs, compile=False, compile_student=False, compile_blocks=False))
@@ -1217,6 +1319,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed repeats of the short measurements "
                    "(default 3; 1 with --tiny); the teacher forward uses 4x this (2 with --tiny)")
     p.add_argument("--repeats_direct_cm", type=int, default=1, help="timed Direct CM steps (after one short warm-up)")
+    p.add_argument("--repeats_pipeline", type=int, default=3,
+                   help="direct_cm_steps_*: consecutive Direct CM steps timed (after 1 warm-up step)")
     p.add_argument("--json", default=None, help="write every number, the card, versions and settings here")
     p.add_argument("--no_compile", action="store_true", help="ours without torch.compile (no compile time)")
     p.add_argument("--compile_backend", default=None, help="default inductor (--tiny: aot_eager, i.e. dynamo's "

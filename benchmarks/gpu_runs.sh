@@ -13,11 +13,13 @@
 #   bash benchmarks/gpu_runs.sh next OUT     # ours + selective checkpointing; the teacher with CUDA graphs
 #   bash benchmarks/gpu_runs.sh micro OUT    # the student in micro-batches without checkpointing, compiled blocks:
 #                                            # GPU 0 the CM step, GPU 1 the expected Direct CM step
+#   bash benchmarks/gpu_runs.sh blocks OUT   # GPU 0: the Direct CM step with compiled blocks and the trajectory
+#                                            # pool (consecutive steps); GPU 1: the CM step with compiled blocks
 #   bash benchmarks/gpu_runs.sh final OUT    # GPU 0: the Direct CM reference vs ours (compiled) side by side;
 #                                            # GPU 1: the 24 GiB cap with expandable segments, then the loss curves
 set -u
-stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro OUT}
-OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro OUT}
+stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks OUT}
+OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks OUT}
 mkdir -p "$OUT"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/inductor} HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm --format=csv > "$OUT/gpus_$stage.csv" 2>&1
@@ -108,6 +110,13 @@ elif [ "$stage" = micro ]; then
   R1=$R1,direct_cm_calls_ref,teacher_fwd_ours_compiled,direct_cm_calls_ours,direct_cm_expected
   R1=$R1,direct_cm_expected+micro4,direct_cm_expected+micro8,direct_cm_expected+blocks+micro4
   pair micro
+elif [ "$stage" = blocks ]; then
+  R0=matmul_peak,teacher_fwd_ours,direct_cm_calls_ref,student_step_ref,direct_cm_calls_ours,student_step_ours+blocks
+  R0=$R0,direct_cm_expected+blocks,direct_cm_steps_ours+lookahead2+blocks
+  R1=matmul_peak,teacher_fwd_ref,teacher_fwd_ours,student_step_ref,student_step_ours,teacher_fwd_ours_compiled
+  R1=$R1,cm_step_ref,cm_step_ours,student_step_ours+blocks,cm_step_ours+blocks,student_step_ours+blocks+sac40
+  R1=$R1,cm_step_ours+blocks+sac40,teacher_fwd_ours+blocks
+  pair blocks
 elif [ "$stage" = sac ]; then
   # GPU 0: the student step with every block checkpointed and with selective checkpointing (20 and 40 GiB kept)
   timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:0 --repeats 3 \

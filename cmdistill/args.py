@@ -85,10 +85,6 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
                         "dry run, which runs ~1.2-1.4x low under bf16 autocast); same gradients, less recomputation. "
                         "At batch 16, 1024 px: 20 -> peak 48.6 GiB, 40 -> 70.2 GiB (an 80 GB card). 'auto': sized "
                         "after the first step from the card's memory left (0 when none is)")
-    g.add_argument("--student_micro_batch", type=int, default=None,
-                   help="run the student's forward + backward this many samples at a time (the targets still for "
-                        "the whole batch; same gradients): less activation memory per part, so with "
-                        "--checkpointing_budget_gib more of it is kept instead of recomputed")
     g = p.add_argument_group("distillation (SPEC §2-§6)")
     g.add_argument("--w", type=float, default=9.0, help="teacher guidance, Imagen form (paper: 9.0)")
     g.add_argument("--solver", default="ddim", choices=["ddim", "euler", "heun"])
@@ -109,8 +105,8 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
                         "after a compile of a few minutes on first use; same values to kernel rounding")
     g.add_argument("--compile_mode", default="default", choices=COMPILE_MODES,
                    help="torch.compile mode of the teacher (--compile_teacher): reduce-overhead replays a CUDA "
-                        "graph per batch size, for the small calls at the end of the Direct CM loop (not yet "
-                        "measured on a GPU)")
+                        "graph per batch size, for the small calls at the end of the Direct CM loop (measured on "
+                        "an H200: no gain over default, benchmarks/RESULTS.md)")
     g.add_argument("--compile_student", action="store_true",
                    help="torch.compile the student's forward and backward (LoRA and checkpointing included); "
                         "same values to kernel rounding; compiles on the first step")
@@ -122,6 +118,11 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
                    help="Direct CM opt-in, not the paper's objective: each teacher trajectory also gives K-1 "
                         "training pairs at random later points of the same trajectory (same target), so the "
                         "student batch is K x --train_batch_size for the teacher cost of --train_batch_size")
+    g.add_argument("--teacher_lookahead", type=int, default=None,
+                   help="Direct CM: prepare the next K batches ahead and solve their teacher trajectories in the "
+                        "room that this batch's shrinking active set leaves in each teacher call, so that the calls "
+                        "run full (~50 instead of ~95 per step at batch 16, N = 100); same targets up to rounding. "
+                        "Default 2 (every call full) for train_direct_cm.py, 0 (off) where it does not apply")
     g.add_argument("--cfg_batched", action="store_true",
                    help="run conditional and unconditional teacher passes as one batch of 2B")
     g.add_argument("--reference_loop", action="store_true",

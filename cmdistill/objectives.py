@@ -6,7 +6,6 @@ never branches on which objective it runs.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -80,30 +79,3 @@ def distance(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2", hu
 
     raise UserError(f"--loss_type {loss_type!r}: choose 'l2' or 'huber'")
 
-
-def micro_batches(n: int, size: int | None) -> list[slice]:
-    """Consecutive slices of at most ``size`` of n samples (None or 0: one slice of all n)."""
-    size = n if not size or size >= n else size
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-def backward_in_micro_batches(loss_of: Callable[[slice], torch.Tensor], n: int, micro_batch: int | None,
-                              backward: Callable[[torch.Tensor], None],
-                              no_sync: Callable[[], contextlib.AbstractContextManager] | None = None) -> torch.Tensor:
-    """The gradient of the batch-mean loss with the student's forward and backward run ``micro_batch`` samples
-    at a time (``--student_micro_batch``): ``loss_of(sl)`` is the mean loss of samples ``sl``; each part is
-    weighted by its share of the batch, so the summed gradients are those of the whole batch (every sample
-    has the same number of loss elements). Only one part's activations are alive at a time, which lets the
-    student keep more of them instead of recomputing (``--checkpointing_budget_gib``). ``no_sync``: a context
-    that holds back the gradient all-reduce (DDP) for all parts but the last. Returns the batch's loss."""
-    parts = micro_batches(n, micro_batch)
-    total = None
-    for i, sl in enumerate(parts):
-        hold = no_sync is not None and i < len(parts) - 1
-        with no_sync() if hold else contextlib.nullcontext():
-            loss = loss_of(sl)
-            if len(parts) > 1:
-                loss = loss * ((sl.stop - sl.start) / n)
-            backward(loss)
-        total = loss.detach() if total is None else total + loss.detach()
-    return total

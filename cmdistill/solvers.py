@@ -125,3 +125,71 @@ def solve_to_zero_reference(step, eps_fn: EpsFn, x: torch.Tensor, start_index: t
         started = (start <= n).to(x.device).view(-1, *([1] * (x.ndim - 1)))
         x = torch.where(started, x_new, x)
     return x
+
+
+class TrajectoryPool:
+    """Direct CM targets of consecutive batches solved together (``--teacher_lookahead``).
+
+    ``solve_to_zero`` runs one batch's trajectories; sample i needs N - n_i steps, so the batch needs as
+    many teacher calls as its longest trajectory (~95 of N = 100 at batch 16) while its samples need only
+    ~808 sample-steps: half the calls run on a shrinking active set, below the card's full batch. The
+    teacher is frozen, so the trajectories of the next batches do not depend on this step's student:
+    here the batches are ``submit``-ted ahead and every call takes the oldest batch's active samples plus,
+    in the room left up to ``capacity``, samples of the following batches (longest remaining first), each
+    at its own timestep. ``result(key)`` runs calls until that batch is done. Each sample goes through the
+    same solver steps as in ``solve_to_zero``, so the targets are the same up to the rounding that the
+    batch's composition brings (tests/test_math.py); in the steady state every call is full (~50.5 calls of
+    16 per batch instead of ~95 calls of 8.5 on average).
+    """
+
+    def __init__(self, step, eps_fn: EpsFn, sched: NoiseSchedule, grid: Grid, capacity: int,
+                 callback: Callable | None = None):
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.step, self.eps_fn, self.sched, self.grid = step, eps_fn, sched, grid
+        self.capacity, self.callback = capacity, callback
+        self.batches: dict = {}  # key -> [x (float32), n (CPU long), cond], in submission order
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def submit(self, key, x: torch.Tensor, start_index: torch.Tensor, cond: dict) -> None:
+        if key in self.batches:
+            raise KeyError(f"batch {key!r} is already in the pool")
+        n = torch.as_tensor(start_index, device="cpu").long().clone()
+        self.batches[key] = [x.float().clone(), n, dict(cond)]
+
+    def result(self, key) -> torch.Tensor:
+        """Solve until batch ``key`` (the oldest in the pool) has reached 0; returns its x_0 and drops it."""
+        if next(iter(self.batches), None) != key:
+            raise KeyError(f"batch {key!r} is not the oldest batch in the pool")
+        head = self.batches[key]
+        while bool((head[1] < self.grid.N).any()):
+            self._call()
+        return self.batches.pop(key)[0]
+
+    def _call(self) -> None:
+        """One solver step on up to ``capacity`` samples: the oldest batch's first, then the others' in
+        submission order, longest remaining trajectory first."""
+        N, room, parts = self.grid.N, self.capacity, []
+        for entry in self.batches.values():
+            active = torch.nonzero(entry[1] < N).flatten()
+            if active.numel() == 0:
+                continue
+            active = active[torch.argsort(entry[1][active], stable=True)][:room]  # smallest n: most steps left
+            parts.append((entry, active))
+            room -= active.numel()
+            if room == 0:
+                break
+        x = torch.cat([e[0][idx.to(e[0].device)] for e, idx in parts])
+        n = torch.cat([e[1][idx] for e, idx in parts])
+        cond = {k: torch.cat([index_cond(e[2], idx)[k] for e, idx in parts]) for k in parts[0][0][2]}
+        t = self.grid.timestep(n)
+        x = self.step(self.eps_fn, x, t, t - self.grid.k, cond, self.sched)
+        offset = 0
+        for e, idx in parts:
+            e[0][idx.to(e[0].device)] = x[offset:offset + idx.numel()]
+            e[1][idx] += 1
+            offset += idx.numel()
+        if self.callback is not None:
+            self.callback(offset)

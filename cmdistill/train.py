@@ -9,6 +9,7 @@ P processes reproduce one process with the same global batch.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -26,12 +27,11 @@ from .data import SDXLImageCaptions, load_caption_dataset, make_dataloader
 from .errors import UserError
 from .guidance import GuidedEps, UNetEps
 from .noise import generator_for, per_sample_noise
-from .objectives import (OBJECTIVES, DistillContext, backward_in_micro_batches, direct_cm_trajectory_pairs, distance,
-                         extra_pair_indices)
+from .objectives import OBJECTIVES, DistillContext, direct_cm_trajectory_pairs, distance, extra_pair_indices
 from .precompute import collate_precomputed, find_cache
 from .sampling import consistency_fn, student_sample
 from .schedule import Grid, NoiseSchedule
-from .solvers import get_solver, solve_to_zero_reference
+from .solvers import TrajectoryPool, get_solver, solve_to_zero_reference
 
 logger = logging.getLogger("cmdistill")
 STATE_NAME = "training_state.pt"
@@ -87,9 +87,6 @@ def make_optimizer(args, params):
 
 
 def validate_args(args):
-    if args.student_micro_batch is not None and args.student_micro_batch < 1:
-        raise UserError(f"--student_micro_batch {args.student_micro_batch} must be >= 1 (samples per student "
-                        "forward + backward; leave it out for the whole batch at once)")
     if args.checkpointing_budget_gib not in (None, "auto") and args.checkpointing_budget_gib < 0:
         raise UserError(f"--checkpointing_budget_gib {args.checkpointing_budget_gib:g} must be >= 0 (GiB of "
                         "activations kept un-checkpointed; 0 = checkpoint every block)")
@@ -100,6 +97,8 @@ def validate_args(args):
         raise UserError("--train_batch_size and --gradient_accumulation_steps must be >= 1")
     if not args.train_data_dir and not args.dataset_name:
         raise UserError("give --train_data_dir (an image folder with metadata.csv) or --dataset_name")
+    if (getattr(args, "teacher_lookahead", 0) or 0) < 0:
+        raise UserError(f"--teacher_lookahead {args.teacher_lookahead}: must be >= 0 (0 = off)")
     if getattr(args, "trajectory_pairs", 1) < 1:
         raise UserError(f"--trajectory_pairs {args.trajectory_pairs}: must be >= 1 (1 = off)")
 
@@ -115,6 +114,12 @@ class Trainer:
         self.objective = OBJECTIVES[objective]
         if getattr(args, "trajectory_pairs", 1) > 1 and (objective != "direct_cm" or args.reference_loop):
             raise UserError("--trajectory_pairs applies to train_direct_cm.py without --reference_loop; drop it")
+        if args.teacher_lookahead is None:  # default: on wherever it applies
+            plain = objective == "direct_cm" and not args.reference_loop and args.trajectory_pairs == 1
+            args.teacher_lookahead = 2 if plain else 0
+        if args.teacher_lookahead and (objective != "direct_cm" or args.reference_loop or args.trajectory_pairs > 1):
+            raise UserError("--teacher_lookahead applies to train_direct_cm.py without --reference_loop or "
+                            "--trajectory_pairs; drop it")
         self.output_dir = Path(args.output_dir)
         report_to = None if args.report_to in (None, "none") else args.report_to
         self.accelerator = acc = Accelerator(
@@ -219,10 +224,8 @@ class Trainer:
     def set_checkpointing(self, unet, budget_gib):
         args = self.args
         side = args.resolution // self.vae_scale_factor
-        batch = args.train_batch_size * args.trajectory_pairs  # the student's batch, or its micro-batches
-        if args.student_micro_batch:
-            batch = min(batch, args.student_micro_batch)
-        self.checkpointing = checkpointing.enable(unet, budget_gib, batch, side, side)
+        self.checkpointing = checkpointing.enable(unet, budget_gib, args.train_batch_size * args.trajectory_pairs,
+                                                  side, side)
         if budget_gib:
             logger.info(checkpointing.describe(self.checkpointing))
 
@@ -344,10 +347,10 @@ class Trainer:
                               sched=self.sched, grid=self.grid, timestep_scaling=self.args.timestep_scaling_factor,
                               max_batch=self.args.teacher_max_batch)
 
-    def loss_and_backward(self, batch) -> torch.Tensor:
-        """One micro-batch: the targets (no grad), then the student's forward and backward, in parts of
-        ``--student_micro_batch`` samples. Each sample's grid index and noise are drawn from (seed, stream
-        position), so the result does not depend on how the global batch is split over processes."""
+    def prepare(self, batch) -> dict:
+        """A micro-batch's inputs: x_t at each sample's start index, its timesteps and conditioning. Each
+        sample's grid index and noise are drawn from (seed, stream position), so the result does not depend
+        on how the global batch is split over processes."""
         acc, args = self.accelerator, self.args
         positions = batch["positions"]
         if "mean" in batch:  # precomputed (cmdistill.precompute): no VAE encoder, no text encoders
@@ -360,26 +363,30 @@ class Trainer:
                            for p in positions])
         noise = per_sample_noise(args.seed, positions, tuple(latents.shape[1:]), stream=STREAM_NOISE).to(latents.device)
         t = self.grid.timestep(start)
-        x_t = self.sched.add_noise(latents, noise, t)
+        return {"x_t": self.sched.add_noise(latents, noise, t), "t": t, "start": start, "cond": cond,
+                "positions": positions, "skipped": batch["skipped"]}
+
+    def loss_and_backward(self, prep: dict) -> torch.Tensor:
+        """One micro-batch (``prepare``): the targets (no grad), then the student's forward and backward."""
+        acc, args = self.accelerator, self.args
+        x_t, t, start, cond = prep["x_t"], prep["t"], prep["start"], prep["cond"]
         ctx = self.distill_context()
         with acc.autocast():
             if args.trajectory_pairs > 1:
-                x_t, t, cond, target = self.trajectory_pairs(ctx, x_t, start, t, cond, positions)
+                x_t, t, cond, target = self.trajectory_pairs(ctx, x_t, start, t, cond, prep["positions"])
             elif args.reference_loop and self.objective_name == "direct_cm":
                 with torch.no_grad():
                     target = solve_to_zero_reference(ctx.step, ctx.teacher_eps, x_t, start, cond, ctx.sched, ctx.grid)
+            elif "pool_key" in prep:  # --teacher_lookahead: solved with the following batches' trajectories
+                with torch.no_grad():
+                    target = self.pool.result(prep["pool_key"])
             else:
                 target = self.objective(ctx, x_t, start, cond)
-        student = UNetEps(self.student_unet)
-
-        def loss_of(sl):
-            with acc.autocast():
-                pred = consistency_fn(student, x_t[sl], t[sl], {k: v[sl] for k, v in cond.items()}, self.sched,
-                                      args.timestep_scaling_factor)
-            return distance(pred, target[sl], args.loss_type, args.huber_c)
-
-        return backward_in_micro_batches(loss_of, x_t.shape[0], args.student_micro_batch, acc.backward,
-                                         lambda: acc.no_sync(self.unet))
+        with acc.autocast():
+            pred = consistency_fn(UNetEps(self.student_unet), x_t, t, cond, self.sched, args.timestep_scaling_factor)
+        loss = distance(pred, target, args.loss_type, args.huber_c)
+        acc.backward(loss)
+        return loss.detach()
 
     def trajectory_pairs(self, ctx, x_t, start, t, cond, positions):
         """``--trajectory_pairs K`` (Direct CM): each sample's teacher trajectory gives its start pair and K-1
@@ -451,13 +458,14 @@ class Trainer:
         if acc.is_main_process and self.global_step == 0 and log_path.exists():
             log_path.unlink()
         self.unet.train()
+        upcoming = self.upcoming(batches)
         while self.global_step < args.max_train_steps:
             losses, skipped, grad_norm = [], 0, None
             for _ in range(args.gradient_accumulation_steps):
-                batch = next(batches)
-                skipped += batch["skipped"]
+                prep = next(upcoming)
+                skipped += prep["skipped"]
                 with acc.accumulate(self.unet):
-                    loss = self.loss_and_backward(batch)
+                    loss = self.loss_and_backward(prep)
                     if acc.sync_gradients:
                         grad_norm = acc.clip_grad_norm_(self.params, args.max_grad_norm)
                     self.optimizer.step()
@@ -498,6 +506,29 @@ class Trainer:
             if args.push_to_hub:
                 self.push_to_hub()
         acc.end_training()
+
+    def upcoming(self, batches):
+        """The prepared micro-batches of the rest of the run, in order. With ``--teacher_lookahead K``
+        (Direct CM), the next K are prepared ahead and their teacher trajectories submitted to the pool, whose
+        calls fill the room that the current batch's shrinking active set leaves (``solvers.TrajectoryPool``)."""
+        args = self.args
+        total = (args.max_train_steps - self.global_step) * args.gradient_accumulation_steps
+        ahead = args.teacher_lookahead if self.objective_name == "direct_cm" else 0
+        if ahead:
+            ctx = self.distill_context()
+            self.pool = TrajectoryPool(ctx.step, ctx.teacher_eps, ctx.sched, ctx.grid,
+                                       args.teacher_max_batch or args.train_batch_size)
+        queue: collections.deque = collections.deque()
+        fetched = 0
+        while fetched < total or queue:
+            while fetched < total and len(queue) <= ahead:
+                prep = self.prepare(next(batches))
+                if ahead:
+                    prep["pool_key"] = fetched
+                    self.pool.submit(fetched, prep["x_t"], prep["start"], prep["cond"])
+                queue.append(prep)
+                fetched += 1
+            yield queue.popleft()
 
     def push_to_hub(self):
         args = self.args

@@ -20,6 +20,14 @@ DEFAULT = ["matmul_peak", "teacher_fwd_ref", "teacher_fwd_ours", "teacher_fwd_ou
            "direct_cm_calls_ours", "direct_cm_expected"]
 
 
+def load_bench():
+    if "cmdistill_bench" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("cmdistill_bench", BENCH)
+        bench = sys.modules["cmdistill_bench"] = importlib.util.module_from_spec(spec)  # dataclasses need it there
+        spec.loader.exec_module(bench)
+    return sys.modules["cmdistill_bench"]
+
+
 def run_bench(*args, check=True):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
     r = subprocess.run([sys.executable, str(BENCH), *map(str, args)], capture_output=True, text=True, env=env,
@@ -145,7 +153,8 @@ def test_compiled_student_rows(tmp_path):
     run_bench("--tiny", "--device", "cpu", "--json", out, "--only",
               "teacher_fwd_ours,student_step_ours,student_step_ours+compile,cm_step_ours+compile_student,"
               "student_step_ours+blocks+micro4,student_step_ours+micro2,direct_cm_calls_ref,student_step_ref,"
-              "direct_cm_calls_ours,direct_cm_expected+micro2,direct_cm_expected+blocks+micro4")
+              "direct_cm_calls_ours,direct_cm_expected+micro2,direct_cm_expected+blocks+micro4,direct_cm_expected,"
+              "direct_cm_steps_ours+lookahead2")
     m = json.loads(out.read_text())["measurements"]
     assert all(row["status"] == "ok" for row in m.values()), {k: r.get("error") for k, r in m.items()}
     assert "compiled student" in m["student_step_ours+compile"]["notes"]
@@ -154,6 +163,9 @@ def test_compiled_student_rows(tmp_path):
     for variant, student in (("micro2", "student_step_ours+micro2"), ("blocks+micro4", "student_step_ours+blocks+micro4")):
         e = m[f"direct_cm_expected+{variant}"]  # ours' rows of that variant, the plain calls row
         assert e["calls_row"] == "direct_cm_calls_ours" and e["student_row"] == student
+    p = m["direct_cm_steps_ours+lookahead2"]  # consecutive steps through the trajectory pool
+    assert p["lookahead"] == 2 and p["sample_steps"] >= p["calls"] > 0 and 1 <= p["mean_call_size"] <= 4
+    assert positive_finite(p["teacher_s_per_full_call"]) and positive_finite(p["speed_up_expected"])
     assert positive_finite(m["student_step_ours"]["forward_equivalents"])
 
 
@@ -184,12 +196,39 @@ def test_two_processes_measure_together_and_report_once(tmp_path):
 
 
 def test_full_size_configs_have_sdxl_parameter_counts():
-    spec = importlib.util.spec_from_file_location("cmdistill_bench", BENCH)
-    bench = sys.modules["cmdistill_bench"] = importlib.util.module_from_spec(spec)  # dataclasses need it there
-    spec.loader.exec_module(bench)
+    bench = load_bench()
     unet, vae, te1, te2 = bench.build_sdxl_modules("meta")  # asserts the UNet's 2,567,463,684
     assert bench.count_params(unet) == bench.SDXL_UNET_PARAMS == 2_567_463_684
     assert bench.count_params(vae) == bench.SDXL_VAE_PARAMS
     assert bench.count_params(te1) == bench.CLIP_L_PARAMS
     assert bench.count_params(te2) == bench.CLIP_BIGG_PARAMS
     assert vae.config.scaling_factor == 0.13025 and unet.config.addition_embed_type == "text_time"
+
+
+def test_micro_batch_knob_gives_the_whole_batch_gradient():
+    """The bench's micro_batch knob (measured and rejected, RESULTS.md) computes the same gradient."""
+    import torch
+    from test_speed import inputs, student_unet
+
+    from cmdistill.guidance import UNetEps
+
+    bench = load_bench()
+    assert bench.micro_batches(5, None) == [slice(0, 5)] and bench.micro_batches(5, 8) == [slice(0, 5)]
+    assert bench.micro_batches(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    unet = student_unet(torch.float32)
+    x, t, cond = inputs(3, seed=5)
+    target = torch.randn_like(x)
+
+    def loss_of(sl):
+        return ((UNetEps(unet)(x[sl], t[sl], {k: v[sl] for k, v in cond.items()}) - target[sl]) ** 2).mean()
+
+    results = []
+    for micro in (None, 2):
+        loss = bench.backward_in_micro_batches(loss_of, 3, micro, lambda v: v.backward())
+        results.append((loss, {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}))
+        unet.zero_grad(set_to_none=True)
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=0)
+    assert any(g.abs().max() > 0 for g in g0.values())
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7)

@@ -3,7 +3,6 @@ per-block costs from a meta-device dry run that match the real model, and the bu
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pytest
@@ -132,9 +131,7 @@ def test_training_with_a_budget_gives_the_same_losses(tiny_pipeline, tiny_image_
     from cmdistill.train import Trainer
 
     losses, configs = {}, {}
-    runs = [("full", ["--gradient_checkpointing"]), ("selective", ["--checkpointing_budget_gib", "1"]),
-            ("micro", ["--student_micro_batch", "1"])]  # the student one sample at a time, nothing checkpointed
-    for name, flags in runs:
+    for name, flags in [("full", ["--gradient_checkpointing"]), ("selective", ["--checkpointing_budget_gib", "1"])]:
         out = tmp_path / name
         args = training_parser("cm").parse_args([
             "--pretrained_teacher_model", str(tiny_pipeline), "--train_data_dir", str(tiny_image_folder),
@@ -148,47 +145,10 @@ def test_training_with_a_budget_gives_the_same_losses(tiny_pipeline, tiny_image_
         configs[name] = json.loads((out / "training_config.json").read_text())["selective_checkpointing"]
     assert len(losses["full"]) == 2
     assert losses["selective"] == pytest.approx(losses["full"], rel=1e-5)
-    assert losses["micro"] == pytest.approx(losses["full"], rel=1e-5)
-    assert configs["full"] == {"kept_blocks": 0} and configs["micro"] == {}
+    assert configs["full"] == {"kept_blocks": 0}
     sel = configs["selective"]
     assert sel["kept_blocks"] == sel["blocks"] > 0 and 0 < sel["kept_gib"] <= 1  # the tiny model fits entirely
     assert sel["recompute_avoided"] == pytest.approx(1.0)
-
-
-def test_micro_batches_give_the_whole_batch_gradient_and_hold_back_all_but_the_last_sync():
-    from cmdistill.objectives import backward_in_micro_batches, micro_batches
-
-    assert micro_batches(5, None) == [slice(0, 5)] and micro_batches(5, 8) == [slice(0, 5)]
-    assert micro_batches(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
-    unet = student_unet(torch.float32)
-    unet.train()
-    x, t, cond = inputs(3, seed=5)
-    target = torch.randn_like(x)
-
-    def loss_of(sl):
-        return ((UNetEps(unet)(x[sl], t[sl], {k: v[sl] for k, v in cond.items()}) - target[sl]) ** 2).mean()
-
-    def grads():
-        g = {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
-        unet.zero_grad(set_to_none=True)
-        return g
-
-    whole = backward_in_micro_batches(loss_of, 3, None, lambda loss: loss.backward())
-    g0 = grads()
-    held = []
-
-    @contextlib.contextmanager
-    def no_sync():
-        held.append(True)
-        yield
-
-    parts = backward_in_micro_batches(loss_of, 3, 2, lambda loss: loss.backward(), no_sync)
-    g1 = grads()
-    assert len(held) == 1  # 2 parts: the first holds back the all-reduce, the last one syncs
-    torch.testing.assert_close(parts, whole, rtol=1e-6, atol=0)
-    assert any(g.abs().max() > 0 for g in g0.values())
-    for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7)
 
 
 def test_auto_budget_is_the_memory_left_after_the_first_step_over_the_measured_overshoot():
@@ -232,12 +192,3 @@ def test_negative_budget_is_a_one_line_error():
     with pytest.raises(UserError, match="must be >= 0"):
         validate_args(args)
 
-
-def test_micro_batch_below_one_is_a_one_line_error():
-    from cmdistill.args import training_parser
-    from cmdistill.errors import UserError
-    from cmdistill.train import validate_args
-
-    args = training_parser("cm").parse_args(["--train_data_dir", "x", "--student_micro_batch", "0"])
-    with pytest.raises(UserError, match="--student_micro_batch 0 must be >= 1"):
-        validate_args(args)

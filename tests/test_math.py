@@ -226,6 +226,57 @@ def test_skip_inactive_loop_equals_reference_masked_loop_and_per_sample(solver):
     torch.testing.assert_close(one_by_one, reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("solver", ["ddim", "heun"])
+@pytest.mark.parametrize("capacity", [6, 4, 9])
+def test_trajectory_pool_gives_each_batch_its_own_solve_to_zero(solver, capacity):
+    """Three batches submitted ahead and solved together (TrajectoryPool): each result equals that batch's
+    own solve_to_zero; every call but the last few is full, and the calls do the same sample-steps."""
+    from cmdistill.solvers import TrajectoryPool
+
+    g, B = Grid(1000, 10), 6
+    eps_fn = _cond_net()
+    sizes = []
+    pool = TrajectoryPool(SOLVERS[solver], eps_fn, SCHED, g, capacity, callback=sizes.append)
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(B, 4, 3, 3, generator=gen), torch.randint(0, g.N, (B,), generator=gen),
+                {"prompt_embeds": torch.randn(B, 4, generator=gen)}) for _ in range(3)]
+    with torch.no_grad():
+        for k, (x, start, cond) in enumerate(batches):
+            pool.submit(k, x, start, cond)
+        with pytest.raises(KeyError, match="not the oldest"):
+            pool.result(1)
+        for k, (x, start, cond) in enumerate(batches):
+            got = pool.result(k)
+            torch.testing.assert_close(got, solve_to_zero(SOLVERS[solver], eps_fn, x, start, cond, SCHED, g),
+                                       rtol=1e-6, atol=1e-6)
+    assert len(pool) == 0
+    assert sum(sizes) == sum(int((g.N - s).sum()) for _, s, _ in batches)
+    assert max(sizes) <= capacity and sizes[: len(sizes) // 2] == [capacity] * (len(sizes) // 2)
+
+
+def test_trajectory_pool_fills_calls_that_one_batch_leaves_half_empty():
+    from cmdistill.solvers import TrajectoryPool
+
+    g, B = Grid(1000, 100), 16
+    gen = torch.Generator().manual_seed(0)
+    calls = {"alone": 0, "pool": 0}
+    zero = lambda x, t, c: torch.zeros_like(x)  # noqa: E731
+    starts = [torch.randint(0, g.N, (B,), generator=gen) for _ in range(20)]
+    for s in starts:
+        solve_to_zero(ddim_step, zero, torch.zeros(B, 1), s, {}, SCHED, g,
+                      callback=lambda a: calls.__setitem__("alone", calls["alone"] + 1))
+    pool = TrajectoryPool(ddim_step, zero, SCHED, g, B, callback=lambda a: calls.__setitem__("pool", calls["pool"] + 1))
+    for k, s in enumerate(starts):
+        pool.submit(k, torch.zeros(B, 1), s, {})
+        if k >= 2:  # two batches ahead, as the trainer keeps them
+            pool.result(k - 2)
+    for k in range(len(starts) - 2, len(starts)):
+        pool.result(k)
+    steps = sum(int((g.N - s).sum()) for s in starts)
+    assert calls["pool"] <= steps / B + g.N  # full calls but for the tail
+    assert calls["pool"] < 0.65 * calls["alone"]
+
+
 def test_skip_inactive_loop_runs_each_sample_only_over_its_own_steps():
     g = Grid(1000, 10)
     evaluated = []

@@ -148,7 +148,7 @@ def test_compile_flags_give_the_same_losses(tiny_pipeline, tiny_image_folder, tm
     monkeypatch.setattr(models, "compile_blocks", lambda unet: blocks.append(real_blocks(unet, backend="aot_eager")))
     losses = {}
     for flag in ([], ["--compile_teacher", "--compile_student", "--compile_mode", "reduce-overhead"],
-                 ["--compile_blocks", "--student_micro_batch", "1"]):
+                 ["--compile_blocks"]):
         torch._dynamo.reset()
         out = tmp_path / ("-".join(flag).replace("--", "") or "eager")
         args = training_parser("direct_cm").parse_args([
@@ -229,3 +229,31 @@ def test_compiled_blocks_give_the_same_student_gradients_and_teacher_and_switch_
         torch.testing.assert_close(compiled[1][name], g, rtol=1e-4, atol=1e-7)
     models.compile_blocks(unet, enabled=False)
     assert all(m._compiled_call_impl is None for m in blocks)
+
+
+def test_teacher_lookahead_gives_the_same_direct_cm_losses(tiny_pipeline, tiny_image_folder, tmp_path, monkeypatch):
+    """--teacher_lookahead 2: the next batches' trajectories ride in the current batch's teacher calls
+    (solvers.TrajectoryPool); the losses are those of the plain per-sample loop, with fewer, fuller calls."""
+    from cmdistill import solvers
+    from cmdistill.args import training_parser
+    from cmdistill.errors import UserError
+    from cmdistill.train import Trainer
+
+    sizes = []
+    real_call = solvers.TrajectoryPool._call
+    monkeypatch.setattr(solvers.TrajectoryPool, "_call", lambda self: sizes.append(1) or real_call(self))
+    losses = {}
+    base = ["--pretrained_teacher_model", str(tiny_pipeline), "--train_data_dir", str(tiny_image_folder),
+            "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "3", "--num_discr_timesteps", "10",
+            "--w", "3", "--report_to", "none", "--validation_steps", "0", "--checkpointing_steps", "100",
+            "--no_precomputed", "--mixed_precision", "no", "--gradient_accumulation_steps", "2"]
+    for ahead in ("0", "2"):
+        out = tmp_path / f"ahead{ahead}"
+        Trainer(training_parser("direct_cm").parse_args(
+            [*base, "--output_dir", str(out), "--teacher_lookahead", ahead]), "direct_cm").train()
+        losses[ahead] = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(losses["2"]) == 3 and sizes  # the pool ran the teacher
+    assert losses["2"] == pytest.approx(losses["0"], rel=1e-5, abs=1e-8)
+    with pytest.raises(UserError, match="--teacher_lookahead applies to train_direct_cm.py"):
+        Trainer(training_parser("cm").parse_args([*base, "--output_dir", str(tmp_path / "cm"),
+                                                  "--teacher_lookahead", "2"]), "cm")

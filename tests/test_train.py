@@ -128,11 +128,10 @@ def test_trajectory_pairs_opt_in_trains_and_is_refused_where_it_does_not_apply(t
 
 
 def test_direct_cm_on_two_processes_matches_one_process_with_the_same_global_batch(teacher_dir, data_dir, tmp_path):
-    """Direct CM (per-sample loop, shrinking active sets): 2 gloo processes x batch 1 == 1 process x batch 2
-    (whose student runs one sample at a time: --student_micro_batch)."""
+    """Direct CM (per-sample loop, shrinking active sets): 2 gloo processes x batch 1 == 1 process x batch 2."""
     one, two = tmp_path / "one", tmp_path / "two"
     extra = ("--max_train_steps", 2, "--checkpointing_steps", 0, "--validation_steps", 0, "--report_to", "none")
-    run_script("train_direct_cm.py", *common(teacher_dir, data_dir, one, *extra, "--student_micro_batch", 1))
+    run_script("train_direct_cm.py", *common(teacher_dir, data_dir, one, *extra))
     args = common(teacher_dir, data_dir, two, *extra)
     args[args.index("--train_batch_size") + 1] = 1
     r = run_two_processes("train_direct_cm.py", *args)
