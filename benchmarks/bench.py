@@ -49,7 +49,7 @@ import torch  # noqa: E402
 import torch._inductor.config  # noqa: E402,F401  (knob rows patch it)
 
 from cmdistill import checkpointing, models  # noqa: E402
-from cmdistill.guidance import GuidedEps, UNetEps  # noqa: E402
+from cmdistill.guidance import AdaptiveCFG, GuidedEps, UNetEps  # noqa: E402
 from cmdistill.objectives import DistillContext, cm_target, direct_cm_target, distance  # noqa: E402
 from cmdistill.sampling import consistency_fn, student_sample, teacher_sample  # noqa: E402
 from cmdistill.schedule import Grid, NoiseSchedule  # noqa: E402
@@ -370,6 +370,16 @@ SPECS = [
          knobs=replace(OURS, compile_blocks=True, checkpoint_budget_gib=40)),
     Spec("cm_step_ours+blocks+sac40", "cm_step", "knob", "CM step, ours + compiled blocks + selective checkpointing "
          "(40 GiB)", default=False, knobs=replace(OURS, loop="reference", compile_blocks=True, checkpoint_budget_gib=40)),
+    Spec("student_step_ours+blocks+sac60", "student_step", "knob", "student step alone, ours + compiled blocks + "
+         "selective checkpointing (60 GiB estimated: ~0.65x that with compiled blocks)", default=False,
+         knobs=replace(OURS, compile_blocks=True, checkpoint_budget_gib=60)),
+    Spec("cm_step_ours+blocks+sac60", "cm_step", "knob", "CM step, ours + compiled blocks + selective checkpointing "
+         "(60 GiB)", default=False, knobs=replace(OURS, loop="reference", compile_blocks=True, checkpoint_budget_gib=60)),
+    Spec("student_step_ours+blocks+sac80", "student_step", "knob", "student step alone, ours + compiled blocks + "
+         "selective checkpointing (80 GiB estimated: ~0.65x that with compiled blocks)", default=False,
+         knobs=replace(OURS, compile_blocks=True, checkpoint_budget_gib=80)),
+    Spec("cm_step_ours+blocks+sac80", "cm_step", "knob", "CM step, ours + compiled blocks + selective checkpointing "
+         "(80 GiB)", default=False, knobs=replace(OURS, loop="reference", compile_blocks=True, checkpoint_budget_gib=80)),
     Spec("cm_step_ours+blocks", "cm_step", "knob", "CM step, ours + compiled blocks", default=False,
          knobs=replace(OURS, loop="reference", compile_blocks=True)),
     Spec("cm_step_ours+channels_last", "cm_step", "knob", "CM step, ours + channels_last weights", default=False,
@@ -446,27 +456,6 @@ class Counted:
         if self.every and self.calls % self.every == 0:
             log(f"    {self.label}: {self.calls} teacher UNet calls, {self.samples} sample-forwards queued")
         return self.eps_fn(x, t, cond)
-
-
-class AdaptiveCFG:
-    """Classifier-free guidance with the conditional and unconditional passes as one call of 2x the
-    active set when that set is small (<= ``threshold``), separate passes otherwise; both branches are
-    ``cmdistill.guidance.GuidedEps``. OURS uses threshold B/2: batching gains nothing when the GPU is
-    already full (PERF.md: batch 16 at 1024 px), but the per-sample Direct CM loop's active set
-    shrinks to 1. threshold 0 = always separate (the reference), B = always batched."""
-
-    def __init__(self, eps_fn, w: float, threshold: int):
-        self.separate = GuidedEps(eps_fn, w, batched=False)
-        self.batched = GuidedEps(eps_fn, w, batched=True)
-        self.threshold = threshold
-        self.batched_calls = self.separate_calls = 0
-
-    def __call__(self, x, t, cond):
-        if x.shape[0] <= self.threshold:
-            self.batched_calls += 1
-            return self.batched(x, t, cond)
-        self.separate_calls += 1
-        return self.separate(x, t, cond)
 
 
 # --------------------------------------------------------------------------------------------------

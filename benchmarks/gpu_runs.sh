@@ -15,11 +15,13 @@
 #                                            # GPU 0 the CM step, GPU 1 the expected Direct CM step
 #   bash benchmarks/gpu_runs.sh blocks OUT   # GPU 0: the Direct CM step with compiled blocks and the trajectory
 #                                            # pool (consecutive steps); GPU 1: the CM step with compiled blocks
+#   bash benchmarks/gpu_runs.sh confirm OUT  # not run yet: the pool's steps again (the bench now draws batches past
+#                                            # the last timed step); GPU 1: compiled blocks + 40 / 60 / 80 GiB kept
 #   bash benchmarks/gpu_runs.sh final OUT    # GPU 0: the Direct CM reference vs ours (compiled) side by side;
 #                                            # GPU 1: the 24 GiB cap with expandable segments, then the loss curves
 set -u
-stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks OUT}
-OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks OUT}
+stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm OUT}
+OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm OUT}
 mkdir -p "$OUT"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/inductor} HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm --format=csv > "$OUT/gpus_$stage.csv" 2>&1
@@ -117,6 +119,15 @@ elif [ "$stage" = blocks ]; then
   R1=$R1,cm_step_ref,cm_step_ours,student_step_ours+blocks,cm_step_ours+blocks,student_step_ours+blocks+sac40
   R1=$R1,cm_step_ours+blocks+sac40,teacher_fwd_ours+blocks
   pair blocks
+elif [ "$stage" = confirm ]; then
+  # Not run yet. Ask for nvidia-h100-x2: the targets are stated for an H100 (80 GB).
+  R0=matmul_peak,teacher_fwd_ours,direct_cm_calls_ref,student_step_ref,direct_cm_calls_ours,student_step_ours+blocks
+  R0=$R0,direct_cm_expected+blocks,direct_cm_steps_ours+lookahead2+blocks
+  R1=matmul_peak,teacher_fwd_ref,teacher_fwd_ours,student_step_ref,teacher_fwd_ours_compiled,cm_step_ref
+  R1=$R1,cm_step_ours+blocks,cm_step_ours+blocks+sac40,cm_step_ours+blocks+sac60,cm_step_ours+blocks+sac80
+  R1=$R1,student_step_ours+blocks,student_step_ours+blocks+sac40,student_step_ours+blocks+sac60
+  R1=$R1,student_step_ours+blocks+sac80
+  pair confirm
 elif [ "$stage" = sac ]; then
   # GPU 0: the student step with every block checkpointed and with selective checkpointing (20 and 40 GiB kept)
   timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:0 --repeats 3 \

@@ -126,7 +126,10 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
                         "run full (~50 instead of ~95 per step at batch 16, N = 100); same targets up to rounding. "
                         "Default 2 (every call full) for train_direct_cm.py, 0 (off) where it does not apply")
     g.add_argument("--cfg_batched", action="store_true",
-                   help="run conditional and unconditional teacher passes as one batch of 2B")
+                   help="always run the conditional and unconditional teacher passes as one batch of 2B (default: "
+                        "as one batch only for calls of at most half the batch, where the GPU would idle)")
+    g.add_argument("--cfg_separate", action="store_true",
+                   help="always run the conditional and unconditional teacher passes separately (the reference)")
     g.add_argument("--reference_loop", action="store_true",
                    help="Direct CM: the reference's masked full-batch loop instead of per-sample steps")
     g = p.add_argument_group("validation")

@@ -25,7 +25,7 @@ from . import checkpointing, models
 from .args import training_parser
 from .data import SDXLImageCaptions, load_caption_dataset, make_dataloader
 from .errors import UserError
-from .guidance import GuidedEps, UNetEps
+from .guidance import AdaptiveCFG, UNetEps
 from .noise import generator_for, per_sample_noise
 from .objectives import OBJECTIVES, DistillContext, direct_cm_trajectory_pairs, distance, extra_pair_indices
 from .precompute import collate_precomputed, find_cache
@@ -97,6 +97,9 @@ def validate_args(args):
         raise UserError("--train_batch_size and --gradient_accumulation_steps must be >= 1")
     if not args.train_data_dir and not args.dataset_name:
         raise UserError("give --train_data_dir (an image folder with metadata.csv) or --dataset_name")
+    if getattr(args, "cfg_batched", False) and getattr(args, "cfg_separate", False):
+        raise UserError("--cfg_batched and --cfg_separate exclude each other: give one (default: batched for small "
+                        "calls only)")
     if (getattr(args, "teacher_lookahead", 0) or 0) < 0:
         raise UserError(f"--teacher_lookahead {args.teacher_lookahead}: must be >= 0 (0 = off)")
     if getattr(args, "trajectory_pairs", 1) < 1:
@@ -334,10 +337,15 @@ class Trainer:
 
     def distill_context(self) -> DistillContext:
         compiled = self.args.compile_teacher
-        teacher = GuidedEps(UNetEps(self.teacher_unet, dynamic_batch=compiled,
-                                    fresh_output=compiled and models.uses_cudagraphs(self.args.compile_mode)),
-                            self.args.w,
-                            batched=self.args.cfg_batched)
+        eps = UNetEps(self.teacher_unet, dynamic_batch=compiled,
+                      fresh_output=compiled and models.uses_cudagraphs(self.args.compile_mode))
+        # Conditional + unconditional passes as one call where the call is small (<= half the batch), or always
+        # (--cfg_batched), or never (--cfg_separate, the reference's way)
+        a = self.args
+        threshold = (a.teacher_max_batch or a.train_batch_size) // 2
+        if a.cfg_separate or a.cfg_batched:
+            threshold = 0 if a.cfg_separate else 10**9
+        teacher = AdaptiveCFG(eps, a.w, threshold)
 
         def teacher_eps(x, t, cond):
             with models.adapters_disabled(self.base_unet):

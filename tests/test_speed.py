@@ -232,28 +232,42 @@ def test_compiled_blocks_give_the_same_student_gradients_and_teacher_and_switch_
 
 
 def test_teacher_lookahead_gives_the_same_direct_cm_losses(tiny_pipeline, tiny_image_folder, tmp_path, monkeypatch):
-    """--teacher_lookahead 2: the next batches' trajectories ride in the current batch's teacher calls
-    (solvers.TrajectoryPool); the losses are those of the plain per-sample loop, with fewer, fuller calls."""
+    """The default --teacher_lookahead 2 (the next batches' trajectories ride in the current batch's teacher
+    calls: solvers.TrajectoryPool) and guidance batched for small calls give the losses of the plain per-sample
+    loop with separate passes."""
     from cmdistill import solvers
     from cmdistill.args import training_parser
     from cmdistill.errors import UserError
     from cmdistill.train import Trainer
 
-    sizes = []
+    from cmdistill import guidance, train
+
+    sizes, guides = [], []
     real_call = solvers.TrajectoryPool._call
     monkeypatch.setattr(solvers.TrajectoryPool, "_call", lambda self: sizes.append(1) or real_call(self))
-    losses = {}
+
+    class Recorded(guidance.AdaptiveCFG):
+        def __init__(self, *a):
+            super().__init__(*a)
+            guides.append(self)
+
+    monkeypatch.setattr(train, "AdaptiveCFG", Recorded)
+    losses, used = {}, {}
     base = ["--pretrained_teacher_model", str(tiny_pipeline), "--train_data_dir", str(tiny_image_folder),
             "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "3", "--num_discr_timesteps", "10",
             "--w", "3", "--report_to", "none", "--validation_steps", "0", "--checkpointing_steps", "100",
             "--no_precomputed", "--mixed_precision", "no", "--gradient_accumulation_steps", "2"]
-    for ahead in ("0", "2"):
-        out = tmp_path / f"ahead{ahead}"
-        Trainer(training_parser("direct_cm").parse_args(
-            [*base, "--output_dir", str(out), "--teacher_lookahead", ahead]), "direct_cm").train()
-        losses[ahead] = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert len(losses["2"]) == 3 and sizes  # the pool ran the teacher
-    assert losses["2"] == pytest.approx(losses["0"], rel=1e-5, abs=1e-8)
+    for name, flags in (("plain", ["--teacher_lookahead", "0", "--cfg_separate"]), ("default", [])):
+        out, guides[:] = tmp_path / name, []
+        Trainer(training_parser("direct_cm").parse_args([*base, "--output_dir", str(out), *flags]), "direct_cm").train()
+        used[name] = list(guides)
+        losses[name] = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+        assert json.loads((out / "training_config.json").read_text())["teacher_lookahead"] == (0 if flags else 2)
+    assert len(losses["default"]) == 3 and sizes  # the pool ran the teacher
+    assert losses["default"] == pytest.approx(losses["plain"], rel=1e-5, abs=1e-8)
+    # the reference's separate passes in the plain run; the default batches calls of <= B/2 = 1 sample
+    assert all(g.threshold == 0 and g.batched_calls == 0 for g in used["plain"])
+    assert all(g.threshold == 1 for g in used["default"]) and sum(g.batched_calls for g in used["default"]) > 0
     with pytest.raises(UserError, match="--teacher_lookahead applies to train_direct_cm.py"):
         Trainer(training_parser("cm").parse_args([*base, "--output_dir", str(tmp_path / "cm"),
                                                   "--teacher_lookahead", "2"]), "cm")
