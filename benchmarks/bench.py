@@ -239,6 +239,7 @@ class Knobs:
     compile_mode: str = "default"  # torch.compile mode of the teacher (reduce-overhead: CUDA graphs per batch size)
     checkpoint_budget_gib: float = 0  # selective checkpointing: GiB of activations kept (0: every block checkpointed)
     compile_blocks: bool = False  # every ResNet / transformer block through torch.compile (models.compile_blocks)
+                                  # (teacher_fwd rows' extra: True or a torch.compile mode for the blocks)
     lookahead: int = 0            # Direct CM: batches whose trajectories ride in the current one's calls (pool)
     micro_batch: int = 0          # the student's forward + backward this many samples at a time (0: whole batch)
     attention: str = "default"    # SDPA backend: default (torch's choice) | cudnn (cuDNN attention only)
@@ -291,6 +292,9 @@ SPECS = [
     Spec("teacher_fwd_ours+blocks", "teacher_fwd", "knob", "teacher UNet forward, bf16, every block compiled "
          "(models.compile_blocks), no whole-model compile", default=False,
          extra={"precision": "bf16", "compile_blocks": True}),
+    Spec("teacher_fwd_ours+blocks_autotune", "teacher_fwd", "knob", "teacher UNet forward, bf16, every block "
+         "compiled with mode max-autotune-no-cudagraphs (GEMM / conv kernels tuned per block shape)", default=False,
+         extra={"precision": "bf16", "compile_blocks": "max-autotune-no-cudagraphs"}),
     Spec("teacher_fwd_ours+channels_last", "teacher_fwd", "knob", "teacher UNet forward, bf16, eager, weights "
          "channels_last", default=False, extra={"precision": "bf16", "channels_last": True}),
     Spec("teacher_fwd_ours_compiled+channels_last", "teacher_fwd", "knob", "teacher UNet forward, bf16, "
@@ -1177,9 +1181,17 @@ class Bench:
                 raise torch.OutOfMemoryError("CUDA out of memory (injected by --inject_oom)")
             knob = (lambda k: getattr(spec.knobs, k)) if spec.knobs else (lambda k: (spec.extra or {}).get(k, False))
             self.set_layout(bool(knob("channels_last")))
-            if bool(knob("compile_blocks")) != self._blocks_compiled:
-                self._blocks_compiled = bool(knob("compile_blocks"))
-                models.compile_blocks(self.unet, self._blocks_compiled, backend=self.args.compile_backend)
+            blocks = knob("compile_blocks") or False  # False | True | a torch.compile mode for the blocks
+            if blocks != self._blocks_compiled:
+                if self._blocks_compiled:
+                    models.compile_blocks(self.unet, False)
+                    if blocks:  # another mode for the blocks: from a clean dynamo state
+                        torch._dynamo.reset()
+                        self._compiled = self._compiled_student = None
+                self._blocks_compiled = blocks
+                if blocks:
+                    models.compile_blocks(self.unet, backend=self.args.compile_backend,
+                                          mode=blocks if isinstance(blocks, str) else None)
             if spec.knobs is not None:  # the plan's dry run uses the frozen weights' dtype: set it first
                 self.set_precision(spec.knobs.precision)
             self.set_checkpointing(float(knob("checkpoint_budget_gib") or 0), int(knob("micro_batch") or 0))

@@ -126,7 +126,7 @@ elif [ "$stage" = confirm ]; then
   R1=matmul_peak,teacher_fwd_ref,teacher_fwd_ours,student_step_ref,teacher_fwd_ours_compiled,cm_step_ref
   R1=$R1,cm_step_ours+blocks,cm_step_ours+blocks+sac40,cm_step_ours+blocks+sac60,cm_step_ours+blocks+sac80
   R1=$R1,student_step_ours+blocks,student_step_ours+blocks+sac40,student_step_ours+blocks+sac60
-  R1=$R1,student_step_ours+blocks+sac80
+  R1=$R1,student_step_ours+blocks+sac80,teacher_fwd_ours+blocks,teacher_fwd_ours+blocks_autotune
   pair confirm
 elif [ "$stage" = sac ]; then
   # GPU 0: the student step with every block checkpointed and with selective checkpointing (20 and 40 GiB kept)

@@ -176,14 +176,15 @@ def compile_unet(unet, backend: str = "inductor", mode: str | None = None):
 BLOCK_TYPES = ("ResnetBlock2D", "BasicTransformerBlock")  # the blocks gradient checkpointing wraps
 
 
-def compile_blocks(unet, enabled: bool = True, backend: str = "inductor") -> int:
+def compile_blocks(unet, enabled: bool = True, backend: str = "inductor", mode: str | None = None) -> int:
     """Regional compilation: ``torch.compile`` of each ResNet and transformer block of ``unet`` in place
     (``nn.Module.compile``), or (``enabled=False``) back to eager. Every pass through the UNet uses the
     compiled blocks: the student's forward and backward (LoRA and checkpointing included: a checkpointed
     block recomputes through its compiled forward), the CM target pass, an eager teacher. Blocks of one class
     share their compiled code (the weights are graph inputs), so the compile takes a fraction of a
-    whole-model compile with grad. Same values to kernel rounding (tests/test_speed.py). Returns the
-    number of blocks."""
+    whole-model compile with grad. Same values to kernel rounding (tests/test_speed.py). ``mode``
+    (inductor only), e.g. "max-autotune-no-cudagraphs": kernels tuned per block shape. Returns the number of
+    blocks."""
     blocks = [m for m in unet.modules() if type(m).__name__ in BLOCK_TYPES]
     if enabled:
         # Each class compiles once per grad mode x adapter switch x shape family: more than dynamo's default
@@ -193,7 +194,8 @@ def compile_blocks(unet, enabled: bool = True, backend: str = "inductor") -> int
         setattr(cfg, name, max(getattr(cfg, name), 64))
     for m in blocks:
         if enabled:
-            m.compile(backend=backend)
+            m.compile(backend=backend, **({"mode": mode} if mode not in (None, "default") and backend == "inductor"
+                                          else {}))
         else:
             m._compiled_call_impl = None
     return len(blocks)

@@ -194,6 +194,12 @@ def test_compile_unet_passes_the_mode_to_inductor_only(monkeypatch):
     assert calls == [{"backend": "inductor", "mode": "reduce-overhead"}, {"backend": "aot_eager"},
                      {"backend": "inductor"}]
     assert models.uses_cudagraphs("reduce-overhead") and not models.uses_cudagraphs("max-autotune-no-cudagraphs")
+    blocks = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: blocks.append(kw))
+    unet = tiny_sdxl_components(seed=0)["unet"]
+    n = models.compile_blocks(unet, mode="max-autotune-no-cudagraphs")
+    models.compile_blocks(unet, backend="aot_eager", mode="max-autotune-no-cudagraphs")
+    assert blocks == [{"backend": "inductor", "mode": "max-autotune-no-cudagraphs"}] * n + [{"backend": "aot_eager"}] * n
 
 
 def test_compiled_blocks_give_the_same_student_gradients_and_teacher_and_switch_back_to_eager():
