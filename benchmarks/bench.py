@@ -924,7 +924,9 @@ class Bench:
                 pool.submit(submitted, x_t(submitted), starts[submitted], cond)
                 submitted += 1
             n0 = len(calls)
-            with Timer(self.device) as tt, torch.no_grad(), self.autocast(knobs.precision):
+            # PEFT's switch (the reference's knob): once around the step's calls, as direct_cm_target does
+            switch = self.adapter_switch(knobs.switch) if knobs.switch == "peft" else contextlib.nullcontext()
+            with Timer(self.device) as tt, torch.no_grad(), self.autocast(knobs.precision), switch:
                 target = pool.result(k)
             with Timer(self.device) as ts:
                 self.student_update(knobs, x_t(k), self.grid.timestep(starts[k]), cond, target, scaler)
@@ -1073,11 +1075,13 @@ class Bench:
         # leaves that part alone, e.g. +cudagraphs the student step and +micro4 the teacher calls)
         variant = spec.name[len("direct_cm_expected"):]
         knobs = [k for k in variant.split("+") if k]
-        combos = sorted({"+".join(knobs[i:j]) for i in range(len(knobs)) for j in range(i + 1, len(knobs) + 1)},
-                        key=len, reverse=True)  # the longest knob combination that has a row of its own
 
         def row_for(prefix: str) -> str:
-            return next((f"{prefix}+{c}" for c in combos if f"{prefix}+{c}" in res), prefix)
+            """The successful row prefix+K1+K2... with the most of the variant's knobs (and no other), in any
+            order; ties by name. The plain row when none has any."""
+            rows = [(len(k.split("+")) - 1, k) for k, r in res.items() if k.startswith(prefix + "+")
+                    and r.get("status") == "ok" and set(k.split("+")[1:]) <= set(knobs)]
+            return max(rows, key=lambda nk: (nk[0], nk[1]))[1] if rows else prefix
 
         calls_ours, student_ours = row_for("direct_cm_calls_ours"), row_for("student_step_ours")
         covered = set(calls_ours.split("+")[1:]) | set(student_ours.split("+")[1:])
@@ -1168,6 +1172,8 @@ class Bench:
         if self.args.no_compile and spec.knobs is not None and (spec.knobs.compile or spec.knobs.compile_student
                                                                 or spec.knobs.compile_blocks):
             spec = replace(spec, knobs=replace(spec.knobs, compile=False, compile_student=False, compile_blocks=False))
+        if self.args.no_compile and (spec.extra or {}).get("compile_blocks"):
+            spec = replace(spec, extra={**spec.extra, "compile_blocks": False})
         log(f"[{spec.name}] {spec.what}")
         cuda = self.device.type == "cuda"
         if cuda:

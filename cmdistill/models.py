@@ -174,6 +174,7 @@ def compile_unet(unet, backend: str = "inductor", mode: str | None = None):
 
 
 BLOCK_TYPES = ("ResnetBlock2D", "BasicTransformerBlock")  # the blocks gradient checkpointing wraps
+RECOMPILE_LIMIT = 512  # compiled entries allowed per block class (compile_blocks)
 
 
 def compile_blocks(unet, enabled: bool = True, backend: str = "inductor", mode: str | None = None) -> int:
@@ -187,11 +188,15 @@ def compile_blocks(unet, enabled: bool = True, backend: str = "inductor", mode: 
     blocks."""
     blocks = [m for m in unet.modules() if type(m).__name__ in BLOCK_TYPES]
     if enabled:
-        # Each class compiles once per grad mode x adapter switch x shape family: more than dynamo's default
-        # of 8 entries per code object.
+        # A class's compiled code has an entry per parameter shape (SDXL: ~12 ResNet configurations) x grad mode
+        # x adapter switch x batch (static, then dynamic): far more than dynamo's default of 8 per code object,
+        # past which blocks would silently run eager.
         cfg = torch._dynamo.config
         name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # older torch
-        setattr(cfg, name, max(getattr(cfg, name), 64))
+        setattr(cfg, name, max(getattr(cfg, name), RECOMPILE_LIMIT))
+        name = "accumulated_recompile_limit" if hasattr(cfg, "accumulated_recompile_limit") else \
+            "accumulated_cache_size_limit"
+        setattr(cfg, name, max(getattr(cfg, name), 4 * RECOMPILE_LIMIT))
     for m in blocks:
         if enabled:
             m.compile(backend=backend, **({"mode": mode} if mode not in (None, "default") and backend == "inductor"

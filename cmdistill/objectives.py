@@ -78,4 +78,3 @@ def distance(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2", hu
     from .errors import UserError
 
     raise UserError(f"--loss_type {loss_type!r}: choose 'l2' or 'huber'")
-

@@ -183,7 +183,8 @@ class TrajectoryPool:
                 break
         x = torch.cat([e[0][idx.to(e[0].device)] for e, idx in parts])
         n = torch.cat([e[1][idx] for e, idx in parts])
-        cond = {k: torch.cat([index_cond(e[2], idx)[k] for e, idx in parts]) for k in parts[0][0][2]}
+        picked = [index_cond(e[2], idx) for e, idx in parts]
+        cond = {k: torch.cat([c[k] for c in picked]) for k in picked[0]}
         t = self.grid.timestep(n)
         x = self.step(self.eps_fn, x, t, t - self.grid.k, cond, self.sched)
         offset = 0

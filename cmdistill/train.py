@@ -4,7 +4,9 @@ The loop never branches on the objective: it receives a target function from
 ``objectives.OBJECTIVES`` and computes ``distance(f_theta(x_t, t_n), target)``.
 Randomness (timesteps, noise, VAE sampling, crops, data order) is a pure function of the seed and
 each sample's position in the data stream, so a resumed run reproduces the uninterrupted one and
-P processes reproduce one process with the same global batch.
+P processes reproduce one process with the same global batch, up to floating-point rounding (the teacher's
+calls group samples differently: the trajectory pool restarts empty after a resume, and a process's batch
+sets which calls batch their guidance passes).
 """
 
 from __future__ import annotations
@@ -120,7 +122,8 @@ class Trainer:
         if args.teacher_lookahead is None:  # default: on wherever it applies
             plain = objective == "direct_cm" and not args.reference_loop and args.trajectory_pairs == 1
             args.teacher_lookahead = 2 if plain else 0
-        if args.teacher_lookahead and (objective != "direct_cm" or args.reference_loop or args.trajectory_pairs > 1):
+        if args.teacher_lookahead and not for_precompute and (objective != "direct_cm" or args.reference_loop
+                                                              or args.trajectory_pairs > 1):
             raise UserError("--teacher_lookahead applies to train_direct_cm.py without --reference_loop or "
                             "--trajectory_pairs; drop it")
         self.output_dir = Path(args.output_dir)

@@ -191,4 +191,3 @@ def test_negative_budget_is_a_one_line_error():
     args = training_parser("cm").parse_args(["--train_data_dir", "x", "--checkpointing_budget_gib", "-1"])
     with pytest.raises(UserError, match="must be >= 0"):
         validate_args(args)
-

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -148,7 +149,7 @@ def test_compile_flags_give_the_same_losses(tiny_pipeline, tiny_image_folder, tm
     monkeypatch.setattr(models, "compile_blocks", lambda unet: blocks.append(real_blocks(unet, backend="aot_eager")))
     losses = {}
     for flag in ([], ["--compile_teacher", "--compile_student", "--compile_mode", "reduce-overhead"],
-                 ["--compile_blocks"]):
+                 ["--compile_blocks", "--compile_teacher"]):  # COMPILE=1 in the scripts
         torch._dynamo.reset()
         out = tmp_path / ("-".join(flag).replace("--", "") or "eager")
         args = training_parser("direct_cm").parse_args([
@@ -158,8 +159,8 @@ def test_compile_flags_give_the_same_losses(tiny_pipeline, tiny_image_folder, tm
             "--checkpointing_steps", "100", "--no_precomputed", "--gradient_checkpointing", *flag])
         Trainer(args, "direct_cm").train()
         losses[" ".join(flag)] = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert len(compiled) == 2  # the teacher's and the student's module
-    assert modes == ["reduce-overhead", None]  # the CUDA-graph mode is the teacher's only
+    assert len(compiled) == 3  # the teacher's and the student's module; the teacher's again with the blocks
+    assert modes == ["reduce-overhead", None, "default"]  # the CUDA-graph mode is the teacher's only
     assert fresh  # every compiled teacher call starts a new graph step (a no-op on the CPU)
     assert len(blocks) == 1 and blocks[0] > 0  # --compile_blocks: the UNet's blocks, compiled once
     eager = losses.pop("")
@@ -233,6 +234,19 @@ def test_compiled_blocks_give_the_same_student_gradients_and_teacher_and_switch_
     assert any(g.abs().max() > 0 for g in eager[1].values())
     for name, g in eager[1].items():
         torch.testing.assert_close(compiled[1][name], g, rtol=1e-4, atol=1e-7)
+    with torch.no_grad():  # the CM target's pass: no grad, adapter on; then off again (the flags are guarded)
+        for on in (True, False, True):
+            with contextlib.nullcontext() if on else models.adapters_disabled(unet):
+                got = UNetEps(unet)(x, t, cond)
+            models.compile_blocks(unet, enabled=False)
+            with contextlib.nullcontext() if on else models.adapters_disabled(unet):
+                want = UNetEps(unet)(x, t, cond)
+            models.compile_blocks(unet, backend="aot_eager")
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    for cls in {type(m) for m in blocks}:  # every variant compiled, none left to run eager past the limit
+        assert 0 < len(_debug_get_cache_entry_list(cls.forward.__code__)) < models.RECOMPILE_LIMIT
     models.compile_blocks(unet, enabled=False)
     assert all(m._compiled_call_impl is None for m in blocks)
 
@@ -274,6 +288,8 @@ def test_teacher_lookahead_gives_the_same_direct_cm_losses(tiny_pipeline, tiny_i
     # the reference's separate passes in the plain run; the default batches calls of <= B/2 = 1 sample
     assert all(g.threshold == 0 and g.batched_calls == 0 for g in used["plain"])
     assert all(g.threshold == 1 for g in used["default"]) and sum(g.batched_calls for g in used["default"]) > 0
+    calls = {name: sum(g.batched_calls + g.separate_calls for g in gs) for name, gs in used.items()}
+    assert calls["default"] < calls["plain"]  # the pool merged batches into fewer calls
     with pytest.raises(UserError, match="--teacher_lookahead applies to train_direct_cm.py"):
         Trainer(training_parser("cm").parse_args([*base, "--output_dir", str(tmp_path / "cm"),
                                                   "--teacher_lookahead", "2"]), "cm")
