@@ -5,8 +5,9 @@
 #   SOLVER=heun OUTPUT_DIR=outputs/cm_heun bash scripts/train_cm.sh --max_train_steps 500
 # A rerun resumes from the latest checkpoint in OUTPUT_DIR. COMPILE=1 runs the teacher's passes through
 # torch.compile and compiles every UNet block for the student (--compile_teacher --compile_blocks: ~3.5 minutes
-# of compiling on the first step, then a CM step 1.66x and a student step 1.4x faster than without on an H200:
-# benchmarks/RESULTS.md).
+# of compiling on the first step; then, on an H200, a CM step 1.22x and a student step 1.43x faster than
+# without: benchmarks/RESULTS.md). Direct CM solves the next two batches' teacher trajectories in the room of
+# each step's teacher calls (--teacher_lookahead 2, the default; same targets).
 set -euo pipefail
 # Less fragmentation: with it the paper recipe fits in 24 GiB of GPU memory (benchmarks/RESULTS.md).
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
