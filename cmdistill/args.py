@@ -84,7 +84,8 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
                         "blocks dearest to recompute, up to this many GiB (estimated per block by a meta-device "
                         "dry run, which runs ~1.2-1.4x low under bf16 autocast); same gradients, less recomputation. "
                         "At batch 16, 1024 px: 20 -> peak 48.6 GiB, 40 -> 70.2 GiB (45.2 GiB with --compile_blocks). "
-                        "'auto': sized after the first step from the card's memory left (0 when none is)")
+                        "'auto': sized after the first step from the card's memory left (0 when none is), and "
+                        "once more after the second from the measured cost of what the first plan kept")
     g = p.add_argument_group("distillation (SPEC §2-§6)")
     g.add_argument("--w", type=float, default=9.0, help="teacher guidance, Imagen form (paper: 9.0)")
     g.add_argument("--solver", default="ddim", choices=["ddim", "euler", "heun"])

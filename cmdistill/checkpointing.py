@@ -148,3 +148,26 @@ def auto_budget_gib(peak_bytes: int, total_bytes: int) -> float:
     """``--checkpointing_budget_gib auto``: the budget that the memory left after a fully checkpointed
     step's peak allows: (HEADROOM x card memory - peak) / OVERSHOOT, in GiB, at least 0."""
     return max(0.0, (HEADROOM * total_bytes - peak_bytes) / OVERSHOOT) / 2**30
+
+
+MIN_RATIO = 0.5  # a floor on the measured cost per estimated byte (calibrated_budget_gib)
+
+
+def measured_ratio(peak0: int, peak1: int, kept_estimate_gib: float) -> float | None:
+    """Bytes the kept activations really took per byte the dry run estimated: the peak's rise from the fully
+    checkpointed step (peak0) to the first step with the plan (peak1). None when there is nothing to measure."""
+    kept = kept_estimate_gib * 2**30
+    if kept <= 0 or peak1 <= peak0:
+        return None
+    return (peak1 - peak0) / kept
+
+
+def calibrated_budget_gib(peak0: int, peak1: int, kept_estimate_gib: float, total_bytes: int) -> float | None:
+    """``--checkpointing_budget_gib auto``, second sizing: the budget that fills the same headroom as
+    ``auto_budget_gib`` at the measured cost per estimated byte instead of the assumed OVERSHOOT (compiled
+    blocks keep ~0.65x the eager estimate, eager blocks 1.2-1.4x: RESULTS.md). None: nothing to measure."""
+    ratio = measured_ratio(peak0, peak1, kept_estimate_gib)
+    if ratio is None:
+        return None
+    return max(0.0, (HEADROOM * total_bytes - peak0) / max(ratio, MIN_RATIO)) / 2**30
+

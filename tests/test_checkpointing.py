@@ -157,6 +157,54 @@ def test_auto_budget_is_the_memory_left_after_the_first_step_over_the_measured_o
     assert checkpointing.auto_budget_gib(23 * gib, 24 * gib) == 0.0  # a 24 GiB card: nothing to spare
 
 
+def test_auto_budget_is_recalibrated_from_the_measured_rise_of_the_peak():
+    gib = 2**30
+    # compiled blocks (measured on an H200): 40 GiB estimated raised the peak from 19.4 to 45.2 GiB
+    ratio = checkpointing.measured_ratio(19.4 * gib, 45.2 * gib, 40.0)
+    assert ratio == pytest.approx(25.8 / 40)
+    assert checkpointing.calibrated_budget_gib(19.4 * gib, 45.2 * gib, 40.0, 80 * gib) == pytest.approx(
+        (72 - 19.4) / ratio)
+    # eager blocks at 1.4x: the same budget as the first sizing; a measured floor of 0.5
+    assert checkpointing.calibrated_budget_gib(22.4 * gib, (22.4 + 1.4 * 30) * gib, 30.0, 80 * gib) == pytest.approx(
+        checkpointing.auto_budget_gib(22.4 * gib, 80 * gib))
+    assert checkpointing.calibrated_budget_gib(20 * gib, 21 * gib, 40.0, 80 * gib) == pytest.approx((72 - 20) / 0.5)
+    assert checkpointing.calibrated_budget_gib(20 * gib, 20 * gib, 40.0, 80 * gib) is None  # no rise: no measure
+    assert checkpointing.calibrated_budget_gib(20 * gib, 30 * gib, 0.0, 80 * gib) is None   # nothing was kept
+
+
+def test_auto_budget_sizes_after_the_first_step_and_recalibrates_after_the_second(monkeypatch):
+    """Trainer.size_checkpointing on a (simulated) 80 GiB card: the first sizing assumes OVERSHOOT, the
+    second uses the measured rise of the peak (here compiled blocks' 0.65x) and keeps more."""
+    from types import SimpleNamespace
+
+    from cmdistill.train import Trainer
+
+    gib = 2**30
+    peaks = iter([19.4 * gib, (19.4 + 0.65 * (72 - 19.4) / 1.4) * gib])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: SimpleNamespace(total_memory=80 * gib))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda dev: next(peaks))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda dev: None)
+    plans = []
+
+    class Fake:
+        accelerator = SimpleNamespace(device=torch.device("cuda", 0), is_main_process=False)
+        checkpointing, config, base_unet = {"kept_blocks": 0}, {}, None
+
+        def set_checkpointing(self, unet, budget):
+            plans.append(budget)
+            self.checkpointing = {"kept_blocks": 1, "blocks": 2, "kept_gib": budget, "recompute_avoided": 0.5}
+
+    fake = Fake()
+    Trainer.size_checkpointing(fake)
+    assert plans == [pytest.approx((72 - 19.4) / 1.4)] and "calibrated" not in fake.checkpointing
+    Trainer.size_checkpointing(fake)
+    assert plans[1] == pytest.approx((72 - 19.4) / 0.65)
+    info = fake.checkpointing
+    assert info["calibrated"] and info["measured_ratio"] == pytest.approx(0.65)
+    assert info["auto_budget_gib"] == pytest.approx(plans[1]) and info["first_plan_budget_gib"] == pytest.approx(plans[0])
+    assert fake.config["selective_checkpointing"] is info
+
+
 def test_auto_budget_on_the_cpu_keeps_full_checkpointing(tiny_pipeline, tiny_image_folder, tmp_path):
     from cmdistill.args import training_parser
     from cmdistill.train import Trainer
@@ -170,7 +218,7 @@ def test_auto_budget_on_the_cpu_keeps_full_checkpointing(tiny_pipeline, tiny_ima
         "--checkpointing_budget_gib", "auto"])
     Trainer(args, "cm").train()
     sel = json.loads((out / "training_config.json").read_text())["selective_checkpointing"]
-    assert sel == {"kept_blocks": 0, "auto_budget_gib": 0.0, "first_step_peak_gib": None}
+    assert sel == {"kept_blocks": 0, "auto_budget_gib": 0.0, "first_step_peak_gib": None, "calibrated": False}
 
 
 def test_budget_flag_takes_a_number_or_auto():
