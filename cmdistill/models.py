@@ -168,9 +168,12 @@ def compile_unet(unet, backend: str = "inductor", mode: str | None = None):
     for SDXL); the result agrees with eager mode to kernel rounding (tests/test_speed.py).
     ``mode`` (inductor only): e.g. "reduce-overhead" replays a CUDA graph per batch size, which removes
     the per-kernel launch cost of small calls; call it through ``UNetEps(..., fresh_output=True)``."""
-    if mode in (None, "default") or backend != "inductor":
-        return torch.compile(unet, backend=backend)
-    return torch.compile(unet, backend=backend, mode=mode)
+    return torch.compile(unet, **_compile_kwargs(backend, mode))
+
+
+def _compile_kwargs(backend: str, mode: str | None) -> dict:
+    """torch.compile's arguments: ``mode`` only for inductor and only when not its default."""
+    return {"backend": backend, **({"mode": mode} if mode not in (None, "default") and backend == "inductor" else {})}
 
 
 BLOCK_TYPES = ("ResnetBlock2D", "BasicTransformerBlock")  # the blocks gradient checkpointing wraps
@@ -199,8 +202,7 @@ def compile_blocks(unet, enabled: bool = True, backend: str = "inductor", mode: 
         setattr(cfg, name, max(getattr(cfg, name), 4 * RECOMPILE_LIMIT))
     for m in blocks:
         if enabled:
-            m.compile(backend=backend, **({"mode": mode} if mode not in (None, "default") and backend == "inductor"
-                                          else {}))
+            m.compile(**_compile_kwargs(backend, mode))
         else:
             m._compiled_call_impl = None
     return len(blocks)

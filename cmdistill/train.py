@@ -409,7 +409,6 @@ class Trainer:
                     target = self.pool.result(prep["pool_key"])
             else:
                 target = self.objective(ctx, x_t, start, cond)
-        with acc.autocast():
             pred = consistency_fn(UNetEps(self.student_unet), x_t, t, cond, self.sched, args.timestep_scaling_factor)
         loss = distance(pred, target, args.loss_type, args.huber_c)
         acc.backward(loss)
