@@ -214,7 +214,75 @@ def timed(device: torch.device, fn, repeats: int, label: str | None = None) -> t
         times.append(tm.seconds)
         if label:
             log(f"  {label} {tm.seconds:.3f} s")
+    if PROFILE.active and PROFILE.result is None:  # the row's first timed function only
+        PROFILE.result = profile_once(device, fn)
+        log_profile(PROFILE.result)
     return times, result
+
+
+# ``--profile ROWS``: the rows named there run one more call of their timed function under torch.profiler
+# (after the timed repeats, so the numbers are unchanged); its summary lands in the row as "profile".
+PROFILE = SimpleNamespace(active=False, result=None)
+
+KERNEL_KINDS = (  # first match wins; lower-case substrings of kernel (or, on a CPU, operator) names
+    ("attention", ("flash", "fmha", "attention", "sdpa", "attn")),
+    ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit_gemm", "winograd")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "matmul", "mm_", "aten::mm", "aten::addmm", "aten::bmm",
+                "aten::linear")),
+    ("norm", ("norm", "welford")),
+    ("inductor fused", ("triton_",)),
+    ("copy / cast", ("copy", "cast", "to_copy", "cat", "memcpy", "memset")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def profile_once(device: torch.device, fn, top: int = 15) -> dict:
+    """One call of ``fn`` under torch.profiler: its wall time, the summed device time of its kernels
+    (CUDA) or operators (CPU: self time), that time by kind of kernel, and the ``top`` kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    per_name: dict[str, list[float]] = {}
+    for e in prof.events():
+        if cuda:
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = e.device_time  # a kernel's own time
+        else:
+            if e.device_type != torch.autograd.DeviceType.CPU or not e.name.startswith("aten::"):
+                continue
+            us = e.self_cpu_time_total
+        acc = per_name.setdefault(e.name, [0.0, 0])
+        acc[0] += us / 1e6
+        acc[1] += 1
+    busy = sum(v[0] for v in per_name.values())
+    kinds: dict[str, float] = {}
+    for name, (s, _) in per_name.items():
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + s
+    ranked = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"wall_s": wall, "busy_s": busy, "busy_fraction_of_wall": busy / wall if wall > 0 else float("nan"),
+            "what": "CUDA kernel time" if cuda else "CPU self time of aten operators",
+            "by_kind_s": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "top": [{"name": n[:160], "s": s, "calls": c, "kind": kernel_kind(n)} for n, (s, c) in ranked]}
+
+
+def log_profile(p: dict) -> None:
+    log(f"  profile: {p['what']} {p['busy_s']:.3f} s in a call of {p['wall_s']:.3f} s "
+        f"({100 * p['busy_fraction_of_wall']:.0f}% busy); "
+        + ", ".join(f"{k} {100 * v / max(p['busy_s'], 1e-12):.0f}%" for k, v in p["by_kind_s"].items()))
 
 
 def is_oom(e: BaseException) -> bool:
@@ -1207,8 +1275,11 @@ class Bench:
             torch.backends.cuda.enable_mem_efficient_sdp(not cudnn_attention)
             torch.backends.cuda.enable_cudnn_sdp(True)
             tuned = dict(conv_1x1_as_mm=True, coordinate_descent_tuning=True, epilogue_fusion=False)
+            PROFILE.active, PROFILE.result = spec.name in self.args.profile, None
             with torch._inductor.config.patch(tuned if (spec.extra or {}).get("tuned") else {}):
                 row.update(fn(spec))
+            if PROFILE.result is not None:
+                row["profile"] = PROFILE.result
             row["status"] = "ok"
         except Exception as e:  # noqa: BLE001 - every failure is reported in its row; the others still run
             row["status"] = "oom" if is_oom(e) else "error"
@@ -1330,6 +1401,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats_direct_cm", type=int, default=1, help="timed Direct CM steps (after one short warm-up)")
     p.add_argument("--repeats_pipeline", type=int, default=3,
                    help="direct_cm_steps_*: consecutive Direct CM steps timed (after 1 warm-up step)")
+    p.add_argument("--profile", default="", help="comma-separated measurements to run once more under "
+                   "torch.profiler after timing them: kernel time by kind and the top kernels, in the row")
     p.add_argument("--json", default=None, help="write every number, the card, versions and settings here")
     p.add_argument("--no_compile", action="store_true", help="ours without torch.compile (no compile time)")
     p.add_argument("--compile_backend", default=None, help="default inductor (--tiny: aot_eager, i.e. dynamo's "
@@ -1377,6 +1450,9 @@ def parse_args(argv=None):
         args.selected = [s for s in SPECS
                          if s.default and not (args.no_compile and s.name == "teacher_fwd_ours_compiled")]
     args.compile_backend = args.compile_backend or ("aot_eager" if args.tiny else "inductor")
+    args.profile = {n.strip() for n in args.profile.split(",") if n.strip()}
+    if args.profile - {s.name for s in args.selected}:
+        p.error(f"--profile: not measured in this run: {', '.join(sorted(args.profile - {s.name for s in args.selected}))}")
     if args.teacher_steps_timed:
         Grid(1000, args.teacher_steps_timed)  # must divide T
     return args

@@ -233,3 +233,20 @@ def test_micro_batch_knob_gives_the_whole_batch_gradient():
     assert any(g.abs().max() > 0 for g in g0.values())
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7)
+
+
+def test_profile_row_breaks_kernel_time_down_by_kind(tmp_path):
+    """--profile: the named row runs its step once more under torch.profiler and keeps the breakdown (on the
+    CPU: aten operators' self time); other rows carry none; a row not measured is refused."""
+    out = tmp_path / "p.json"
+    run_bench("--tiny", "--device", "cpu", "--json", out, "--only", "teacher_fwd_ours,cm_step_ours",
+              "--profile", "cm_step_ours")
+    m = json.loads(out.read_text())["measurements"]
+    assert "profile" not in m["teacher_fwd_ours"]
+    p = m["cm_step_ours"]["profile"]
+    assert positive_finite(p["busy_s"]) and positive_finite(p["wall_s"])
+    assert {"convolution", "matmul"} <= set(p["by_kind_s"])  # the UNet's convs and linear layers were seen
+    assert math.isclose(sum(p["by_kind_s"].values()), p["busy_s"], rel_tol=1e-6)
+    assert p["top"] and all(positive_finite(k["s"]) and k["calls"] >= 1 for k in p["top"])
+    r = run_bench("--tiny", "--device", "cpu", "--only", "cm_step_ours", "--profile", "cm_step_ref", check=False)
+    assert r.returncode != 0 and "--profile: not measured in this run: cm_step_ref" in r.stderr
