@@ -18,11 +18,14 @@
 #   bash benchmarks/gpu_runs.sh confirm OUT  # GPU 0: the pool's steps again (the bench now draws batches past the
 #                                            # last timed step); GPU 1: the CM step with compiled blocks + 40 / 60 /
 #                                            # 80 GiB kept, the teacher's blocks in max-autotune; kernel profiles
+#   bash benchmarks/gpu_runs.sh train OUT    # the training scripts themselves at full size (random SDXL from
+#                                            # benchmarks/random_sdxl.py, precomputed): GPU 0 CM, GPU 1 Direct CM,
+#                                            # COMPILE=1 and --checkpointing_budget_gib auto; step times, peaks
 #   bash benchmarks/gpu_runs.sh final OUT    # GPU 0: the Direct CM reference vs ours (compiled) side by side;
 #                                            # GPU 1: the 24 GiB cap with expandable segments, then the loss curves
 set -u
-stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm OUT}
-OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm OUT}
+stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|train OUT}
+OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|train OUT}
 mkdir -p "$OUT"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/inductor} HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm --format=csv > "$OUT/gpus_$stage.csv" 2>&1
@@ -132,6 +135,22 @@ elif [ "$stage" = confirm ]; then
   P1=cm_step_ref,cm_step_ours+blocks,cm_step_ours+blocks+sac80,teacher_fwd_ours_compiled
   P1=$P1,teacher_fwd_ours+blocks_autotune
   pair confirm
+elif [ "$stage" = train ]; then
+  # Outputs go to /tmp (checkpoints are large); the logs and resolved configurations are copied to OUT.
+  W=${WORK:-/tmp/cm_train}
+  $PY benchmarks/random_sdxl.py --out "$W/sdxl" --data "$W/data" --images 64 ${SDXL_ARGS:-} > "$OUT/setup.log" 2>&1 || exit 1
+  export MODEL_NAME=$W/sdxl TRAIN_DATA_DIR=$W/data VAE_PATH= MIXED_PRECISION=bf16 VALIDATION_STEPS=0 COMPILE=${COMPILE:-1} NUM_GPUS=1
+  CUDA_VISIBLE_DEVICES=0 bash scripts/precompute.sh >> "$OUT/setup.log" 2>&1 || exit 1
+  CUDA_VISIBLE_DEVICES=0 OUTPUT_DIR=$W/cm MAX_STEPS=${CM_STEPS:-12} timeout "$LIMIT" bash scripts/train_cm.sh \
+    --checkpointing_budget_gib auto > "$OUT/train_cm.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 OUTPUT_DIR=$W/dcm MAX_STEPS=${DCM_STEPS:-4} timeout "$LIMIT" bash scripts/train_direct_cm.sh \
+    --checkpointing_budget_gib auto > "$OUT/train_direct_cm.log" 2>&1 &
+  wait
+  for r in cm dcm; do
+    cp "$W/$r/train_log.jsonl" "$OUT/${r}_train_log.jsonl"; cp "$W/$r/training_config.json" "$OUT/${r}_config.json"
+    echo "== $r"; cat "$W/$r/train_log.jsonl"
+  done
+  grep -h "checkpointing_budget_gib auto\|Error\|error" "$OUT"/train_*.log | head -20
 elif [ "$stage" = sac ]; then
   # GPU 0: the student step with every block checkpointed and with selective checkpointing (20 and 40 GiB kept)
   timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:0 --repeats 3 \

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -486,6 +487,7 @@ class Trainer:
         self.unet.train()
         upcoming = self.upcoming(batches)
         while self.global_step < args.max_train_steps:
+            t_step = time.perf_counter()
             losses, skipped, grad_norm = [], 0, None
             for _ in range(args.gradient_accumulation_steps):
                 prep = next(upcoming)
@@ -504,7 +506,10 @@ class Trainer:
             self.skipped_images += int(acc.reduce(torch.tensor(skipped, device=acc.device), reduction="sum").item())
             logs = {"loss": loss_mean, "lr": self.lr_scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                    "skipped_images": self.skipped_images}
+                    "skipped_images": self.skipped_images,
+                    "step_s": time.perf_counter() - t_step}  # up to the loss's .item() above: the GPU is done
+            if acc.device.type == "cuda":  # since the start, or since --checkpointing_budget_gib auto last re-planned
+                logs["peak_mem_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
             acc.log(logs, step=self.global_step)
             if acc.is_main_process:
                 with open(log_path, "a") as f:

@@ -250,3 +250,23 @@ def test_profile_row_breaks_kernel_time_down_by_kind(tmp_path):
     assert p["top"] and all(positive_finite(k["s"]) and k["calls"] >= 1 for k in p["top"])
     r = run_bench("--tiny", "--device", "cpu", "--only", "cm_step_ours", "--profile", "cm_step_ref", check=False)
     assert r.returncode != 0 and "--profile: not measured in this run: cm_step_ref" in r.stderr
+
+
+def test_random_sdxl_folder_trains_through_the_users_loading_path(tmp_path):
+    """benchmarks/random_sdxl.py writes a pipeline folder and an image folder that train_cm.py takes as they are
+    (--tiny here; the full-size build is the same code with the bench's SDXL configs)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
+    model, data, out = tmp_path / "sdxl", tmp_path / "data", tmp_path / "out"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "random_sdxl.py"), "--tiny", "--dtype", "fp32",
+                    "--out", str(model), "--data", str(data), "--images", "3", "--size", "48"], check=True, env=env, cwd=ROOT,
+                   capture_output=True, timeout=300)
+    assert (model / "model_index.json").is_file() and len(list(data.glob("*.jpg"))) == 3
+    args = ["--pretrained_teacher_model", model, "--train_data_dir", data, "--output_dir", out, "--resolution", 64,
+            "--train_batch_size", 2, "--num_discr_timesteps", 10, "--lora_rank", 4, "--lora_alpha", 4,
+            "--max_train_steps", 1, "--validation_steps", 0, "--checkpointing_steps", 0, "--report_to", "none",
+            "--center_crop", "--no_precomputed"]
+    r = subprocess.run([sys.executable, str(ROOT / "train_cm.py"), *map(str, args)],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and math.isfinite(log[0]["loss"]) and log[0]["step_s"] > 0

@@ -184,6 +184,7 @@ def test_corrupt_image_is_skipped_with_a_warning_and_counted(teacher_dir, tmp_pa
     assert "skipping unreadable image" in r.stderr
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["skipped_images"] >= 1
+    assert all(r["step_s"] > 0 for r in log) and "peak_mem_gib" not in log[0]  # peak memory on CUDA only
 
 
 @pytest.mark.parametrize("change,message", [
