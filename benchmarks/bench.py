@@ -32,6 +32,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -48,7 +49,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing the pack
 import torch  # noqa: E402
 import torch._inductor.config  # noqa: E402,F401  (knob rows patch it)
 
-from cmdistill import checkpointing, models  # noqa: E402
+from cmdistill import checkpointing, devices, models  # noqa: E402
 from cmdistill.guidance import AdaptiveCFG, GuidedEps, UNetEps  # noqa: E402
 from cmdistill.objectives import DistillContext, cm_target, direct_cm_target, distance  # noqa: E402
 from cmdistill.sampling import consistency_fn, student_sample, teacher_sample  # noqa: E402
@@ -273,16 +274,78 @@ def profile_once(device: torch.device, fn, top: int = 15) -> dict:
     for name, (s, _) in per_name.items():
         kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + s
     ranked = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top]
-    return {"wall_s": wall, "busy_s": busy, "busy_fraction_of_wall": busy / wall if wall > 0 else float("nan"),
+    gaps = None
+    if cuda:
+        try:
+            gaps = kineto_idle_gaps(prof)
+        except Exception as e:  # noqa: BLE001 - the breakdown above stands without it
+            gaps = {"error": f"{type(e).__name__}: {e}"[:200]}
+    return {"idle": gaps, "wall_s": wall, "busy_s": busy, "busy_fraction_of_wall": busy / wall if wall > 0 else float("nan"),
             "what": "CUDA kernel time" if cuda else "CPU self time of aten operators",
             "by_kind_s": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
             "top": [{"name": n[:160], "s": s, "calls": c, "kind": kernel_kind(n)} for n, (s, c) in ranked]}
+
+
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def idle_gaps(kernels: list[tuple], syncs: list[tuple], ops: dict, min_gap_ns: int = 10_000, top: int = 12) -> dict:
+    """Where the GPU sat idle between kernels. ``kernels``: (start_ns, end_ns, name, op_id) in any order, op_id
+    naming the CPU operator that launched it (``ops[op_id]``); ``syncs``: (start_ns, end_ns) of host calls that
+    wait for the GPU (cudaStreamSynchronize, a blocking cudaMemcpy, ...). A gap of at least ``min_gap_ns`` is
+    "after a host sync" when such a call was running in it (the CPU waited for the GPU to drain, then had
+    to issue the next work from nothing), else "waiting for the CPU" (the launches could not keep ahead).
+    Each gap is charged to the operator that launched the kernel after it."""
+    ks = sorted(kernels)
+    syncs = sorted(syncs)
+    out = {"idle_s": 0.0, "small_gaps_s": 0.0, "gaps": 0, "by_cause_s": {}, "by_op_s": {}, "largest": []}
+    if not ks:
+        return out
+    horizon = ks[0][1]
+    gaps = []
+    for start, end, name, op in ks[1:]:
+        gap = start - horizon
+        if gap > 0:
+            out["idle_s"] += gap / 1e9
+            if gap < min_gap_ns:
+                out["small_gaps_s"] += gap / 1e9
+            else:
+                synced = any(a < start and b > horizon for a, b in syncs)
+                cause = "after a host sync" if synced else "waiting for the CPU"
+                op_name = ops.get(op, "?")
+                out["by_cause_s"][cause] = out["by_cause_s"].get(cause, 0.0) + gap / 1e9
+                out["by_op_s"][op_name] = out["by_op_s"].get(op_name, 0.0) + gap / 1e9
+                gaps.append((gap, cause, op_name, name))
+        horizon = max(horizon, end)
+    out["gaps"] = len(gaps)
+    out["by_op_s"] = dict(sorted(out["by_op_s"].items(), key=lambda kv: -kv[1])[:top])
+    out["largest"] = [{"s": g / 1e9, "cause": c, "op": o[:120], "next_kernel": n[:120]}
+                      for g, c, o, n in sorted(gaps, key=lambda g: -g[0])[:top]]
+    return out
+
+
+def kineto_idle_gaps(prof) -> dict:
+    """``idle_gaps`` from a CUDA profile's raw events (kernels, memcpy and memset on the device side)."""
+    events = prof.profiler.kineto_results.events()
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    runtime = re.compile(r"^cu(da)?[A-Z]")  # CUDA runtime / driver calls carry ids of another kind
+    ops = {e.correlation_id(): e.name() for e in events if e.device_type() == cpu and not runtime.match(e.name())}
+    kernels = [(e.start_ns(), e.start_ns() + e.duration_ns(), e.name(), e.linked_correlation_id())
+               for e in events if e.device_type() == cuda and e.duration_ns() > 0]
+    syncs = [(e.start_ns(), e.start_ns() + e.duration_ns()) for e in events
+             if e.device_type() == cpu and e.name().startswith(SYNC_CALLS) and not e.name().endswith("Async")]
+    return idle_gaps(kernels, syncs, ops)
 
 
 def log_profile(p: dict) -> None:
     log(f"  profile: {p['what']} {p['busy_s']:.3f} s in a call of {p['wall_s']:.3f} s "
         f"({100 * p['busy_fraction_of_wall']:.0f}% busy); "
         + ", ".join(f"{k} {100 * v / max(p['busy_s'], 1e-12):.0f}%" for k, v in p["by_kind_s"].items()))
+    idle = p.get("idle") or {}
+    if "idle_s" in idle:
+        log(f"  idle GPU {idle['idle_s']:.3f} s in {idle['gaps']} gaps >= 10 us: "
+            + ", ".join(f"{k} {v:.3f} s" for k, v in idle["by_cause_s"].items())
+            + "; by launching op: " + ", ".join(f"{k} {v:.3f} s" for k, v in list(idle["by_op_s"].items())[:5]))
 
 
 def is_oom(e: BaseException) -> bool:
@@ -313,6 +376,8 @@ class Knobs:
     attention: str = "default"    # SDPA backend: default (torch's choice) | cudnn (cuDNN attention only)
     switch: str = "peft"          # teacher's adapter switch: peft (disable_adapters(), flips requires_grad of every
                                   # adapter weight) | flags (models.adapters_disabled: the layers' flags only)
+    h2d: str = "sync"             # small host-to-GPU copies (timesteps, coefficients, indices): sync (plain .to(),
+                                  # the CPU waits for the GPU queue to drain) | async (cmdistill.devices.to_device)
 
     def describe(self, objective: str) -> str:
         s = f"{self.precision}, {self.inputs}, cfg={self.cfg}, lora_cast={self.lora_cast}"
@@ -330,12 +395,13 @@ class Knobs:
         s += f", student in micro-batches of {self.micro_batch}" if self.micro_batch else ""
         s += f", teacher lookahead {self.lookahead} batches" if self.lookahead else ""
         s += f", {self.switch} adapter switch"
+        s += ", synchronizing host copies" if self.h2d == "sync" else ""
         return s + (f", loop={self.loop}" if objective == "direct_cm" else "")
 
 
 REF = Knobs()
 OURS = Knobs(precision="bf16", inputs="precomputed", cfg="adaptive", loop="per_sample", lora_cast="off",
-             compile=True, offload=True, switch="flags")
+             compile=True, offload=True, switch="flags", h2d="async")
 
 
 @dataclass(frozen=True)
@@ -454,6 +520,9 @@ SPECS = [
          "(80 GiB)", default=False, knobs=replace(OURS, loop="reference", compile_blocks=True, checkpoint_budget_gib=80)),
     Spec("cm_step_ours+blocks", "cm_step", "knob", "CM step, ours + compiled blocks", default=False,
          knobs=replace(OURS, loop="reference", compile_blocks=True)),
+    Spec("cm_step_ours+blocks+sac80+sync_h2d", "cm_step", "knob", "as cm_step_ours+blocks+sac80, small host-to-GPU "
+         "copies synchronizing (plain .to())", default=False,
+         knobs=replace(OURS, loop="reference", compile_blocks=True, checkpoint_budget_gib=80, h2d="sync")),
     Spec("cm_step_ours+channels_last", "cm_step", "knob", "CM step, ours + channels_last weights", default=False,
          knobs=replace(OURS, loop="reference", channels_last=True)),
     Spec("cm_step_ours+compile_student", "cm_step", "knob", "CM step, ours + compiled student", default=False,
@@ -490,6 +559,9 @@ SPECS = [
     Spec("direct_cm_steps_ours+lookahead2+blocks", "direct_cm_pipeline", "knob", "as "
          "direct_cm_steps_ours+lookahead2, + compiled blocks", default=False,
          knobs=replace(OURS, lookahead=2, compile_blocks=True)),
+    Spec("direct_cm_steps_ours+lookahead2+blocks+sync_h2d", "direct_cm_pipeline", "knob", "as "
+         "direct_cm_steps_ours+lookahead2+blocks, small host-to-GPU copies synchronizing (plain .to())",
+         default=False, knobs=replace(OURS, lookahead=2, compile_blocks=True, h2d="sync")),
     Spec("direct_cm_expected", "direct_cm_expected", "check", "expected Direct CM step over the start "
          "distribution, from the measured call times and student steps (needs direct_cm_calls_* and "
          "student_step_*; reports the ours/reference ratio)"),
@@ -1270,6 +1342,7 @@ class Bench:
                 self.set_precision(spec.knobs.precision)
             self.set_checkpointing(float(knob("checkpoint_budget_gib") or 0), int(knob("micro_batch") or 0))
             torch.backends.cudnn.benchmark = bool(knob("cudnn_benchmark"))
+            devices.ASYNC_COPIES = spec.knobs is None or spec.knobs.h2d == "async"
             cudnn_attention = knob("attention") == "cudnn"
             torch.backends.cuda.enable_flash_sdp(not cudnn_attention)
             torch.backends.cuda.enable_mem_efficient_sdp(not cudnn_attention)

@@ -18,14 +18,16 @@
 #   bash benchmarks/gpu_runs.sh confirm OUT  # GPU 0: the pool's steps again (the bench now draws batches past the
 #                                            # last timed step); GPU 1: the CM step with compiled blocks + 40 / 60 /
 #                                            # 80 GiB kept, the teacher's blocks in max-autotune; kernel profiles
+#   bash benchmarks/gpu_runs.sh sync OUT     # small host-to-GPU copies without a host sync vs plain .to(): the Direct
+#                                            # CM pool's steps (GPU 0), the CM step with profiles (GPU 1)
 #   bash benchmarks/gpu_runs.sh train OUT    # the training scripts themselves at full size (random SDXL from
 #                                            # benchmarks/random_sdxl.py, precomputed): GPU 0 CM, GPU 1 Direct CM,
 #                                            # COMPILE=1 and --checkpointing_budget_gib auto; step times, peaks
 #   bash benchmarks/gpu_runs.sh final OUT    # GPU 0: the Direct CM reference vs ours (compiled) side by side;
 #                                            # GPU 1: the 24 GiB cap with expandable segments, then the loss curves
 set -u
-stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|train OUT}
-OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|train OUT}
+stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|train OUT}
+OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|train OUT}
 mkdir -p "$OUT"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/inductor} HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm --format=csv > "$OUT/gpus_$stage.csv" 2>&1
@@ -43,8 +45,8 @@ toy() {  # objective gpus per_device_batch
 pair() {  # NAME: rows $R0 on GPU 0 and $R1 on GPU 1 at the same time (3 repeats); then the end of both logs
   for g in 0 1; do
     rows=R$g
-    prof=P$g
-    timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:$g --repeats 3 --only "${!rows}" \
+    prof=P$g extra=X$g
+    timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:$g --repeats 3 --only "${!rows}" ${!extra:-} \
       --profile "${!prof:-}" --json "$OUT/$1$g.json" > "$OUT/$1$g.log" 2>&1 &
   done
   wait
@@ -135,6 +137,17 @@ elif [ "$stage" = confirm ]; then
   P1=cm_step_ref,cm_step_ours+blocks,cm_step_ours+blocks+sac80,teacher_fwd_ours_compiled
   P1=$P1,teacher_fwd_ours+blocks_autotune
   pair confirm
+elif [ "$stage" = sync ]; then
+  # Small host-to-GPU copies without a host sync (cmdistill.devices.to_device, now ours) against plain .to():
+  # GPU 0 the Direct CM pool's consecutive steps, GPU 1 the CM step; kernel profiles with the idle-GPU breakdown.
+  R0=matmul_peak,direct_cm_calls_ref,student_step_ref,direct_cm_steps_ours+lookahead2+blocks
+  R0=$R0,direct_cm_steps_ours+lookahead2+blocks+sync_h2d
+  X0="--repeats_pipeline 2"
+  R1=matmul_peak,teacher_fwd_ours,cm_step_ref,cm_step_ours+blocks+sac80,cm_step_ours+blocks+sac80+sync_h2d
+  R1=$R1,student_step_ours+blocks+sac80,teacher_fwd_ours_compiled,cm_step_ours+blocks
+  P1=cm_step_ours+blocks+sac80,cm_step_ours+blocks+sac80+sync_h2d,student_step_ours+blocks+sac80
+  P1=$P1,teacher_fwd_ours_compiled,cm_step_ours+blocks
+  pair sync
 elif [ "$stage" = train ]; then
   # Outputs go to /tmp (checkpoints are large); the logs and resolved configurations are copied to OUT.
   W=${WORK:-/tmp/cm_train}

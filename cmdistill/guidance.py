@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .devices import to_device
+
 
 class UNetEps:
     """``eps_fn(x, t, cond)`` for an SDXL UNet: casts the float32 state to the UNet's dtype and the
@@ -27,7 +29,7 @@ class UNetEps:
 
     def __call__(self, x: torch.Tensor, t, cond: dict) -> torch.Tensor:
         dtype = self.dtype or cond["prompt_embeds"].dtype
-        t = torch.as_tensor(t).reshape(-1).to(x.device)
+        t = to_device(torch.as_tensor(t).reshape(-1), x.device)
         if t.numel() == 1:
             t = t.expand(x.shape[0]).contiguous()
         x, emb = x.to(dtype), cond["prompt_embeds"].to(dtype)

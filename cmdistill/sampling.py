@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from .devices import to_device
 from .schedule import Grid, NoiseSchedule, boundary_scalings
 from .solvers import solve_to_zero
 
@@ -48,5 +49,5 @@ def student_sample(student_eps, x_T: torch.Tensor, cond: dict, sched: NoiseSched
         if j + 1 < len(timesteps):
             s = timesteps[j + 1]
             z = fresh_noise(j) if fresh_noise is not None else torch.randn_like(x0)
-            x = sched.add_noise(x0, z.to(x0.device), torch.full((x.shape[0],), s))
+            x = sched.add_noise(x0, to_device(z, x0.device), torch.full((x.shape[0],), s))
     return (x0, outs) if return_all else x0

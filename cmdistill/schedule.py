@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .devices import to_device
 from .errors import UserError
 
 
@@ -21,7 +22,7 @@ def scaled_linear_betas(num_train_timesteps: int = 1000, beta_start: float = 0.0
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.to(device=like.device, dtype=torch.float32).view(-1, *([1] * (like.ndim - 1)))
+    return to_device(v, like.device, torch.float32).view(-1, *([1] * (like.ndim - 1)))
 
 
 class NoiseSchedule:

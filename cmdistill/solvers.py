@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from .devices import to_device
 from .schedule import Grid, NoiseSchedule
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
@@ -19,7 +20,7 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
 
 def index_cond(cond: dict, idx: torch.Tensor) -> dict:
     """Select the rows ``idx`` of every per-sample conditioning tensor."""
-    return {k: v[idx.to(v.device)] for k, v in cond.items()}
+    return {k: v[to_device(idx, v.device)] for k, v in cond.items()}
 
 
 def ddim_step(eps_fn: EpsFn, x, t, s, cond, sched: NoiseSchedule):
@@ -38,7 +39,7 @@ def euler_step(eps_fn: EpsFn, x, t, s, cond, sched: NoiseSchedule):
     """Euler on the VP probability-flow ODE (SPEC §4): x_s = x + ((s - t) / T) f(x, t)."""
     eps = eps_fn(x, t, cond)
     f = _vp_drift(x, eps, sched.beta(t, x), sched.sigma(t, x))
-    dt = (torch.as_tensor(s) - torch.as_tensor(t)).float().to(x.device).view(-1, *([1] * (x.ndim - 1)))
+    dt = to_device((torch.as_tensor(s) - torch.as_tensor(t)).float(), x.device).view(-1, *([1] * (x.ndim - 1)))
     return x + (dt / sched.T) * f
 
 
@@ -50,7 +51,7 @@ def heun_step(eps_fn: EpsFn, x, t, s, cond, sched: NoiseSchedule):
     """
     eps = eps_fn(x, t, cond)
     f = _vp_drift(x, eps, sched.beta(t, x), sched.sigma(t, x))
-    dt = (torch.as_tensor(s) - torch.as_tensor(t)).float().to(x.device).view(-1, *([1] * (x.ndim - 1)))
+    dt = to_device((torch.as_tensor(s) - torch.as_tensor(t)).float(), x.device).view(-1, *([1] * (x.ndim - 1)))
     x_pred = x + (dt / sched.T) * f
     eps_s = eps_fn(x_pred, s, cond)
     s_coef = torch.where(torch.as_tensor(s).reshape(-1) == 0, 1, torch.as_tensor(s).reshape(-1))
@@ -98,14 +99,15 @@ def solve_to_zero(step, eps_fn: EpsFn, x: torch.Tensor, start_index: torch.Tenso
         if record is not None:  # snapshot every sample whose current index is one of its recorded ones
             i, j = torch.nonzero(record == n[:, None], as_tuple=True)
             if i.numel():
-                states[i.to(x.device), j.to(x.device)] = x[i.to(x.device)]
+                di = to_device(i, x.device)
+                states[di, to_device(j, x.device)] = x[di]
         active = torch.nonzero(n < grid.N).flatten()
         if active.numel() == 0:
             return x if record is None else (x, states)
         chunks = [active] if not max_batch else list(active.split(max_batch))
         for idx in chunks:
             t = grid.timestep(n[idx])
-            dev_idx = idx.to(x.device)
+            dev_idx = to_device(idx, x.device)
             x[dev_idx] = step(eps_fn, x[dev_idx], t, t - grid.k, index_cond(cond, idx), sched)
         n[active] += 1
         if callback is not None:
@@ -122,7 +124,7 @@ def solve_to_zero_reference(step, eps_fn: EpsFn, x: torch.Tensor, start_index: t
     for n in range(int(start.min()), grid.N):
         t = grid.timestep(torch.full((B,), n))
         x_new = step(eps_fn, x, t, t - grid.k, cond, sched)
-        started = (start <= n).to(x.device).view(-1, *([1] * (x.ndim - 1)))
+        started = to_device(start <= n, x.device).view(-1, *([1] * (x.ndim - 1)))
         x = torch.where(started, x_new, x)
     return x
 
@@ -181,7 +183,7 @@ class TrajectoryPool:
             room -= active.numel()
             if room == 0:
                 break
-        x = torch.cat([e[0][idx.to(e[0].device)] for e, idx in parts])
+        x = torch.cat([e[0][to_device(idx, e[0].device)] for e, idx in parts])
         n = torch.cat([e[1][idx] for e, idx in parts])
         picked = [index_cond(e[2], idx) for e, idx in parts]
         cond = {k: torch.cat([c[k] for c in picked]) for k in picked[0]}
@@ -189,7 +191,7 @@ class TrajectoryPool:
         x = self.step(self.eps_fn, x, t, t - self.grid.k, cond, self.sched)
         offset = 0
         for e, idx in parts:
-            e[0][idx.to(e[0].device)] = x[offset:offset + idx.numel()]
+            e[0][to_device(idx, e[0].device)] = x[offset:offset + idx.numel()]
             e[1][idx] += 1
             offset += idx.numel()
         if self.callback is not None:

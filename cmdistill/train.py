@@ -27,6 +27,7 @@ import torch
 from . import checkpointing, models
 from .args import training_parser
 from .data import SDXLImageCaptions, load_caption_dataset, make_dataloader
+from .devices import to_device
 from .errors import UserError
 from .guidance import AdaptiveCFG, UNetEps
 from .noise import generator_for, per_sample_noise
@@ -334,8 +335,8 @@ class Trainer:
         dev = self.accelerator.device
         prompt_embeds, pooled = models.encode_prompts(batch["captions"], self.tokenizers, self.text_encoders)
         ids = models.time_ids(batch["original_sizes"], batch["crop_top_lefts"], (self.args.resolution,) * 2)
-        return {"prompt_embeds": prompt_embeds.to(dev, self.weight_dtype),
-                "text_embeds": pooled.to(dev, self.weight_dtype), "time_ids": ids.to(dev, self.weight_dtype)}
+        return {"prompt_embeds": to_device(prompt_embeds, dev, self.weight_dtype),
+                "text_embeds": to_device(pooled, dev, self.weight_dtype), "time_ids": to_device(ids, dev, self.weight_dtype)}
 
     @torch.no_grad()
     def posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -351,8 +352,8 @@ class Trainer:
     def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, positions) -> torch.Tensor:
         """Scaled posterior sample mean + std * z, z drawn per sample from (seed, stream position)."""
         dev = self.accelerator.device
-        mean, std = mean.to(dev).float(), std.to(dev).float()
-        z = per_sample_noise(self.args.seed, positions, tuple(mean.shape[1:]), stream=STREAM_VAE).to(dev)
+        mean, std = to_device(mean, dev).float(), to_device(std, dev).float()
+        z = to_device(per_sample_noise(self.args.seed, positions, tuple(mean.shape[1:]), stream=STREAM_VAE), dev)
         return (mean + std * z) * self.vae.config.scaling_factor
 
     def distill_context(self) -> DistillContext:
@@ -383,7 +384,8 @@ class Trainer:
         positions = batch["positions"]
         if "mean" in batch:  # precomputed (cmdistill.precompute): no VAE encoder, no text encoders
             latents = self.sample_latents(batch["mean"], batch["std"], positions)
-            cond = {k: batch[k].to(acc.device, self.weight_dtype) for k in ("prompt_embeds", "text_embeds", "time_ids")}
+            cond = {k: to_device(batch[k], acc.device, self.weight_dtype)
+                    for k in ("prompt_embeds", "text_embeds", "time_ids")}
         else:
             latents = self.sample_latents(*self.posterior(batch["pixel_values"]), positions)
             cond = self.conditioning(batch)

@@ -270,3 +270,20 @@ def test_random_sdxl_folder_trains_through_the_users_loading_path(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 1 and math.isfinite(log[0]["loss"]) and log[0]["step_s"] > 0
+
+
+def test_idle_gaps_charge_each_gap_to_its_cause_and_launching_op():
+    """The profile's idle-GPU breakdown on a made-up timeline (ns): overlapping kernels leave no gap; a gap
+    spanned by a host sync is 'after a host sync'; one without is 'waiting for the CPU'; tiny gaps only add to
+    the total."""
+    b = load_bench()
+    kernels = [(0, 100_000, "k0", 1), (50_000, 120_000, "k1", 1),  # overlap: no gap
+               (170_000, 200_000, "k2", 2),   # 50 us gap after k1, a sync ran in it
+               (300_000, 400_000, "k3", 3),   # 100 us gap, no sync
+               (405_000, 500_000, "k4", 3)]   # 5 us: small
+    syncs = [(110_000, 165_000)]
+    g = b.idle_gaps(kernels, syncs, {1: "aten::mm", 2: "aten::copy_", 3: "aten::conv"})
+    assert g["gaps"] == 2 and math.isclose(g["idle_s"], 155e-6) and math.isclose(g["small_gaps_s"], 5e-6)
+    assert math.isclose(g["by_cause_s"]["after a host sync"], 50e-6)
+    assert math.isclose(g["by_cause_s"]["waiting for the CPU"], 100e-6)
+    assert list(g["by_op_s"]) == ["aten::conv", "aten::copy_"] and g["largest"][0]["next_kernel"] == "k3"

@@ -293,3 +293,17 @@ def test_teacher_lookahead_gives_the_same_direct_cm_losses(tiny_pipeline, tiny_i
     with pytest.raises(UserError, match="--teacher_lookahead applies to train_direct_cm.py"):
         Trainer(training_parser("cm").parse_args([*base, "--output_dir", str(tmp_path / "cm"),
                                                   "--teacher_lookahead", "2"]), "cm")
+
+
+def test_to_device_gives_the_plain_copy_values():
+    """cmdistill.devices.to_device: the values and dtype of ``torch.as_tensor(t).to(device, dtype)`` (on a GPU the
+    copy goes through pinned memory without a host sync; the same numbers)."""
+    from cmdistill import devices
+
+    t = torch.arange(7, dtype=torch.float64) / 3
+    for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        for dtype in (None, torch.float32, torch.bfloat16):
+            got = devices.to_device(t.expand(2, 7)[:, ::2], dev, dtype)
+            want = t.expand(2, 7)[:, ::2].to(dev, dtype) if dtype else t.expand(2, 7)[:, ::2].to(dev)
+            assert got.device.type == dev and got.dtype == want.dtype and torch.equal(got.cpu(), want.cpu())
+    assert devices.to_device([3, 1], "cpu").tolist() == [3, 1]
