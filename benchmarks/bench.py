@@ -251,7 +251,7 @@ def profile_once(device: torch.device, fn, top: int = 15) -> dict:
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=cuda) as prof:  # shapes name the ops behind idle gaps
         fn()
         if cuda:
             torch.cuda.synchronize()
@@ -319,7 +319,7 @@ def idle_gaps(kernels: list[tuple], syncs: list[tuple], ops: dict, min_gap_ns: i
         horizon = max(horizon, end)
     out["gaps"] = len(gaps)
     out["by_op_s"] = dict(sorted(out["by_op_s"].items(), key=lambda kv: -kv[1])[:top])
-    out["largest"] = [{"s": g / 1e9, "cause": c, "op": o[:120], "next_kernel": n[:120]}
+    out["largest"] = [{"s": g / 1e9, "cause": c, "op": o[:300], "next_kernel": n[:120]}
                       for g, c, o, n in sorted(gaps, key=lambda g: -g[0])[:top]]
     return out
 
@@ -329,7 +329,8 @@ def kineto_idle_gaps(prof) -> dict:
     events = prof.profiler.kineto_results.events()
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
     runtime = re.compile(r"^cu(da)?[A-Z]")  # CUDA runtime / driver calls carry ids of another kind
-    ops = {e.correlation_id(): e.name() for e in events if e.device_type() == cpu and not runtime.match(e.name())}
+    ops = {e.correlation_id(): e.name() + (f" {list(e.shapes())}" if e.shapes() else "") for e in events
+           if e.device_type() == cpu and not runtime.match(e.name())}
     kernels = [(e.start_ns(), e.start_ns() + e.duration_ns(), e.name(), e.linked_correlation_id())
                for e in events if e.device_type() == cuda and e.duration_ns() > 0]
     syncs = [(e.start_ns(), e.start_ns() + e.duration_ns()) for e in events
@@ -445,6 +446,9 @@ SPECS = [
     Spec("teacher_fwd_ours_compiled+tuned", "teacher_fwd", "knob", "teacher UNet forward, bf16, torch.compile "
          "(dynamic batch) with inductor's conv_1x1_as_mm, coordinate_descent_tuning, no epilogue fusion",
          default=False, extra={"precision": "bf16", "compile": True, "tuned": True}),
+    Spec("teacher_fwd_ours_compiled+cudnn_benchmark", "teacher_fwd", "knob", "teacher UNet forward, bf16, "
+         "torch.compile (dynamic batch), torch.backends.cudnn.benchmark", default=False,
+         extra={"precision": "bf16", "compile": True, "cudnn_benchmark": True}),
     Spec("teacher_fwd_ours+cudnn_attention", "teacher_fwd", "knob", "teacher UNet forward, bf16, eager, "
          "cuDNN attention", default=False, extra={"precision": "bf16", "attention": "cudnn"}),
     Spec("teacher_fwd_ours_compiled+cudnn_attention", "teacher_fwd", "knob", "teacher UNet forward, bf16, "

@@ -20,14 +20,16 @@
 #                                            # 80 GiB kept, the teacher's blocks in max-autotune; kernel profiles
 #   bash benchmarks/gpu_runs.sh sync OUT     # small host-to-GPU copies without a host sync vs plain .to(): the Direct
 #                                            # CM pool's steps (GPU 0), the CM step with profiles (GPU 1)
+#   bash benchmarks/gpu_runs.sh conv OUT     # GPU 0: the compiled teacher's idle gaps (profile with shapes), with
+#                                            # cudnn.benchmark; GPU 1: train_cm.py eager with --checkpointing_budget_gib auto
 #   bash benchmarks/gpu_runs.sh train OUT    # the training scripts themselves at full size (random SDXL from
 #                                            # benchmarks/random_sdxl.py, precomputed): GPU 0 CM, GPU 1 Direct CM,
 #                                            # COMPILE=1 and --checkpointing_budget_gib auto; step times, peaks
 #   bash benchmarks/gpu_runs.sh final OUT    # GPU 0: the Direct CM reference vs ours (compiled) side by side;
 #                                            # GPU 1: the 24 GiB cap with expandable segments, then the loss curves
 set -u
-stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|train OUT}
-OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|train OUT}
+stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|train OUT}
+OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|train OUT}
 mkdir -p "$OUT"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/inductor} HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm --format=csv > "$OUT/gpus_$stage.csv" 2>&1
@@ -148,6 +150,23 @@ elif [ "$stage" = sync ]; then
   P1=cm_step_ours+blocks+sac80,cm_step_ours+blocks+sac80+sync_h2d,student_step_ours+blocks+sac80
   P1=$P1,teacher_fwd_ours_compiled,cm_step_ours+blocks
   pair sync
+elif [ "$stage" = conv ]; then
+  # GPU 0: the compiled teacher's forward with profiles (the ops behind its idle gaps, with shapes), then with
+  # cudnn.benchmark; GPU 1 at the same time: train_cm.py at full size, eager, --checkpointing_budget_gib auto.
+  timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:0 --repeats 3 \
+    --only matmul_peak,teacher_fwd_ours_compiled,teacher_fwd_ours_compiled+cudnn_benchmark \
+    --profile teacher_fwd_ours_compiled,teacher_fwd_ours_compiled+cudnn_benchmark \
+    --json "$OUT/conv0.json" > "$OUT/conv0.log" 2>&1 &
+  W=${WORK:-/tmp/cm_train}
+  $PY benchmarks/random_sdxl.py --out "$W/sdxl" --data "$W/data" --images 64 ${SDXL_ARGS:-} > "$OUT/setup.log" 2>&1 || exit 1
+  export MODEL_NAME=$W/sdxl TRAIN_DATA_DIR=$W/data VAE_PATH= MIXED_PRECISION=bf16 VALIDATION_STEPS=0 NUM_GPUS=1
+  CUDA_VISIBLE_DEVICES=1 bash scripts/precompute.sh >> "$OUT/setup.log" 2>&1 || exit 1
+  CUDA_VISIBLE_DEVICES=1 OUTPUT_DIR=$W/cm MAX_STEPS=${CM_STEPS:-8} timeout "$LIMIT" bash scripts/train_cm.sh \
+    --checkpointing_budget_gib auto > "$OUT/train_cm.log" 2>&1
+  cp "$W/cm/train_log.jsonl" "$OUT/cm_train_log.jsonl"; cp "$W/cm/training_config.json" "$OUT/cm_config.json"
+  cat "$W/cm/train_log.jsonl"; grep -h "checkpointing_budget_gib auto\|Error" "$OUT/train_cm.log" | head
+  wait
+  tail -n 8 "$OUT/conv0.log"
 elif [ "$stage" = train ]; then
   # Outputs go to /tmp (checkpoints are large); the logs and resolved configurations are copied to OUT.
   W=${WORK:-/tmp/cm_train}
