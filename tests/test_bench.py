@@ -167,6 +167,7 @@ def test_compiled_student_rows(tmp_path):
     assert p["lookahead"] == 2 and p["sample_steps"] >= p["calls"] > 0
     assert p["mean_call_size"] == 4  # B = 4: every call full (batches are drawn past the last timed step)
     assert positive_finite(p["teacher_s_per_full_call"]) and positive_finite(p["speed_up_expected"])
+    assert p["expected_ref_s"] == pytest.approx(m["direct_cm_expected"]["expected_ref_s"])  # one expectation
     assert positive_finite(m["student_step_ours"]["forward_equivalents"])
 
 
