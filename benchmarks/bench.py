@@ -257,18 +257,18 @@ def profile_once(device: torch.device, fn, top: int = 15) -> dict:
             torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     per_name: dict[str, list[float]] = {}
-    for e in prof.events():
-        if cuda:
-            if e.device_type != torch.autograd.DeviceType.CUDA:
-                continue
-            us = e.device_time  # a kernel's own time
-        else:
+    if cuda:  # the raw device events, each kernel once (prof.events() can list one twice with record_shapes)
+        for name, _, dur_ns in device_events(prof):
+            acc = per_name.setdefault(name, [0.0, 0])
+            acc[0] += dur_ns / 1e9
+            acc[1] += 1
+    else:
+        for e in prof.events():
             if e.device_type != torch.autograd.DeviceType.CPU or not e.name.startswith("aten::"):
                 continue
-            us = e.self_cpu_time_total
-        acc = per_name.setdefault(e.name, [0.0, 0])
-        acc[0] += us / 1e6
-        acc[1] += 1
+            acc = per_name.setdefault(e.name, [0.0, 0])
+            acc[0] += e.self_cpu_time_total / 1e6
+            acc[1] += 1
     busy = sum(v[0] for v in per_name.values())
     kinds: dict[str, float] = {}
     for name, (s, _) in per_name.items():
@@ -284,6 +284,15 @@ def profile_once(device: torch.device, fn, top: int = 15) -> dict:
             "what": "CUDA kernel time" if cuda else "CPU self time of aten operators",
             "by_kind_s": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
             "top": [{"name": n[:160], "s": s, "calls": c, "kind": kernel_kind(n)} for n, (s, c) in ranked]}
+
+
+def device_events(prof) -> list[tuple[str, int, int]]:
+    """(name, start_ns, duration_ns) of every kernel, memcpy and memset of a CUDA profile, each once."""
+    seen = {}
+    for e in prof.profiler.kineto_results.events():
+        if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0:
+            seen[(e.name(), e.start_ns())] = (e.name(), e.start_ns(), e.duration_ns(), e.linked_correlation_id())
+    return [v[:3] for v in seen.values()]
 
 
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
