@@ -358,6 +358,21 @@ def log_profile(p: dict) -> None:
             + "; by launching op: " + ", ".join(f"{k} {v:.3f} s" for k, v in list(idle["by_op_s"].items())[:5]))
 
 
+def host_seconds(device: torch.device, fn, repeats: int = 3) -> float:
+    """Median time until ``fn()`` returns to the CPU, starting from an idle GPU: the cost of issuing its work
+    (its GPU time when something inside waits for the GPU)."""
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return median(times)
+
+
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
@@ -427,6 +442,8 @@ class Spec:
 
 SPECS = [
     Spec("matmul_peak", "peak", "check", "bf16 matrix product 8192^3 (the card's attainable dense rate)"),
+    Spec("conv_in_probe", "probe", "check", "the UNet's first convolution alone, 4 input channels and padded to 8: "
+         "GPU time and host time per call", default=False),
     Spec("teacher_fwd_ref", "teacher_fwd", "reference", "teacher UNet forward, batch B, fp16, no grad",
          extra={"precision": "fp16"}),
     Spec("teacher_fwd_ours", "teacher_fwd", "ours", "teacher UNet forward, batch B, bf16, no grad",
@@ -928,6 +945,30 @@ class Bench:
         return dict(value=self.peak_tflops, unit="TFLOP/s", seconds=[tm.seconds], median_s=s,
                     notes=f"{n}^3 bf16, mean of {reps}")
 
+    def m_conv_in_probe(self, spec: Spec) -> dict:
+        """The UNet's first convolution alone (B x 4 x H x W latents, 320 filters 3x3, bf16), eager: its GPU time
+        and the time the call takes to return to the CPU, with the input's 4 channels as they are and
+        zero-padded to 8 (same output). Looks for the ~10 ms that the compiled forward idles before it."""
+        conv = self.unet.conv_in
+        w, b = conv.weight.detach().to(torch.bfloat16), conv.bias.detach().to(torch.bfloat16)
+        x = self.noise.to(torch.bfloat16)
+        out, notes = {}, []
+        for c in (4, 8):
+            xi = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, c - 4))
+            wi = torch.nn.functional.pad(w, (0, 0, 0, 0, 0, c - 4))
+
+            def call(xi=xi, wi=wi):
+                return torch.nn.functional.conv2d(xi, wi, b, padding=1)
+
+            for _ in range(3):
+                call()
+            gpu, _ = timed(self.device, call, 10)
+            host = host_seconds(self.device, call, 10)
+            out[f"gpu_s_c{c}"], out[f"host_s_c{c}"] = median(gpu), host
+            notes.append(f"{c} channels: GPU {1000 * median(gpu):.2f} ms, returns after {1000 * host:.2f} ms")
+        out.update(value=out["host_s_c4"], unit="s (host, 4 channels)", median_s=out["gpu_s_c4"], notes="; ".join(notes))
+        return out
+
     def m_teacher_fwd(self, spec: Spec) -> dict:
         prec = spec.extra["precision"]
         self.set_precision(prec)
@@ -963,6 +1004,7 @@ class Bench:
             fwd()
         times, _ = timed(self.device, fwd, self.args.repeats_fwd)
         s = median(times)
+        out["host_s_per_call"] = host_seconds(self.device, fwd)
         tflops = self.flops_per_forward / s / 1e12
         if self.peak_tflops:
             out["fraction_of_matmul_peak"] = tflops / self.peak_tflops
@@ -971,7 +1013,8 @@ class Bench:
                    notes=f"{1000 * s / self.B:.1f} ms/sample, {len(times)} repeats"
                          + (f", {100 * out['fraction_of_matmul_peak']:.0f}% of the bf16 matmul peak"
                             if "fraction_of_matmul_peak" in out else "")
-                         + (f"; compile {out['compile_s']:.0f} s" if "compile_s" in out else ""))
+                         + (f"; compile {out['compile_s']:.0f} s" if "compile_s" in out else "")
+                         + f"; the CPU returns after {1000 * out['host_s_per_call']:.1f} ms")
         return out
 
     def m_student_step(self, spec: Spec) -> dict:
@@ -1328,7 +1371,7 @@ class Bench:
 
     # --- driver ------------------------------------------------------------------------------------
     def run_one(self, spec: Spec):
-        fn = {"peak": self.m_matmul_peak, "teacher_fwd": self.m_teacher_fwd, "student_step": self.m_student_step,
+        fn = {"peak": self.m_matmul_peak, "probe": self.m_conv_in_probe, "teacher_fwd": self.m_teacher_fwd, "student_step": self.m_student_step,
               "cm_step": self.m_cm_step, "direct_cm_step": self.m_direct_cm_step,
               "teacher_images": self.m_teacher_images, "student_images": self.m_student_images,
               "direct_cm_calls": self.m_direct_cm_calls, "direct_cm_expected": self.m_direct_cm_expected,

@@ -22,14 +22,16 @@
 #                                            # CM pool's steps (GPU 0), the CM step with profiles (GPU 1)
 #   bash benchmarks/gpu_runs.sh conv OUT     # GPU 0: the compiled teacher's idle gaps (profile with shapes), with
 #                                            # cudnn.benchmark; GPU 1: train_cm.py eager with --checkpointing_budget_gib auto
+#   bash benchmarks/gpu_runs.sh probe OUT    # not run yet: conv_in alone, host times, profiles; GPU 1: train_cm.py with
+#                                            # COMPILE=1 and --checkpointing_budget_gib auto
 #   bash benchmarks/gpu_runs.sh train OUT    # the training scripts themselves at full size (random SDXL from
 #                                            # benchmarks/random_sdxl.py, precomputed): GPU 0 CM, GPU 1 Direct CM,
 #                                            # COMPILE=1 and --checkpointing_budget_gib auto; step times, peaks
 #   bash benchmarks/gpu_runs.sh final OUT    # GPU 0: the Direct CM reference vs ours (compiled) side by side;
 #                                            # GPU 1: the 24 GiB cap with expandable segments, then the loss curves
 set -u
-stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|train OUT}
-OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|train OUT}
+stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|probe|train OUT}
+OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|probe|train OUT}
 mkdir -p "$OUT"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/inductor} HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm --format=csv > "$OUT/gpus_$stage.csv" 2>&1
@@ -58,6 +60,22 @@ curves() {
   for o in cm direct_cm; do for g in 1 2; do
     echo "$o ${g}gpu: $(tail -n 1 "$OUT/loss_${o}_${g}gpu/train_log.jsonl" 2>/dev/null || tail -n 3 "$OUT/loss_${o}_${g}gpu.log")"
   done; done
+}
+
+# The training scripts at full size: a random SDXL folder and 64 random pictures (benchmarks/random_sdxl.py),
+# precomputed on GPU $1; outputs under /tmp (checkpoints are large), logs and resolved configurations to OUT.
+W=${WORK:-/tmp/cm_train}
+random_sdxl() {
+  $PY benchmarks/random_sdxl.py --out "$W/sdxl" --data "$W/data" --images 64 ${SDXL_ARGS:-} > "$OUT/setup.log" 2>&1 &&
+    MODEL_NAME=$W/sdxl TRAIN_DATA_DIR=$W/data VAE_PATH= MIXED_PRECISION=bf16 NUM_GPUS=1 CUDA_VISIBLE_DEVICES=$1 \
+      bash scripts/precompute.sh >> "$OUT/setup.log" 2>&1
+}
+train() {  # objective gpu steps: scripts/train_<objective>.sh with --checkpointing_budget_gib auto (COMPILE as set)
+  MODEL_NAME=$W/sdxl TRAIN_DATA_DIR=$W/data VAE_PATH= MIXED_PRECISION=bf16 VALIDATION_STEPS=0 NUM_GPUS=1 \
+    CUDA_VISIBLE_DEVICES=$2 OUTPUT_DIR=$W/$1 MAX_STEPS=$3 timeout "$LIMIT" bash "scripts/train_$1.sh" \
+    --checkpointing_budget_gib auto > "$OUT/train_$1.log" 2>&1
+  cp "$W/$1/train_log.jsonl" "$OUT/$1_train_log.jsonl"; cp "$W/$1/training_config.json" "$OUT/$1_config.json"
+  echo "== $1"; cat "$W/$1/train_log.jsonl"; grep -h "checkpointing_budget_gib auto\|Error" "$OUT/train_$1.log" | head
 }
 
 if [ "$stage" = final ]; then
@@ -157,32 +175,23 @@ elif [ "$stage" = conv ]; then
     --only matmul_peak,teacher_fwd_ours_compiled,teacher_fwd_ours_compiled+cudnn_benchmark \
     --profile teacher_fwd_ours_compiled,teacher_fwd_ours_compiled+cudnn_benchmark \
     --json "$OUT/conv0.json" > "$OUT/conv0.log" 2>&1 &
-  W=${WORK:-/tmp/cm_train}
-  $PY benchmarks/random_sdxl.py --out "$W/sdxl" --data "$W/data" --images 64 ${SDXL_ARGS:-} > "$OUT/setup.log" 2>&1 || exit 1
-  export MODEL_NAME=$W/sdxl TRAIN_DATA_DIR=$W/data VAE_PATH= MIXED_PRECISION=bf16 VALIDATION_STEPS=0 NUM_GPUS=1
-  CUDA_VISIBLE_DEVICES=1 bash scripts/precompute.sh >> "$OUT/setup.log" 2>&1 || exit 1
-  CUDA_VISIBLE_DEVICES=1 OUTPUT_DIR=$W/cm MAX_STEPS=${CM_STEPS:-8} timeout "$LIMIT" bash scripts/train_cm.sh \
-    --checkpointing_budget_gib auto > "$OUT/train_cm.log" 2>&1
-  cp "$W/cm/train_log.jsonl" "$OUT/cm_train_log.jsonl"; cp "$W/cm/training_config.json" "$OUT/cm_config.json"
-  cat "$W/cm/train_log.jsonl"; grep -h "checkpointing_budget_gib auto\|Error" "$OUT/train_cm.log" | head
+  random_sdxl 1 && COMPILE=0 train cm 1 "${CM_STEPS:-8}"
   wait
   tail -n 8 "$OUT/conv0.log"
-elif [ "$stage" = train ]; then
-  # Outputs go to /tmp (checkpoints are large); the logs and resolved configurations are copied to OUT.
-  W=${WORK:-/tmp/cm_train}
-  $PY benchmarks/random_sdxl.py --out "$W/sdxl" --data "$W/data" --images 64 ${SDXL_ARGS:-} > "$OUT/setup.log" 2>&1 || exit 1
-  export MODEL_NAME=$W/sdxl TRAIN_DATA_DIR=$W/data VAE_PATH= MIXED_PRECISION=bf16 VALIDATION_STEPS=0 COMPILE=${COMPILE:-1} NUM_GPUS=1
-  CUDA_VISIBLE_DEVICES=0 bash scripts/precompute.sh >> "$OUT/setup.log" 2>&1 || exit 1
-  CUDA_VISIBLE_DEVICES=0 OUTPUT_DIR=$W/cm MAX_STEPS=${CM_STEPS:-12} timeout "$LIMIT" bash scripts/train_cm.sh \
-    --checkpointing_budget_gib auto > "$OUT/train_cm.log" 2>&1 &
-  CUDA_VISIBLE_DEVICES=1 OUTPUT_DIR=$W/dcm MAX_STEPS=${DCM_STEPS:-4} timeout "$LIMIT" bash scripts/train_direct_cm.sh \
-    --checkpointing_budget_gib auto > "$OUT/train_direct_cm.log" 2>&1 &
+elif [ "$stage" = probe ]; then
+  # Not run yet. GPU 0: conv_in alone (4 vs 8 input channels; GPU and host time), the host time of the eager and
+  # compiled forward, the compiled forward and the CM step with profiles; GPU 1 at the same time: train_cm.py at
+  # full size with COMPILE=1 and --checkpointing_budget_gib auto (compiled blocks keep ~0.65x the estimate).
+  timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:0 --repeats 3 \
+    --only matmul_peak,conv_in_probe,teacher_fwd_ours,teacher_fwd_ours_compiled,cm_step_ref,cm_step_ours+blocks+sac80 \
+    --profile teacher_fwd_ours_compiled,cm_step_ours+blocks+sac80 --json "$OUT/probe0.json" > "$OUT/probe0.log" 2>&1 &
+  random_sdxl 1 && COMPILE=1 train cm 1 "${CM_STEPS:-12}"
   wait
-  for r in cm dcm; do
-    cp "$W/$r/train_log.jsonl" "$OUT/${r}_train_log.jsonl"; cp "$W/$r/training_config.json" "$OUT/${r}_config.json"
-    echo "== $r"; cat "$W/$r/train_log.jsonl"
-  done
-  grep -h "checkpointing_budget_gib auto\|Error\|error" "$OUT"/train_*.log | head -20
+  tail -n 10 "$OUT/probe0.log"
+elif [ "$stage" = train ]; then
+  random_sdxl 0 || exit 1
+  COMPILE=${COMPILE:-1} train cm 0 "${CM_STEPS:-12}" & COMPILE=${COMPILE:-1} train direct_cm 1 "${DCM_STEPS:-4}" &
+  wait
 elif [ "$stage" = sac ]; then
   # GPU 0: the student step with every block checkpointed and with selective checkpointing (20 and 40 GiB kept)
   timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:0 --repeats 3 \
