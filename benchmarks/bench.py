@@ -51,7 +51,8 @@ import torch._inductor.config  # noqa: E402,F401  (knob rows patch it)
 
 from cmdistill import checkpointing, devices, models  # noqa: E402
 from cmdistill.guidance import AdaptiveCFG, GuidedEps, UNetEps  # noqa: E402
-from cmdistill.objectives import DistillContext, cm_target, direct_cm_target, distance  # noqa: E402
+from cmdistill.objectives import (DistillContext, cm_target, cm_target_from, cm_teacher_step,  # noqa: E402
+                                  direct_cm_target, distance)
 from cmdistill.sampling import consistency_fn, student_sample, teacher_sample  # noqa: E402
 from cmdistill.schedule import Grid, NoiseSchedule  # noqa: E402
 from cmdistill.solvers import TrajectoryPool, get_solver, solve_to_zero_reference  # noqa: E402
@@ -358,6 +359,23 @@ def log_profile(p: dict) -> None:
             + "; by launching op: " + ", ".join(f"{k} {v:.3f} s" for k, v in list(idle["by_op_s"].items())[:5]))
 
 
+class PaddedConvIn(torch.nn.Module):
+    """A convolution whose input channels are zero-padded to a multiple of 8 (its weight too, with zeros): the
+    same sums plus exact zeros. Probes whether cuDNN's handling of the UNet's 4-channel input is what the
+    compiled forward waits for."""
+
+    def __init__(self, conv: torch.nn.Conv2d, multiple: int = 8):
+        super().__init__()
+        self.original = conv
+        self.extra = (-conv.in_channels) % multiple
+
+    def forward(self, x):
+        w = self.original.weight
+        pad = (0, 0, 0, 0, 0, self.extra)
+        return torch.nn.functional.conv2d(torch.nn.functional.pad(x, pad), torch.nn.functional.pad(w, pad),
+                                          self.original.bias, self.original.stride, self.original.padding)
+
+
 def host_seconds(device: torch.device, fn, repeats: int = 3) -> float:
     """Median time until ``fn()`` returns to the CPU, starting from an idle GPU: the cost of issuing its work
     (its GPU time when something inside waits for the GPU)."""
@@ -411,6 +429,7 @@ class Knobs:
         s += ", encoders offloaded" if self.offload else ""
         s += ", compiled student" if self.compile_student else ""
         s += ", compiled blocks" if self.compile_blocks else ""
+        s += f" ({self.compile_blocks})" if isinstance(self.compile_blocks, str) else ""
         s += ", channels_last" if self.channels_last else ""
         s += ", cudnn.benchmark" if self.cudnn_benchmark else ""
         s += ", cuDNN attention" if self.attention == "cudnn" else ""
@@ -472,6 +491,9 @@ SPECS = [
     Spec("teacher_fwd_ours_compiled+tuned", "teacher_fwd", "knob", "teacher UNet forward, bf16, torch.compile "
          "(dynamic batch) with inductor's conv_1x1_as_mm, coordinate_descent_tuning, no epilogue fusion",
          default=False, extra={"precision": "bf16", "compile": True, "tuned": True}),
+    Spec("teacher_fwd_ours_compiled+pad_conv_in", "teacher_fwd", "knob", "teacher UNet forward, bf16, "
+         "torch.compile (dynamic batch), conv_in's 4 input channels zero-padded to 8", default=False,
+         extra={"precision": "bf16", "compile": True, "pad_conv_in": True}),
     Spec("teacher_fwd_ours_compiled+cudnn_benchmark", "teacher_fwd", "knob", "teacher UNet forward, bf16, "
          "torch.compile (dynamic batch), torch.backends.cudnn.benchmark", default=False,
          extra={"precision": "bf16", "compile": True, "cudnn_benchmark": True}),
@@ -550,6 +572,22 @@ SPECS = [
          "(80 GiB)", default=False, knobs=replace(OURS, loop="reference", compile_blocks=True, checkpoint_budget_gib=80)),
     Spec("cm_step_ours+blocks", "cm_step", "knob", "CM step, ours + compiled blocks", default=False,
          knobs=replace(OURS, loop="reference", compile_blocks=True)),
+    Spec("student_step_ours+blocks_cudagraphs+sac80", "student_step", "knob", "as student_step_ours+blocks+sac80, "
+         "the blocks compiled in reduce-overhead mode (CUDA graphs: fewer launches from the CPU)", default=False,
+         knobs=replace(OURS, compile_blocks="reduce-overhead", checkpoint_budget_gib=80)),
+    Spec("cm_step_ours+blocks_only+sac80", "cm_step", "knob", "as cm_step_ours+blocks+sac80, the teacher through "
+         "the compiled blocks too (no whole-model compile)", default=False,
+         knobs=replace(OURS, loop="reference", compile=False, compile_blocks=True, checkpoint_budget_gib=80)),
+    Spec("cm_step_ours+blocks_only_cudagraphs+sac80", "cm_step", "knob", "as cm_step_ours+blocks_only+sac80, the "
+         "blocks compiled in reduce-overhead mode (CUDA graphs)", default=False,
+         knobs=replace(OURS, loop="reference", compile=False, compile_blocks="reduce-overhead",
+                       checkpoint_budget_gib=80)),
+    Spec("cm_step_ours+blocks+lookahead1", "cm_step", "knob", "as cm_step_ours+blocks, the next step's teacher "
+         "step issued ahead on a second stream (--teacher_lookahead 1)", default=False,
+         knobs=replace(OURS, loop="reference", compile_blocks=True, lookahead=1)),
+    Spec("cm_step_ours+blocks+sac80+lookahead1", "cm_step", "knob", "as cm_step_ours+blocks+sac80, the next step's "
+         "teacher step issued ahead on a second stream (--teacher_lookahead 1)", default=False,
+         knobs=replace(OURS, loop="reference", compile_blocks=True, checkpoint_budget_gib=80, lookahead=1)),
     Spec("cm_step_ours+blocks+sac80+sync_h2d", "cm_step", "knob", "as cm_step_ours+blocks+sac80, small host-to-GPU "
          "copies synchronizing (plain .to())", default=False,
          knobs=replace(OURS, loop="reference", compile_blocks=True, checkpoint_budget_gib=80, h2d="sync")),
@@ -646,6 +684,8 @@ class Bench:
         self._precomputed: dict = {}
         self._compiled = None
         self._compiled_student = None
+        self._cm_ahead: list = []  # CM with a lookahead: the teacher step issued for the next step
+        self._ahead = None
         self._layout = False
         self._budget = (0.0, None, None)
         self._blocks_compiled = False
@@ -783,6 +823,22 @@ class Bench:
                 log("  " + checkpointing.describe(info))
         self._budget = key
 
+    @property
+    def ahead(self) -> devices.AheadOfTime:
+        """The second stream for work issued ahead (``--teacher_lookahead`` on CM), made on first use."""
+        if self._ahead is None:
+            self._ahead = devices.AheadOfTime(self.device)
+        return self._ahead
+
+    def set_conv_in_padding(self, pad: bool):
+        """The UNet's first convolution with its 4 input channels zero-padded to 8 (``PaddedConvIn``; the same
+        output up to the order of the sums), or as built."""
+        padded = isinstance(self.unet.conv_in, PaddedConvIn)
+        if pad and not padded:
+            self.unet.conv_in = PaddedConvIn(self.unet.conv_in)
+        elif padded and not pad:
+            self.unet.conv_in = self.unet.conv_in.original
+
     def set_layout(self, channels_last: bool):
         """The UNet's 4-D weights (frozen and LoRA) in channels_last or contiguous memory format."""
         if channels_last != self._layout:
@@ -873,7 +929,15 @@ class Bench:
         x_t = self.sched.add_noise(latents, self.noise, t)
         ctx, counted = self.context(knobs, every, objective, objective)
         with self.autocast(knobs.precision):
-            if objective == "cm":
+            if objective == "cm" and knobs.lookahead:  # as the trainer: the next step's teacher step issued now
+                def teacher_step():
+                    with self.autocast(knobs.precision):
+                        return cm_teacher_step(ctx, x_t, start, cond)
+
+                pending = self._cm_ahead.pop() if self._cm_ahead else self.ahead.issue(teacher_step, (x_t, cond))
+                self._cm_ahead.append(self.ahead.issue(teacher_step, (x_t, cond)))  # the next step's (same inputs)
+                target = cm_target_from(ctx, *pending.get(), cond)
+            elif objective == "cm":
                 target = cm_target(ctx, x_t, start, cond)
             else:
                 target = self.direct_cm_target(ctx, knobs, x_t, start, cond)
@@ -1394,6 +1458,7 @@ class Bench:
                 raise torch.OutOfMemoryError("CUDA out of memory (injected by --inject_oom)")
             knob = (lambda k: getattr(spec.knobs, k)) if spec.knobs else (lambda k: (spec.extra or {}).get(k, False))
             self.set_layout(bool(knob("channels_last")))
+            self.set_conv_in_padding(bool((spec.extra or {}).get("pad_conv_in")))
             blocks = knob("compile_blocks") or False  # False | True | a torch.compile mode for the blocks
             if blocks != self._blocks_compiled:
                 if self._blocks_compiled:
@@ -1416,6 +1481,7 @@ class Bench:
             torch.backends.cuda.enable_cudnn_sdp(True)
             tuned = dict(conv_1x1_as_mm=True, coordinate_descent_tuning=True, epilogue_fusion=False)
             PROFILE.active, PROFILE.result = spec.name in self.args.profile, None
+            self._cm_ahead.clear()
             with torch._inductor.config.patch(tuned if (spec.extra or {}).get("tuned") else {}):
                 row.update(fn(spec))
             if PROFILE.result is not None:

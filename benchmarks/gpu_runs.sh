@@ -22,16 +22,18 @@
 #                                            # CM pool's steps (GPU 0), the CM step with profiles (GPU 1)
 #   bash benchmarks/gpu_runs.sh conv OUT     # GPU 0: the compiled teacher's idle gaps (profile with shapes), with
 #                                            # cudnn.benchmark; GPU 1: train_cm.py eager with --checkpointing_budget_gib auto
-#   bash benchmarks/gpu_runs.sh probe OUT    # not run yet: conv_in alone, host times, profiles; GPU 1: train_cm.py with
-#                                            # COMPILE=1 and --checkpointing_budget_gib auto
+#   bash benchmarks/gpu_runs.sh probe OUT    # not run yet: GPU 0 conv_in alone, host times, conv_in padded, profiles;
+#                                            # GPU 1 the CM step with the teacher step issued ahead (lookahead 1)
+#   bash benchmarks/gpu_runs.sh graphs OUT   # not run yet: the compiled blocks with CUDA graphs (reduce-overhead) for
+#                                            # the CM step (GPU 0) and the student step (GPU 1), 80 GiB kept
 #   bash benchmarks/gpu_runs.sh train OUT    # the training scripts themselves at full size (random SDXL from
 #                                            # benchmarks/random_sdxl.py, precomputed): GPU 0 CM, GPU 1 Direct CM,
 #                                            # COMPILE=1 and --checkpointing_budget_gib auto; step times, peaks
 #   bash benchmarks/gpu_runs.sh final OUT    # GPU 0: the Direct CM reference vs ours (compiled) side by side;
 #                                            # GPU 1: the 24 GiB cap with expandable segments, then the loss curves
 set -u
-stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|probe|train OUT}
-OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|probe|train OUT}
+stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|probe|graphs|train OUT}
+OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|probe|graphs|train OUT}
 mkdir -p "$OUT"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/inductor} HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm --format=csv > "$OUT/gpus_$stage.csv" 2>&1
@@ -180,14 +182,26 @@ elif [ "$stage" = conv ]; then
   tail -n 8 "$OUT/conv0.log"
 elif [ "$stage" = probe ]; then
   # Not run yet. GPU 0: conv_in alone (4 vs 8 input channels; GPU and host time), the host time of the eager and
-  # compiled forward, the compiled forward and the CM step with profiles; GPU 1 at the same time: train_cm.py at
-  # full size with COMPILE=1 and --checkpointing_budget_gib auto (compiled blocks keep ~0.65x the estimate).
-  timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:0 --repeats 3 \
-    --only matmul_peak,conv_in_probe,teacher_fwd_ours,teacher_fwd_ours_compiled,cm_step_ref,cm_step_ours+blocks+sac80 \
-    --profile teacher_fwd_ours_compiled,cm_step_ours+blocks+sac80 --json "$OUT/probe0.json" > "$OUT/probe0.log" 2>&1 &
-  random_sdxl 1 && COMPILE=1 train cm 1 "${CM_STEPS:-12}"
-  wait
-  tail -n 10 "$OUT/probe0.log"
+  # compiled forward, the compiled forward as built and with conv_in's input padded to 8 channels, with profiles
+  # (the 10 ms idle before conv_in). GPU 1: the CM step with the next step's teacher step issued ahead on a
+  # second stream (--teacher_lookahead 1 on CM: fills the ~0.19 s the GPU waits for the CPU), 19 / 77 GiB.
+  R0=matmul_peak,conv_in_probe,teacher_fwd_ours,teacher_fwd_ours_compiled,teacher_fwd_ours_compiled+pad_conv_in
+  P0=teacher_fwd_ours_compiled,teacher_fwd_ours_compiled+pad_conv_in
+  R1=matmul_peak,teacher_fwd_ours,cm_step_ref,cm_step_ours+blocks+sac80,cm_step_ours+blocks+sac80+lookahead1
+  R1=$R1,cm_step_ours+blocks,cm_step_ours+blocks+lookahead1
+  P1=cm_step_ours+blocks+sac80+lookahead1,cm_step_ours+blocks+lookahead1
+  pair probe
+elif [ "$stage" = graphs ]; then
+  # Not run yet. The compiled blocks in reduce-overhead mode (CUDA graphs) against the plain compiled blocks, 80 GiB
+  # kept: GPU 0 the CM step (the rows' losses must agree), GPU 1 the student step; profiles of the graph rows.
+  # (the teacher runs through the compiled blocks in both: a whole-model compile would be redone after the switch)
+  R0=matmul_peak,teacher_fwd_ours,cm_step_ref,cm_step_ours+blocks_only+sac80
+  R0=$R0,cm_step_ours+blocks_only_cudagraphs+sac80
+  P0=cm_step_ours+blocks_only_cudagraphs+sac80
+  R1=matmul_peak,teacher_fwd_ours,student_step_ref,student_step_ours+blocks+sac80
+  R1=$R1,student_step_ours+blocks_cudagraphs+sac80
+  P1=student_step_ours+blocks_cudagraphs+sac80
+  pair graphs
 elif [ "$stage" = train ]; then
   random_sdxl 0 || exit 1
   COMPILE=${COMPILE:-1} train cm 0 "${CM_STEPS:-12}" & COMPILE=${COMPILE:-1} train direct_cm 1 "${DCM_STEPS:-4}" &

@@ -125,7 +125,9 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
                    help="Direct CM: prepare the next K batches ahead and solve their teacher trajectories in the "
                         "room that this batch's shrinking active set leaves in each teacher call, so that the calls "
                         "run full (~50 instead of ~95 per step at batch 16, N = 100); same targets up to rounding. "
-                        "Default 2 (every call full) for train_direct_cm.py, 0 (off) where it does not apply")
+                        "Default 2 (every call full) for train_direct_cm.py. CM: the next K batches' teacher steps "
+                        "are issued ahead on a second CUDA stream, so the GPU runs them in the gaps of the current "
+                        "step (same targets: the teacher is frozen; costs one teacher pass of memory); default 0")
     g.add_argument("--cfg_batched", action="store_true",
                    help="always run the conditional and unconditional teacher passes as one batch of 2B (default: "
                         "as one batch only for calls of at most half the batch, where the GPU would idle)")

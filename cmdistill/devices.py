@@ -1,4 +1,4 @@
-"""Host-to-device copies that do not make the CPU wait for the GPU.
+"""Host-to-device copies that do not make the CPU wait for the GPU, and work issued ahead on a second stream.
 
 A plain ``tensor.to("cuda")`` from ordinary (pageable) host memory synchronizes: the CPU waits until the GPU
 has finished everything queued before it, and the GPU then idles until the CPU has issued the next work. The
@@ -24,3 +24,51 @@ def to_device(t, device, dtype: torch.dtype | None = None) -> torch.Tensor:
     if ASYNC_COPIES and t.device.type == "cpu" and device.type == "cuda":
         return t.contiguous().pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+class AheadOfTime:
+    """Work issued ahead of where its result is needed, on a second CUDA stream so that the GPU runs it in the
+    gaps of the work issued meanwhile on the current stream (on a CPU: at once). ``issue`` takes a function and
+    the tensors it reads; ``Pending.get()`` makes the current stream wait for that work alone (an event) and
+    returns its result."""
+
+    def __init__(self, device):
+        device = torch.device(device)
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def issue(self, fn, reads=()) -> "Pending":
+        if self.stream is None:
+            return Pending(fn(), None, None)
+        main = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(main)  # its inputs, written on the current stream, are ready first
+        with torch.cuda.stream(self.stream):
+            out = fn()
+            done = self.stream.record_event()
+        for t in _tensors(list(reads)):  # their memory is not reused before this work has read it
+            t.record_stream(self.stream)
+        return Pending(out, done, main)
+
+
+class Pending:
+    def __init__(self, out, done, main):
+        self.out, self.done, self.main = out, done, main
+
+    def get(self):
+        if self.done is not None:
+            self.main.wait_event(self.done)
+            for t in _tensors(self.out):  # allocated on the side stream, used on this one from now on
+                t.record_stream(self.main)
+            self.done = None
+        return self.out
+
+
+def _tensors(x):
+    """The CUDA tensors in a (nested) tuple / list / dict."""
+    if isinstance(x, torch.Tensor):
+        return [x] if x.is_cuda else []
+    if isinstance(x, (tuple, list)):
+        return [t for v in x for t in _tensors(v)]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _tensors(v)]
+    return []

@@ -33,9 +33,21 @@ class DistillContext:
 def cm_target(ctx: DistillContext, x_t: torch.Tensor, start_index: torch.Tensor, cond: dict) -> torch.Tensor:
     """CM: one teacher step t_n -> t_n - k, then the student's own consistency function there
     (no EMA, no separate target network; f(x, 0) = x at the last interval)."""
+    return cm_target_from(ctx, *cm_teacher_step(ctx, x_t, start_index, cond), cond)
+
+
+@torch.no_grad()
+def cm_teacher_step(ctx: DistillContext, x_t: torch.Tensor, start_index: torch.Tensor, cond: dict):
+    """The teacher's part of the CM target: (x_s, s) one solver step below t_n. The teacher is frozen, so this
+    can run before the student's preceding update (``--teacher_lookahead`` on CM)."""
     t = ctx.grid.timestep(start_index)
     s = t - ctx.grid.k
-    x_s = ctx.step(ctx.teacher_eps, x_t.float(), t, s, cond, ctx.sched)
+    return ctx.step(ctx.teacher_eps, x_t.float(), t, s, cond, ctx.sched), s
+
+
+@torch.no_grad()
+def cm_target_from(ctx: DistillContext, x_s: torch.Tensor, s: torch.Tensor, cond: dict) -> torch.Tensor:
+    """The student's part of the CM target: its consistency function at (x_s, s), no grad."""
     return consistency_fn(ctx.student_eps_nograd, x_s, s, cond, ctx.sched, ctx.timestep_scaling)
 
 

@@ -27,11 +27,12 @@ import torch
 from . import checkpointing, models
 from .args import training_parser
 from .data import SDXLImageCaptions, load_caption_dataset, make_dataloader
-from .devices import to_device
+from .devices import AheadOfTime, to_device
 from .errors import UserError
 from .guidance import AdaptiveCFG, UNetEps
 from .noise import generator_for, per_sample_noise
-from .objectives import OBJECTIVES, DistillContext, direct_cm_trajectory_pairs, distance, extra_pair_indices
+from .objectives import (OBJECTIVES, DistillContext, cm_target_from, cm_teacher_step, direct_cm_trajectory_pairs,
+                         distance, extra_pair_indices)
 from .precompute import collate_precomputed, find_cache
 from .sampling import consistency_fn, student_sample
 from .schedule import Grid, NoiseSchedule
@@ -124,10 +125,10 @@ class Trainer:
         if args.teacher_lookahead is None:  # default: on wherever it applies
             plain = objective == "direct_cm" and not args.reference_loop and args.trajectory_pairs == 1
             args.teacher_lookahead = 2 if plain else 0
-        if args.teacher_lookahead and not for_precompute and (objective != "direct_cm" or args.reference_loop
-                                                              or args.trajectory_pairs > 1):
+        if args.teacher_lookahead and not for_precompute and objective == "direct_cm" and (
+                args.reference_loop or args.trajectory_pairs > 1):
             raise UserError("--teacher_lookahead applies to train_direct_cm.py without --reference_loop or "
-                            "--trajectory_pairs; drop it")
+                            "--trajectory_pairs, and to train_cm.py; drop it")
         self.output_dir = Path(args.output_dir)
         report_to = None if args.report_to in (None, "none") else args.report_to
         self.accelerator = acc = Accelerator(
@@ -391,7 +392,8 @@ class Trainer:
             cond = self.conditioning(batch)
         start = torch.cat([torch.randint(0, self.grid.N, (1,), generator=generator_for(args.seed, STREAM_T, p))
                            for p in positions])
-        noise = per_sample_noise(args.seed, positions, tuple(latents.shape[1:]), stream=STREAM_NOISE).to(latents.device)
+        noise = to_device(per_sample_noise(args.seed, positions, tuple(latents.shape[1:]), stream=STREAM_NOISE),
+                          latents.device)
         t = self.grid.timestep(start)
         return {"x_t": self.sched.add_noise(latents, noise, t), "t": t, "start": start, "cond": cond,
                 "positions": positions, "skipped": batch["skipped"]}
@@ -410,6 +412,8 @@ class Trainer:
             elif "pool_key" in prep:  # --teacher_lookahead: solved with the following batches' trajectories
                 with torch.no_grad():
                     target = self.pool.result(prep["pool_key"])
+            elif "teacher_step" in prep:  # CM with --teacher_lookahead: the teacher's step was issued ahead
+                target = cm_target_from(ctx, *prep["teacher_step"].get(), cond)
             else:
                 target = self.objective(ctx, x_t, start, cond)
             pred = consistency_fn(UNetEps(self.student_unet), x_t, t, cond, self.sched, args.timestep_scaling_factor)
@@ -541,24 +545,36 @@ class Trainer:
         acc.end_training()
 
     def upcoming(self, batches):
-        """The prepared micro-batches of the rest of the run, in order. With ``--teacher_lookahead K``
-        (Direct CM), the next K are prepared ahead and their teacher trajectories submitted to the pool, whose
-        calls fill the room that the current batch's shrinking active set leaves (``solvers.TrajectoryPool``)."""
+        """The prepared micro-batches of the rest of the run, in order. With ``--teacher_lookahead K`` the next
+        K are prepared ahead. Direct CM: their teacher trajectories go to the pool, whose calls fill the room that
+        the current batch's shrinking active set leaves (``solvers.TrajectoryPool``). CM: their teacher steps are
+        issued at once on a second CUDA stream (``devices.AheadOfTime``), where the GPU runs them in the gaps that
+        the current step's launches leave; the teacher is frozen, so the targets are the same."""
         args = self.args
         total = (args.max_train_steps - self.global_step) * args.gradient_accumulation_steps
-        ahead = args.teacher_lookahead if self.objective_name == "direct_cm" else 0
+        ahead = args.teacher_lookahead
+        direct = self.objective_name == "direct_cm"
         if ahead:
             ctx = self.distill_context()
-            self.pool = TrajectoryPool(ctx.step, ctx.teacher_eps, ctx.sched, ctx.grid,
-                                       args.teacher_max_batch or args.train_batch_size)
+            if direct:
+                self.pool = TrajectoryPool(ctx.step, ctx.teacher_eps, ctx.sched, ctx.grid,
+                                           args.teacher_max_batch or args.train_batch_size)
+            else:  # CM: the next batches' teacher steps run on a second stream, in the gaps of this step's work
+                side = AheadOfTime(self.accelerator.device)
         queue: collections.deque = collections.deque()
         fetched = 0
         while fetched < total or queue:
             while fetched < total and len(queue) <= ahead:
                 prep = self.prepare(next(batches))
-                if ahead:
+                if ahead and direct:
                     prep["pool_key"] = fetched
                     self.pool.submit(fetched, prep["x_t"], prep["start"], prep["cond"])
+                elif ahead:
+                    def teacher_step(p=prep):
+                        with self.accelerator.autocast():
+                            return cm_teacher_step(ctx, p["x_t"], p["start"], p["cond"])
+
+                    prep["teacher_step"] = side.issue(teacher_step, reads=[prep["x_t"], prep["cond"]])
                 queue.append(prep)
                 fetched += 1
             yield queue.popleft()

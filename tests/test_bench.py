@@ -240,9 +240,11 @@ def test_profile_row_breaks_kernel_time_down_by_kind(tmp_path):
     """--profile: the named row runs its step once more under torch.profiler and keeps the breakdown (on the
     CPU: aten operators' self time); other rows carry none; a row not measured is refused."""
     out = tmp_path / "p.json"
-    run_bench("--tiny", "--device", "cpu", "--json", out, "--only", "teacher_fwd_ours,cm_step_ours",
-              "--profile", "cm_step_ours")
+    run_bench("--tiny", "--device", "cpu", "--json", out, "--only", "teacher_fwd_ours,cm_step_ours,"
+              "cm_step_ours+blocks+lookahead1", "--profile", "cm_step_ours,cm_step_ours+blocks+lookahead1")
     m = json.loads(out.read_text())["measurements"]
+    ahead = m["cm_step_ours+blocks+lookahead1"]  # the teacher step issued one step ahead: 2B teacher samples a step
+    assert ahead["status"] == "ok" and ahead["teacher_sample_forwards"] == 8 and "profile" in ahead
     assert "profile" not in m["teacher_fwd_ours"]
     p = m["cm_step_ours"]["profile"]
     assert positive_finite(p["busy_s"]) and positive_finite(p["wall_s"])
@@ -288,3 +290,16 @@ def test_idle_gaps_charge_each_gap_to_its_cause_and_launching_op():
     assert math.isclose(g["by_cause_s"]["after a host sync"], 50e-6)
     assert math.isclose(g["by_cause_s"]["waiting for the CPU"], 100e-6)
     assert list(g["by_op_s"]) == ["aten::conv", "aten::copy_"] and g["largest"][0]["next_kernel"] == "k3"
+
+
+def test_padded_conv_in_gives_the_same_output():
+    """The bench's PaddedConvIn (4 input channels zero-padded to 8) computes the UNet's first convolution."""
+    import torch
+
+    b = load_bench()
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 16, 3, padding=1)
+    x = torch.randn(2, 4, 12, 12)
+    padded = b.PaddedConvIn(conv)
+    assert padded.extra == 4 and padded(x).shape == conv(x).shape
+    torch.testing.assert_close(padded(x), conv(x), rtol=1e-5, atol=1e-6)

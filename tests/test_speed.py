@@ -291,8 +291,32 @@ def test_teacher_lookahead_gives_the_same_direct_cm_losses(tiny_pipeline, tiny_i
     calls = {name: sum(g.batched_calls + g.separate_calls for g in gs) for name, gs in used.items()}
     assert calls["default"] < calls["plain"]  # the pool merged batches into fewer calls
     with pytest.raises(UserError, match="--teacher_lookahead applies to train_direct_cm.py"):
-        Trainer(training_parser("cm").parse_args([*base, "--output_dir", str(tmp_path / "cm"),
-                                                  "--teacher_lookahead", "2"]), "cm")
+        Trainer(training_parser("direct_cm").parse_args([*base, "--output_dir", str(tmp_path / "ref"),
+                                                         "--teacher_lookahead", "2", "--reference_loop"]), "direct_cm")
+
+
+def test_cm_teacher_lookahead_gives_the_same_losses(tiny_pipeline, tiny_image_folder, tmp_path, monkeypatch):
+    """CM with --teacher_lookahead 1: each batch's teacher step is issued one step ahead (before the preceding
+    update; on a GPU on a second stream) and the losses are those of the plain loop; the teacher ran each batch's
+    step exactly once."""
+    from cmdistill import objectives, train
+    from cmdistill.args import training_parser
+    from cmdistill.train import Trainer
+
+    calls = []
+    real = objectives.cm_teacher_step
+    monkeypatch.setattr(train, "cm_teacher_step", lambda *a: calls.append(1) or real(*a))
+    base = ["--pretrained_teacher_model", str(tiny_pipeline), "--train_data_dir", str(tiny_image_folder),
+            "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "3", "--num_discr_timesteps", "10",
+            "--w", "3", "--report_to", "none", "--validation_steps", "0", "--checkpointing_steps", "100",
+            "--no_precomputed", "--mixed_precision", "no", "--learning_rate", "1e-2"]
+    losses = {}
+    for k in ("0", "1"):
+        out = tmp_path / k
+        Trainer(training_parser("cm").parse_args([*base, "--output_dir", str(out), "--teacher_lookahead", k]), "cm").train()
+        losses[k] = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(calls) == 3  # the lookahead run's three batches, each once (the plain run calls cm_target)
+    assert losses["1"] == losses["0"] and len(set(losses["0"])) == 3  # the student moved between steps
 
 
 def test_to_device_gives_the_plain_copy_values():
