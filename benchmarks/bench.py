@@ -271,6 +271,7 @@ def profile_once(device: torch.device, fn, top: int = 15) -> dict:
             acc[0] += e.self_cpu_time_total / 1e6
             acc[1] += 1
     busy = sum(v[0] for v in per_name.values())
+    covered = busy if not cuda else union_seconds([(t0, t0 + d) for _, t0, d in device_events(prof)])
     kinds: dict[str, float] = {}
     for name, (s, _) in per_name.items():
         kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + s
@@ -281,10 +282,22 @@ def profile_once(device: torch.device, fn, top: int = 15) -> dict:
             gaps = kineto_idle_gaps(prof)
         except Exception as e:  # noqa: BLE001 - the breakdown above stands without it
             gaps = {"error": f"{type(e).__name__}: {e}"[:200]}
-    return {"idle": gaps, "wall_s": wall, "busy_s": busy, "busy_fraction_of_wall": busy / wall if wall > 0 else float("nan"),
+    return {"idle": gaps, "wall_s": wall, "busy_s": busy, "busy_fraction_of_wall": covered / wall if wall > 0 else float("nan"),
+            "covered_s": covered,  # time with at least one kernel running (kernels on two streams overlap)
             "what": "CUDA kernel time" if cuda else "CPU self time of aten operators",
             "by_kind_s": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
             "top": [{"name": n[:160], "s": s, "calls": c, "kind": kernel_kind(n)} for n, (s, c) in ranked]}
+
+
+def union_seconds(intervals: list[tuple[int, int]]) -> float:
+    """Total length (s) of the union of [start_ns, end_ns) intervals."""
+    total, end = 0, None
+    for a, b in sorted(intervals):
+        if end is None or a > end:
+            total, end = total + (b - a), b
+        elif b > end:
+            total, end = total + (b - end), b
+    return total / 1e9
 
 
 def device_events(prof) -> list[tuple[str, int, int]]:
@@ -354,7 +367,8 @@ def log_profile(p: dict) -> None:
         + ", ".join(f"{k} {100 * v / max(p['busy_s'], 1e-12):.0f}%" for k, v in p["by_kind_s"].items()))
     idle = p.get("idle") or {}
     if "idle_s" in idle:
-        log(f"  idle GPU {idle['idle_s']:.3f} s in {idle['gaps']} gaps >= 10 us: "
+        log(f"  idle GPU {idle['idle_s']:.3f} s ({idle['small_gaps_s']:.3f} s in gaps < 10 us); {idle['gaps']} "
+            f"larger gaps: "
             + ", ".join(f"{k} {v:.3f} s" for k, v in idle["by_cause_s"].items())
             + "; by launching op: " + ", ".join(f"{k} {v:.3f} s" for k, v in list(idle["by_op_s"].items())[:5]))
 
@@ -942,6 +956,10 @@ class Bench:
             else:
                 target = self.direct_cm_target(ctx, knobs, x_t, start, cond)
         counted.loss = self.student_update(knobs, x_t, t, cond, target, scaler)
+        if self._cm_ahead and self.ahead.stream is not None:
+            # The step's time includes the teacher step it issued for the next one (the steady state's cost per
+            # step): the current stream waits for it before the timer's end event.
+            torch.cuda.current_stream(self.device).wait_stream(self.ahead.stream)
         return counted
 
     def student_update(self, knobs: Knobs, x_t, t, cond, target, scaler) -> torch.Tensor:

@@ -66,18 +66,18 @@ curves() {
 
 # The training scripts at full size: a random SDXL folder and 64 random pictures (benchmarks/random_sdxl.py),
 # precomputed on GPU $1; outputs under /tmp (checkpoints are large), logs and resolved configurations to OUT.
-W=${WORK:-/tmp/cm_train}
+WORKDIR=${WORK:-/tmp/cm_train}  # (not W: the training scripts read W as the guidance scale)
 random_sdxl() {
-  $PY benchmarks/random_sdxl.py --out "$W/sdxl" --data "$W/data" --images 64 ${SDXL_ARGS:-} > "$OUT/setup.log" 2>&1 &&
-    MODEL_NAME=$W/sdxl TRAIN_DATA_DIR=$W/data VAE_PATH= MIXED_PRECISION=bf16 NUM_GPUS=1 CUDA_VISIBLE_DEVICES=$1 \
+  CUDA_VISIBLE_DEVICES=$1 $PY benchmarks/random_sdxl.py --out "$WORKDIR/sdxl" --data "$WORKDIR/data" --images 64 ${SDXL_ARGS:-} > "$OUT/setup.log" 2>&1 &&
+    MODEL_NAME=$WORKDIR/sdxl TRAIN_DATA_DIR=$WORKDIR/data VAE_PATH= MIXED_PRECISION=bf16 NUM_GPUS=1 CUDA_VISIBLE_DEVICES=$1 \
       bash scripts/precompute.sh >> "$OUT/setup.log" 2>&1
 }
 train() {  # objective gpu steps: scripts/train_<objective>.sh with --checkpointing_budget_gib auto (COMPILE as set)
-  MODEL_NAME=$W/sdxl TRAIN_DATA_DIR=$W/data VAE_PATH= MIXED_PRECISION=bf16 VALIDATION_STEPS=0 NUM_GPUS=1 \
-    CUDA_VISIBLE_DEVICES=$2 OUTPUT_DIR=$W/$1 MAX_STEPS=$3 timeout "$LIMIT" bash "scripts/train_$1.sh" \
+  MODEL_NAME=$WORKDIR/sdxl TRAIN_DATA_DIR=$WORKDIR/data VAE_PATH= MIXED_PRECISION=bf16 VALIDATION_STEPS=0 NUM_GPUS=1 \
+    CUDA_VISIBLE_DEVICES=$2 OUTPUT_DIR=$WORKDIR/$1 MAX_STEPS=$3 timeout "$LIMIT" bash "scripts/train_$1.sh" \
     --checkpointing_budget_gib auto > "$OUT/train_$1.log" 2>&1
-  cp "$W/$1/train_log.jsonl" "$OUT/$1_train_log.jsonl"; cp "$W/$1/training_config.json" "$OUT/$1_config.json"
-  echo "== $1"; cat "$W/$1/train_log.jsonl"; grep -h "checkpointing_budget_gib auto\|Error" "$OUT/train_$1.log" | head
+  cp "$WORKDIR/$1/train_log.jsonl" "$OUT/$1_train_log.jsonl"; cp "$WORKDIR/$1/training_config.json" "$OUT/$1_config.json"
+  echo "== $1"; cat "$WORKDIR/$1/train_log.jsonl"; grep -h "checkpointing_budget_gib auto\|Error" "$OUT/train_$1.log" | head
 }
 
 if [ "$stage" = final ]; then
@@ -194,6 +194,8 @@ elif [ "$stage" = probe ]; then
 elif [ "$stage" = graphs ]; then
   # Not run yet. The compiled blocks in reduce-overhead mode (CUDA graphs) against the plain compiled blocks, 80 GiB
   # kept: GPU 0 the CM step (the rows' losses must agree), GPU 1 the student step; profiles of the graph rows.
+  # Risk: a no-grad pass through graph-replayed blocks may read block outputs (the UNet's skip connections) that a
+  # later replay overwrote; cudagraph trees then raise, and the row records the error.
   # (the teacher runs through the compiled blocks in both: a whole-model compile would be redone after the switch)
   R0=matmul_peak,teacher_fwd_ours,cm_step_ref,cm_step_ours+blocks_only+sac80
   R0=$R0,cm_step_ours+blocks_only_cudagraphs+sac80

@@ -129,6 +129,10 @@ class Trainer:
                 args.reference_loop or args.trajectory_pairs > 1):
             raise UserError("--teacher_lookahead applies to train_direct_cm.py without --reference_loop or "
                             "--trajectory_pairs, and to train_cm.py; drop it")
+        if (args.teacher_lookahead and objective == "cm" and args.compile_teacher
+                and models.uses_cudagraphs(args.compile_mode)):
+            raise UserError("--teacher_lookahead on train_cm.py runs the teacher on a second CUDA stream, which "
+                            "--compile_mode reduce-overhead (CUDA graphs) does not support: drop one of them")
         self.output_dir = Path(args.output_dir)
         report_to = None if args.report_to in (None, "none") else args.report_to
         self.accelerator = acc = Accelerator(

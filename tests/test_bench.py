@@ -290,6 +290,7 @@ def test_idle_gaps_charge_each_gap_to_its_cause_and_launching_op():
     assert math.isclose(g["by_cause_s"]["after a host sync"], 50e-6)
     assert math.isclose(g["by_cause_s"]["waiting for the CPU"], 100e-6)
     assert list(g["by_op_s"]) == ["aten::conv", "aten::copy_"] and g["largest"][0]["next_kernel"] == "k3"
+    assert math.isclose(b.union_seconds([(0, 10), (5, 20), (30, 40), (32, 35)]), 30e-9)  # two streams overlap
 
 
 def test_padded_conv_in_gives_the_same_output():

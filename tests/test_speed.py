@@ -317,6 +317,11 @@ def test_cm_teacher_lookahead_gives_the_same_losses(tiny_pipeline, tiny_image_fo
         losses[k] = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert len(calls) == 3  # the lookahead run's three batches, each once (the plain run calls cm_target)
     assert losses["1"] == losses["0"] and len(set(losses["0"])) == 3  # the student moved between steps
+    from cmdistill.errors import UserError
+
+    with pytest.raises(UserError, match="does not support"):  # CUDA graphs replay on the stream they were made on
+        Trainer(training_parser("cm").parse_args([*base, "--output_dir", str(tmp_path / "g"), "--teacher_lookahead",
+                                                  "1", "--compile_teacher", "--compile_mode", "reduce-overhead"]), "cm")
 
 
 def test_to_device_gives_the_plain_copy_values():
