@@ -258,8 +258,9 @@ def profile_once(device: torch.device, fn, top: int = 15) -> dict:
             torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     per_name: dict[str, list[float]] = {}
+    kernels = device_events(prof) if cuda else []
     if cuda:  # the raw device events, each kernel once (prof.events() can list one twice with record_shapes)
-        for name, _, dur_ns in device_events(prof):
+        for name, _, dur_ns, _ in kernels:
             acc = per_name.setdefault(name, [0.0, 0])
             acc[0] += dur_ns / 1e9
             acc[1] += 1
@@ -271,7 +272,7 @@ def profile_once(device: torch.device, fn, top: int = 15) -> dict:
             acc[0] += e.self_cpu_time_total / 1e6
             acc[1] += 1
     busy = sum(v[0] for v in per_name.values())
-    covered = busy if not cuda else union_seconds([(t0, t0 + d) for _, t0, d in device_events(prof)])
+    covered = busy if not cuda else union_seconds([(t0, t0 + d) for _, t0, d, _ in kernels])
     kinds: dict[str, float] = {}
     for name, (s, _) in per_name.items():
         kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + s
@@ -279,7 +280,7 @@ def profile_once(device: torch.device, fn, top: int = 15) -> dict:
     gaps = None
     if cuda:
         try:
-            gaps = kineto_idle_gaps(prof)
+            gaps = kineto_idle_gaps(prof, kernels)
         except Exception as e:  # noqa: BLE001 - the breakdown above stands without it
             gaps = {"error": f"{type(e).__name__}: {e}"[:200]}
     return {"idle": gaps, "wall_s": wall, "busy_s": busy, "busy_fraction_of_wall": covered / wall if wall > 0 else float("nan"),
@@ -300,13 +301,14 @@ def union_seconds(intervals: list[tuple[int, int]]) -> float:
     return total / 1e9
 
 
-def device_events(prof) -> list[tuple[str, int, int]]:
-    """(name, start_ns, duration_ns) of every kernel, memcpy and memset of a CUDA profile, each once."""
+def device_events(prof) -> list[tuple[str, int, int, int]]:
+    """(name, start_ns, duration_ns, id of the launching CPU operator) of every kernel, memcpy and memset of a
+    CUDA profile, each once."""
     seen = {}
     for e in prof.profiler.kineto_results.events():
         if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0:
             seen[(e.name(), e.start_ns())] = (e.name(), e.start_ns(), e.duration_ns(), e.linked_correlation_id())
-    return [v[:3] for v in seen.values()]
+    return list(seen.values())
 
 
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
@@ -347,18 +349,17 @@ def idle_gaps(kernels: list[tuple], syncs: list[tuple], ops: dict, min_gap_ns: i
     return out
 
 
-def kineto_idle_gaps(prof) -> dict:
-    """``idle_gaps`` from a CUDA profile's raw events (kernels, memcpy and memset on the device side)."""
+def kineto_idle_gaps(prof, kernels: list[tuple[str, int, int, int]]) -> dict:
+    """``idle_gaps`` of a CUDA profile: its device events (``device_events``) and the CPU's operators and
+    host syncs from its raw events."""
     events = prof.profiler.kineto_results.events()
-    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    cpu = torch.autograd.DeviceType.CPU
     runtime = re.compile(r"^cu(da)?[A-Z]")  # CUDA runtime / driver calls carry ids of another kind
     ops = {e.correlation_id(): e.name() + (f" {list(e.shapes())}" if e.shapes() else "") for e in events
            if e.device_type() == cpu and not runtime.match(e.name())}
-    kernels = [(e.start_ns(), e.start_ns() + e.duration_ns(), e.name(), e.linked_correlation_id())
-               for e in events if e.device_type() == cuda and e.duration_ns() > 0]
     syncs = [(e.start_ns(), e.start_ns() + e.duration_ns()) for e in events
              if e.device_type() == cpu and e.name().startswith(SYNC_CALLS) and not e.name().endswith("Async")]
-    return idle_gaps(kernels, syncs, ops)
+    return idle_gaps([(t0, t0 + d, name, op) for name, t0, d, op in kernels], syncs, ops)
 
 
 def log_profile(p: dict) -> None:
@@ -1342,15 +1343,18 @@ class Bench:
                          + (f"; adapter switch {out['switch_s']:.3f} s" if "switch_s" in out else ""))
         return out
 
+    def start_draws(self) -> torch.Tensor:
+        """The Direct CM start indices over which expected steps are taken: ``--expected_draws`` batches of B,
+        each n uniform on 0..N-1 (as ``Trainer.prepare`` draws them), the same draws in every row."""
+        return torch.randint(0, self.N, (self.args.expected_draws, self.B), generator=torch.Generator().manual_seed(0))
+
     def expected_reference_s(self) -> float | None:
         """The reference loop's expected Direct CM step (as in ``m_direct_cm_expected``) from this run's rows
         direct_cm_calls_ref and student_step_ref; None without them."""
         res = self.results
         if any(res.get(n, {}).get("status") != "ok" for n in ("direct_cm_calls_ref", "student_step_ref")):
             return None
-        g = torch.Generator().manual_seed(0)
-        draws = torch.randint(0, self.N, (self.args.expected_draws, self.B), generator=g)
-        longest = (self.N - draws).max(dim=1).values.double().mean()
+        longest = (self.N - self.start_draws()).max(dim=1).values.double().mean()
         calls = res["direct_cm_calls_ref"]
         return float(longest * calls["median_s"] + calls["per_step_s"] + res["student_step_ref"]["median_s"])
 
@@ -1395,8 +1399,7 @@ class Bench:
             ref = L[:, 0] * t_ref + enc_ref + s_ref
             return ref, ours
 
-        g = torch.Generator().manual_seed(0)
-        draws = torch.randint(0, N, (self.args.expected_draws, B), generator=g)
+        draws = self.start_draws()
         ref, ours = predict(draws)
         seed_ref, seed_ours = (float(v) for v in predict(self.start[None]))
         e_ref, e_ours = float(ref.mean()), float(ours.mean())

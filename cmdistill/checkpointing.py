@@ -170,4 +170,3 @@ def calibrated_budget_gib(peak0: int, peak1: int, kept_estimate_gib: float, tota
     if ratio is None:
         return None
     return max(0.0, (HEADROOM * total_bytes - peak0) / max(ratio, MIN_RATIO)) / 2**30
-

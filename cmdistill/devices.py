@@ -45,7 +45,7 @@ class AheadOfTime:
         with torch.cuda.stream(self.stream):
             out = fn()
             done = self.stream.record_event()
-        for t in _tensors(list(reads)):  # their memory is not reused before this work has read it
+        for t in _tensors(reads):  # their memory is not reused before this work has read it
             t.record_stream(self.stream)
         return Pending(out, done, main)
 

@@ -179,19 +179,19 @@ class TrajectoryPool:
             if active.numel() == 0:
                 continue
             active = active[torch.argsort(entry[1][active], stable=True)][:room]  # smallest n: most steps left
-            parts.append((entry, active))
+            parts.append((entry, active, to_device(active, entry[0].device)))
             room -= active.numel()
             if room == 0:
                 break
-        x = torch.cat([e[0][to_device(idx, e[0].device)] for e, idx in parts])
-        n = torch.cat([e[1][idx] for e, idx in parts])
-        picked = [index_cond(e[2], idx) for e, idx in parts]
+        x = torch.cat([e[0][dev_idx] for e, _, dev_idx in parts])
+        n = torch.cat([e[1][idx] for e, idx, _ in parts])
+        picked = [index_cond(e[2], idx) for e, idx, _ in parts]
         cond = {k: torch.cat([c[k] for c in picked]) for k in picked[0]}
         t = self.grid.timestep(n)
         x = self.step(self.eps_fn, x, t, t - self.grid.k, cond, self.sched)
         offset = 0
-        for e, idx in parts:
-            e[0][to_device(idx, e[0].device)] = x[offset:offset + idx.numel()]
+        for e, idx, dev_idx in parts:
+            e[0][dev_idx] = x[offset:offset + idx.numel()]
             e[1][idx] += 1
             offset += idx.numel()
         if self.callback is not None:

@@ -341,7 +341,8 @@ class Trainer:
         prompt_embeds, pooled = models.encode_prompts(batch["captions"], self.tokenizers, self.text_encoders)
         ids = models.time_ids(batch["original_sizes"], batch["crop_top_lefts"], (self.args.resolution,) * 2)
         return {"prompt_embeds": to_device(prompt_embeds, dev, self.weight_dtype),
-                "text_embeds": to_device(pooled, dev, self.weight_dtype), "time_ids": to_device(ids, dev, self.weight_dtype)}
+                "text_embeds": to_device(pooled, dev, self.weight_dtype),
+                "time_ids": to_device(ids, dev, self.weight_dtype)}
 
     @torch.no_grad()
     def posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
