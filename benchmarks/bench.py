@@ -433,7 +433,8 @@ class Knobs:
     micro_batch: int = 0          # the student's forward + backward this many samples at a time (0: whole batch)
     attention: str = "default"    # SDPA backend: default (torch's choice) | cudnn (cuDNN attention only)
     switch: str = "peft"          # teacher's adapter switch: peft (disable_adapters(), flips requires_grad of every
-                                  # adapter weight) | flags (models.adapters_disabled: the layers' flags only)
+                                  # adapter weight) | flags (models.adapters_disabled: the layers' flags only) |
+                                  # view (models.base_view: the teacher runs a view without adapter layers)
     h2d: str = "sync"             # small host-to-GPU copies (timesteps, coefficients, indices): sync (plain .to(),
                                   # the CPU waits for the GPU queue to drain) | async (cmdistill.devices.to_device)
 
@@ -460,7 +461,7 @@ class Knobs:
 
 REF = Knobs()
 OURS = Knobs(precision="bf16", inputs="precomputed", cfg="adaptive", loop="per_sample", lora_cast="off",
-             compile=True, offload=True, switch="flags", h2d="async")
+             compile=True, offload=True, switch="view", h2d="async")
 
 
 @dataclass(frozen=True)
@@ -506,6 +507,13 @@ SPECS = [
     Spec("teacher_fwd_ours_compiled+tuned", "teacher_fwd", "knob", "teacher UNet forward, bf16, torch.compile "
          "(dynamic batch) with inductor's conv_1x1_as_mm, coordinate_descent_tuning, no epilogue fusion",
          default=False, extra={"precision": "bf16", "compile": True, "tuned": True}),
+    Spec("teacher_fwd_ours_compiled+flags", "teacher_fwd", "knob", "teacher UNet forward, bf16, torch.compile "
+         "(dynamic batch) of the UNet itself with its adapter layers' flags off (models.adapters_disabled), as "
+         "before models.base_view", default=False, extra={"precision": "bf16", "compile": True, "switch": "flags"}),
+    Spec("teacher_fwd_ours_compiled+skip_guards", "teacher_fwd", "knob", "teacher UNet forward, bf16, "
+         "torch.compile (dynamic batch), timed under set_stance(skip_guard_eval_unsafe=True) (measures the guards' "
+         "cost; not used in training)", default=False,
+         extra={"precision": "bf16", "compile": True, "skip_guards": True}),
     Spec("teacher_fwd_ours_compiled+pad_conv_in", "teacher_fwd", "knob", "teacher UNet forward, bf16, "
          "torch.compile (dynamic batch), conv_in's 4 input channels zero-padded to 8", default=False,
          extra={"precision": "bf16", "compile": True, "pad_conv_in": True}),
@@ -741,6 +749,7 @@ class Bench:
                 p.data = p.data.float()
         unet.enable_gradient_checkpointing()
         unet.train()
+        self.view = models.base_view(unet)  # ours: the teacher without adapter layers, on the same weights
         self.params = [p for p in unet.parameters() if p.requires_grad]
         self.param_counts["lora"] = sum(p.numel() for p in self.params)
         self.optimizer = make_optimizer(SimpleNamespace(
@@ -815,16 +824,17 @@ class Bench:
         self.place_encoders(knobs)
         return self._precomputed[knobs.precision]
 
-    def compiled_unet(self, static: bool = False, tuned: bool = False, mode: str = "default"):
+    def compiled_unet(self, static: bool = False, tuned: bool = False, mode: str = "default", view: bool = True):
         """The UNet under torch.compile, built once per (memory format, static) and shared by every
         measurement (so it compiles once); called through ``UNetEps(..., dynamic_batch=True)`` as
         ``Trainer.distill_context`` does, or with ``static`` through a plain ``UNetEps`` (one batch size)."""
-        key = (self._layout, static, tuned, torch.backends.cuda.flash_sdp_enabled(), mode)
+        key = (self._layout, static, tuned, torch.backends.cuda.flash_sdp_enabled(), mode, view)
         if self._compiled is None or self._compiled[0] != key:
             if self._compiled is not None:  # another variant: start from a clean dynamo state
                 torch._dynamo.reset()
                 self._compiled_student = None
-            self._compiled = (key, models.compile_unet(self.unet, backend=self.args.compile_backend, mode=mode))
+            self._compiled = (key, models.compile_unet(self.view if view else self.unet,
+                                                       backend=self.args.compile_backend, mode=mode))
         return self._compiled[1]
 
     def set_checkpointing(self, budget_gib: float, micro_batch: int = 0):
@@ -848,11 +858,12 @@ class Bench:
     def set_conv_in_padding(self, pad: bool):
         """The UNet's first convolution with its 4 input channels zero-padded to 8 (``PaddedConvIn``; the same
         output up to the order of the sums), or as built."""
-        padded = isinstance(self.unet.conv_in, PaddedConvIn)
-        if pad and not padded:
-            self.unet.conv_in = PaddedConvIn(self.unet.conv_in)
-        elif padded and not pad:
-            self.unet.conv_in = self.unet.conv_in.original
+        for tree in (self.unet, self.view):  # (the view has its own list of the UNet's children)
+            padded = isinstance(tree.conv_in, PaddedConvIn)
+            if pad and not padded:
+                tree.conv_in = PaddedConvIn(tree.conv_in)
+            elif padded and not pad:
+                tree.conv_in = tree.conv_in.original
 
     def set_layout(self, channels_last: bool):
         """The UNet's 4-D weights (frozen and LoRA) in channels_last or contiguous memory format."""
@@ -870,10 +881,12 @@ class Bench:
         return self._compiled_student
 
     def teacher_unet_eps(self, compile: bool, static: bool = False, tuned: bool = False,
-                         mode: str = "default") -> UNetEps:
+                         mode: str = "default", view: bool = True) -> UNetEps:
+        """The teacher's UNet call: on ``base_view`` (ours) or on the UNet itself, whose adapter the caller
+        switches off (``view=False``); eager or compiled."""
         if not compile:
-            return UNetEps(self.unet)
-        return UNetEps(self.compiled_unet(static, tuned, mode), dynamic_batch=not static,
+            return UNetEps(self.view if view else self.unet)
+        return UNetEps(self.compiled_unet(static, tuned, mode, view), dynamic_batch=not static,
                        fresh_output=models.uses_cudagraphs(mode))
 
     def place_encoders(self, knobs: Knobs):
@@ -890,6 +903,8 @@ class Bench:
         (``disable_adapters()`` / ``enable_adapters()``), or ours (``models.adapters_disabled``)."""
         if switch == "flags":
             return models.adapters_disabled(self.unet)
+        if switch == "view":  # the teacher's calls go to the view: nothing to switch
+            return contextlib.nullcontext()
 
         @contextlib.contextmanager
         def peft_switch():
@@ -902,11 +917,12 @@ class Bench:
         return peft_switch()
 
     def guided_teacher(self, cfg: str, batch: int, every: int = 0, label: str = "", compile: bool = False,
-                       switch: str | None = "flags", mode: str = "default"):
+                       switch: str | None = "view", mode: str = "default", view: bool | None = None):
         """The guided teacher eps_fn of ``cmdistill.train.Trainer.distill_context`` (adapter disabled by
         ``switch`` around every call; None: the caller disables it once around many calls), with a counting
         wrapper around the UNet call."""
-        counted = Counted(self.teacher_unet_eps(compile, mode=mode), every, label)
+        view = switch == "view" if view is None else view  # (view=True with switch=None: the caller's own switch)
+        counted = Counted(self.teacher_unet_eps(compile, mode=mode, view=view), every, label)
         threshold = {"separate": 0, "batched": batch, "adaptive": batch // 2}[cfg]
         guide = counted.guide = AdaptiveCFG(counted, self.w, threshold)
         if switch is None:
@@ -1058,15 +1074,17 @@ class Bench:
         _, cond = self.inputs(replace(OURS, precision=prec))
         x = self.noise
         t = torch.full((self.B,), 500, dtype=torch.long)
-        eps = UNetEps(self.unet)
+        # ours: the teacher view (models.base_view); the reference and the +flags row: the UNet, adapter flags off
+        view = spec.behaviour != "reference" and spec.extra.get("switch", "view") == "view"
+        eps = self.teacher_unet_eps(bool(spec.extra.get("compile")), static=spec.extra.get("static", False),
+                                    tuned=spec.extra.get("tuned", False),
+                                    mode=spec.extra.get("compile_mode", "default"), view=view)
         out = {}
-        if spec.extra.get("compile"):
-            eps = self.teacher_unet_eps(True, static=spec.extra.get("static", False),
-                                        tuned=spec.extra.get("tuned", False),
-                                        mode=spec.extra.get("compile_mode", "default"))
+        def switch():
+            return contextlib.nullcontext() if view else models.adapters_disabled(self.unet)
 
         def fwd():
-            with torch.no_grad(), models.adapters_disabled(self.unet), self.autocast(prec):
+            with torch.no_grad(), switch(), self.autocast(prec):
                 return eps(x, t, cond)
 
         if self.flops_per_forward is None:
@@ -1085,19 +1103,31 @@ class Bench:
             log(f"  compile + first call: {tm.seconds:.1f} s")
         for _ in range(self.args.warmup_fwd - 1):
             fwd()
-        times, _ = timed(self.device, fwd, self.args.repeats_fwd)
+        # +skip_guards (measurement only, after the warm-up): dynamo runs only the guards that tell its cache
+        # entries apart, which shows what the full guard check costs per call. Unsafe as a default.
+        with (torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if spec.extra.get("skip_guards")
+              else contextlib.nullcontext()):
+            times, _ = timed(self.device, fwd, self.args.repeats_fwd)  # each call from an idle GPU
+            out["host_s_per_call"] = host_seconds(self.device, fwd)
+            with Timer(self.device) as tm:  # the same calls back to back, as a sampler or the Direct CM loop
+                for _ in range(self.args.repeats_fwd):  # issues them: the CPU's part overlaps the GPU's
+                    fwd()
         s = median(times)
-        out["host_s_per_call"] = host_seconds(self.device, fwd)
+        out["back_to_back_s_per_call"] = b2b = tm.seconds / self.args.repeats_fwd
         tflops = self.flops_per_forward / s / 1e12
         if self.peak_tflops:
             out["fraction_of_matmul_peak"] = tflops / self.peak_tflops
+            out["fraction_of_matmul_peak_back_to_back"] = self.flops_per_forward / b2b / 1e12 / self.peak_tflops
         out.update(value=tflops, unit="TFLOP/s", seconds=times, median_s=s,
                    ms_per_sample=1000 * s / self.B, tflop_per_forward=self.flops_per_forward / 1e12,
                    notes=f"{1000 * s / self.B:.1f} ms/sample, {len(times)} repeats"
                          + (f", {100 * out['fraction_of_matmul_peak']:.0f}% of the bf16 matmul peak"
                             if "fraction_of_matmul_peak" in out else "")
                          + (f"; compile {out['compile_s']:.0f} s" if "compile_s" in out else "")
-                         + f"; the CPU returns after {1000 * out['host_s_per_call']:.1f} ms")
+                         + f"; the CPU returns after {1000 * out['host_s_per_call']:.1f} ms"
+                         + f"; back to back {1000 * b2b:.1f} ms per call"
+                         + (f" ({100 * out['fraction_of_matmul_peak_back_to_back']:.1f}%)"
+                            if "fraction_of_matmul_peak_back_to_back" in out else ""))
         return out
 
     def m_student_step(self, spec: Spec) -> dict:
@@ -1247,7 +1277,8 @@ class Bench:
         n_runs = self.args.ref_images if batch == 1 else self.args.repeats
         self.place_encoders(replace(knobs, offload=False))  # prompts are encoded per batch, in the timed region
         # Sampling runs the teacher alone (the reference script: a plain pipeline): one switch per batch.
-        teacher_eps, _ = self.guided_teacher(knobs.cfg, batch, compile=knobs.compile, switch=None)
+        teacher_eps, _ = self.guided_teacher(knobs.cfg, batch, compile=knobs.compile, switch=None,
+                                             view=knobs.switch == "view")
 
         def one(i, grid):
             idx = slice(i * batch % self.B, i * batch % self.B + batch)
@@ -1484,13 +1515,15 @@ class Bench:
             if blocks != self._blocks_compiled:
                 if self._blocks_compiled:
                     models.compile_blocks(self.unet, False)
+                    models.compile_blocks(self.view, False)
                     if blocks:  # another mode for the blocks: from a clean dynamo state
                         torch._dynamo.reset()
                         self._compiled = self._compiled_student = None
                 self._blocks_compiled = blocks
-                if blocks:
-                    models.compile_blocks(self.unet, backend=self.args.compile_backend,
-                                          mode=blocks if isinstance(blocks, str) else None)
+                if blocks:  # the student's blocks and the teacher view's (each compiles at its first call)
+                    for tree in (self.unet, self.view):
+                        models.compile_blocks(tree, backend=self.args.compile_backend,
+                                              mode=blocks if isinstance(blocks, str) else None)
             if spec.knobs is not None:  # the plan's dry run uses the frozen weights' dtype: set it first
                 self.set_precision(spec.knobs.precision)
             self.set_checkpointing(float(knob("checkpoint_budget_gib") or 0), int(knob("micro_batch") or 0))

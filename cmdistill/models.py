@@ -1,13 +1,16 @@
 """Loading the SDXL teacher, the LoRA student, SDXL text conditioning (SPEC §1).
 
-One UNet lives in memory: with its LoRA adapter disabled it *is* the teacher.
+One UNet lives in memory: with its LoRA adapter disabled it *is* the teacher (``base_view``: the same
+weights seen without the adapter layers).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import shutil
+import types
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,14 +236,48 @@ def adapters_disabled(unet):
     layers = cached[1]
     if not layers:
         unet.disable_adapters()  # no adapter at all: the library's own error
-    before = [m._disable_adapters for m in layers]
+    # A plain bool attribute: written to the instance dict directly (what nn.Module.__setattr__ ends in, without
+    # its isinstance checks: ~1 us per layer, 1.6 ms per enter + exit on SDXL's ~800 layers).
+    before = [m.__dict__.get("_disable_adapters", m._disable_adapters) for m in layers]
     for m in layers:
-        m._disable_adapters = True
+        m.__dict__["_disable_adapters"] = True
     try:
         yield unet
     finally:
         for m, b in zip(layers, before):
-            m._disable_adapters = b
+            m.__dict__["_disable_adapters"] = b
+
+
+def base_view(unet):
+    """The UNet without its adapters, for the teacher's passes: a module tree in which every PEFT adapter layer
+    is replaced by the layer it wraps, sharing every parameter and buffer with ``unet`` (no weight is
+    copied; a change to the weights, in place or by ``.to()``, shows in both). Its forward is the
+    adapter-disabled forward of ``unet`` (``adapters_disabled``), with no switch to flip per call and none of
+    the adapter layers' modules and tensors for ``torch.compile`` to guard on at every call (SDXL: ~1,600
+    fewer tensors; the compiled teacher's entry, ~10 ms before its first kernel on an H200, is mostly guards).
+
+    Modules with no adapter below them are shared as they are; the others are shallow copies with their own
+    child list (their parameter, buffer and hook dicts are the original's), their instance methods (e.g.
+    accelerate's mixed-precision ``forward``) bound to the copy, and without the original's
+    ``nn.Module.compile``d call (``compile_blocks(view)`` compiles the view's own). Shared modules switch
+    ``train()`` / ``eval()`` for both trees; SDXL's UNet has no dropout that is active in either mode."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    def view(m):
+        if isinstance(m, BaseTunerLayer):
+            return view(m.get_base_layer())
+        children = {name: None if c is None else view(c) for name, c in m._modules.items()}
+        if all(children[name] is c for name, c in m._modules.items()):
+            return m
+        v = copy.copy(m)
+        v.__dict__["_modules"] = children
+        v.__dict__["_compiled_call_impl"] = None
+        for name, attr in list(v.__dict__.items()):  # e.g. accelerate's autocast forward, bound to the original
+            if isinstance(attr, types.MethodType) and attr.__self__ is m:
+                v.__dict__[name] = types.MethodType(attr.__func__, v)
+        return v
+
+    return view(unet)
 
 
 def lora_state_dict(unet) -> dict:

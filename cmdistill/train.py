@@ -215,11 +215,15 @@ class Trainer:
                                           num_training_steps=args.max_train_steps)
         self.unet, self.optimizer = acc.prepare(unet, optimizer)
         self.base_unet = acc.unwrap_model(self.unet)
+        # The teacher: the same frozen weights seen without the adapter layers (no switch to flip per call).
+        self.teacher_base = models.base_view(self.base_unet)
         if args.compile_blocks:  # regional compilation: every pass through the UNet runs compiled blocks
             models.compile_blocks(self.base_unet)
-        # The teacher's passes (no grad, adapter off) may run compiled, with a dynamic batch dimension.
-        self.teacher_unet = (models.compile_unet(self.base_unet, mode=args.compile_mode) if args.compile_teacher
-                             else self.base_unet)
+            if not args.compile_teacher:
+                models.compile_blocks(self.teacher_base)
+        # The teacher's passes (no grad) may run compiled, with a dynamic batch dimension.
+        self.teacher_unet = (models.compile_unet(self.teacher_base, mode=args.compile_mode) if args.compile_teacher
+                             else self.teacher_base)
         # The student's pass with grad (through DDP when there are several processes) may run compiled too.
         self.student_unet = models.compile_unet(self.unet) if args.compile_student else self.unet
         self.global_step, self.samples_seen, self.skipped_images = 0, 0, 0
@@ -372,15 +376,9 @@ class Trainer:
         threshold = (a.teacher_max_batch or a.train_batch_size) // 2
         if a.cfg_separate or a.cfg_batched:
             threshold = 0 if a.cfg_separate else 10**9
-        teacher = AdaptiveCFG(eps, a.w, threshold)
-
-        def teacher_eps(x, t, cond):
-            with models.adapters_disabled(self.base_unet):
-                return teacher(x, t, cond)
-
-        return DistillContext(teacher_eps=teacher_eps, student_eps_nograd=UNetEps(self.base_unet), step=self.step_fn,
-                              sched=self.sched, grid=self.grid, timestep_scaling=self.args.timestep_scaling_factor,
-                              max_batch=self.args.teacher_max_batch)
+        return DistillContext(teacher_eps=AdaptiveCFG(eps, a.w, threshold), student_eps_nograd=UNetEps(self.base_unet),
+                              step=self.step_fn, sched=self.sched, grid=self.grid,
+                              timestep_scaling=self.args.timestep_scaling_factor, max_batch=self.args.teacher_max_batch)
 
     def prepare(self, batch) -> dict:
         """A micro-batch's inputs: x_t at each sample's start index, its timesteps and conditioning. Each

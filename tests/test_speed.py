@@ -4,13 +4,15 @@
 * the teacher through ``torch.compile`` with a dynamic batch dimension (``models.compile_unet`` +
   ``UNetEps(dynamic_batch=True)``), with the adapter disabled, for several batch sizes;
 * ``--compile_teacher`` and ``--compile_student`` in the training loop (same losses as without);
-* the teacher's adapter switch (``models.adapters_disabled``, flags only) against PEFT's own.
+* the teacher's adapter switch (``models.adapters_disabled``, flags only) against PEFT's own, and the teacher
+  as a view of the UNet without its adapter layers (``models.base_view``, shared weights).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import types
 
 import pytest
 import torch
@@ -111,6 +113,37 @@ def test_adapter_switch_follows_adapters_added_after_first_use():
         peft_teacher = UNetEps(unet)(x, t, cond)
     torch.testing.assert_close(teacher, peft_teacher, rtol=0, atol=0)
     assert (student - teacher).abs().max() > 1e-4
+
+
+def test_base_view_is_the_adapter_disabled_unet_on_shared_weights():
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    unet = student_unet(torch.float32)
+    models.compile_blocks(unet, backend="eager")  # the student's compiled blocks are not the view's
+    # accelerate's mixed precision replaces the model's forward by a method bound to the model
+    unet.forward = types.MethodType(lambda self, *a, **k: type(self).forward(self, *a, **k), unet)
+    view = models.base_view(unet)
+    assert view.forward.__self__ is view
+    assert not any(isinstance(m, BaseTunerLayer) for m in view.modules())
+    assert any(isinstance(m, BaseTunerLayer) for m in unet.modules())  # the student keeps its adapters
+    assert all(m._compiled_call_impl is None for m in view.modules() if m not in set(unet.modules()))
+    base = {p.data_ptr() for n, p in unet.named_parameters() if "lora_" not in n}
+    assert {p.data_ptr() for p in view.parameters()} == base  # every frozen weight shared, none copied
+    x, t, cond = inputs(3, seed=5)
+    with torch.no_grad():
+        with models.adapters_disabled(unet):
+            teacher = UNetEps(unet)(x, t, cond)
+        student = UNetEps(unet)(x, t, cond)
+        torch.testing.assert_close(UNetEps(view)(x, t, cond), teacher, rtol=0, atol=0)
+        assert (student - teacher).abs().max() > 1e-3
+        # the weights stay shared: an in-place change and a dtype change through the UNet show in the view
+        unet.conv_out.bias.add_(0.5)
+        unet.to(torch.float64)
+        with models.adapters_disabled(unet):
+            teacher2 = UNetEps(unet, dtype=torch.float64)(x.double(), t, {k: v.double() for k, v in cond.items()})
+        got = UNetEps(view, dtype=torch.float64)(x.double(), t, {k: v.double() for k, v in cond.items()})
+    torch.testing.assert_close(got, teacher2, rtol=0, atol=0)
+    assert (teacher2.float() - teacher).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("w", [1.0, 3.0])
