@@ -454,7 +454,7 @@ class Knobs:
                   else f", {self.checkpoint_budget_gib:g} GiB un-checkpointed")
         s += f", student in micro-batches of {self.micro_batch}" if self.micro_batch else ""
         s += f", teacher lookahead {self.lookahead} batches" if self.lookahead else ""
-        s += f", {self.switch} adapter switch"
+        s += ", teacher on a view without adapter layers" if self.switch == "view" else f", {self.switch} adapter switch"
         s += ", synchronizing host copies" if self.h2d == "sync" else ""
         return s + (f", loop={self.loop}" if objective == "direct_cm" else "")
 
