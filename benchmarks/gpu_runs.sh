@@ -30,14 +30,16 @@
 #                                            # (models.base_view, now ours), timed with dynamo's reduced guard check
 #                                            # too; the CM step. GPU 1: the UNet with adapter flags (as before); the
 #                                            # student step with CUDA-graph blocks
+#   bash benchmarks/gpu_runs.sh recheck OUT  # GPU 0: the Direct CM pool's steps against the reference with the
+#                                            # teacher view; GPU 1: train_cm.py at full size, COMPILE=1, auto
 #   bash benchmarks/gpu_runs.sh train OUT    # the training scripts themselves at full size (random SDXL from
 #                                            # benchmarks/random_sdxl.py, precomputed): GPU 0 CM, GPU 1 Direct CM,
 #                                            # COMPILE=1 and --checkpointing_budget_gib auto; step times, peaks
 #   bash benchmarks/gpu_runs.sh final OUT    # GPU 0: the Direct CM reference vs ours (compiled) side by side;
 #                                            # GPU 1: the 24 GiB cap with expandable segments, then the loss curves
 set -u
-stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|probe|graphs|view|train OUT}
-OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|probe|graphs|view|train OUT}
+stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|probe|graphs|view|recheck|train OUT}
+OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|probe|graphs|view|recheck|train OUT}
 mkdir -p "$OUT"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/inductor} HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm --format=csv > "$OUT/gpus_$stage.csv" 2>&1
@@ -76,9 +78,10 @@ random_sdxl() {
     MODEL_NAME=$WORKDIR/sdxl TRAIN_DATA_DIR=$WORKDIR/data VAE_PATH= MIXED_PRECISION=bf16 NUM_GPUS=1 CUDA_VISIBLE_DEVICES=$1 \
       bash scripts/precompute.sh >> "$OUT/setup.log" 2>&1
 }
-train() {  # objective gpu steps: scripts/train_<objective>.sh with --checkpointing_budget_gib auto (COMPILE as set)
+train() {  # objective gpu steps: scripts/train_<objective>.sh with --checkpointing_budget_gib auto (COMPILE as set),
+           # stopped LIMIT seconds after this script started (whatever ran before it)
   MODEL_NAME=$WORKDIR/sdxl TRAIN_DATA_DIR=$WORKDIR/data VAE_PATH= MIXED_PRECISION=bf16 VALIDATION_STEPS=0 NUM_GPUS=1 \
-    CUDA_VISIBLE_DEVICES=$2 OUTPUT_DIR=$WORKDIR/$1 MAX_STEPS=$3 timeout "$LIMIT" bash "scripts/train_$1.sh" \
+    CUDA_VISIBLE_DEVICES=$2 OUTPUT_DIR=$WORKDIR/$1 MAX_STEPS=$3 timeout $((LIMIT - SECONDS)) bash "scripts/train_$1.sh" \
     --checkpointing_budget_gib auto > "$OUT/train_$1.log" 2>&1
   cp "$WORKDIR/$1/train_log.jsonl" "$OUT/$1_train_log.jsonl"; cp "$WORKDIR/$1/training_config.json" "$OUT/$1_config.json"
   echo "== $1"; cat "$WORKDIR/$1/train_log.jsonl"; grep -h "checkpointing_budget_gib auto\|Error" "$OUT/train_$1.log" | head
@@ -222,6 +225,16 @@ elif [ "$stage" = view ]; then
   R1=$R1,student_step_ours+blocks_cudagraphs+sac80
   P1=teacher_fwd_ours_compiled+flags,student_step_ours+blocks_cudagraphs+sac80
   pair view
+elif [ "$stage" = recheck ]; then
+  # GPU 0: the Direct CM step, reference vs ours (the pool's consecutive steps, teacher on models.base_view);
+  # GPU 1 at the same time: train_cm.py as a user runs it (random full-size SDXL folder, precomputed, COMPILE=1,
+  # --checkpointing_budget_gib auto; accelerate's bf16 forward on the UNet that the view is taken from).
+  timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:0 --repeats 3 --repeats_pipeline 2 \
+    --only matmul_peak,direct_cm_calls_ref,student_step_ref,direct_cm_steps_ours+lookahead2+blocks \
+    --json "$OUT/recheck0.json" > "$OUT/recheck0.log" 2>&1 &
+  random_sdxl 1 && COMPILE=1 train cm 1 "${CM_STEPS:-10}"
+  wait
+  tail -n 8 "$OUT/recheck0.log"
 elif [ "$stage" = train ]; then
   random_sdxl 0 || exit 1
   COMPILE=${COMPILE:-1} train cm 0 "${CM_STEPS:-12}" & COMPILE=${COMPILE:-1} train direct_cm 1 "${DCM_STEPS:-4}" &
