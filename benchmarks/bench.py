@@ -301,12 +301,17 @@ def union_seconds(intervals: list[tuple[int, int]]) -> float:
     return total / 1e9
 
 
+def is_annotation(name: str) -> bool:
+    return name.startswith("## ") and name.endswith(" ##")
+
+
 def device_events(prof) -> list[tuple[str, int, int, int]]:
     """(name, start_ns, duration_ns, id of the launching CPU operator) of every kernel, memcpy and memset of a
-    CUDA profile, each once."""
+    CUDA profile, each once. Ranges that only annotate the GPU track (inductor's "## Call CompiledFxGraph ... ##",
+    spanning a compiled graph's kernels) are not kernels: counted, they doubled the busy time of compiled calls."""
     seen = {}
     for e in prof.profiler.kineto_results.events():
-        if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0:
+        if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0 and not is_annotation(e.name()):
             seen[(e.name(), e.start_ns())] = (e.name(), e.start_ns(), e.duration_ns(), e.linked_correlation_id())
     return list(seen.values())
 

@@ -249,6 +249,13 @@ def test_micro_batch_knob_gives_the_whole_batch_gradient():
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7)
 
 
+def test_gpu_track_annotations_are_not_kernels():
+    bench = load_bench()
+    assert bench.is_annotation("## Call CompiledFxGraph f3u3fd5ie4nnr5uvb7gh7blsp3dvze62tbc3u4szfah4opolo6pf ##")
+    assert not bench.is_annotation("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_bias_TNT")
+    assert not bench.is_annotation("Memset (Device)")
+
+
 def test_profile_row_breaks_kernel_time_down_by_kind(tmp_path):
     """--profile: the named row runs its step once more under torch.profiler and keeps the breakdown (on the
     CPU: aten operators' self time); other rows carry none; a row not measured is refused."""

@@ -146,6 +146,38 @@ def test_base_view_is_the_adapter_disabled_unet_on_shared_weights():
     assert (teacher2.float() - teacher).abs().max() > 1e-3
 
 
+def test_base_view_under_accelerate_mixed_precision():
+    """accelerate's bf16 ``prepare`` replaces the UNet's forward by a method bound to it: the view taken from the
+    unwrapped UNet (as the trainer does) still runs its own modules. In a subprocess: accelerate's state is
+    process-wide."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import torch
+from accelerate import Accelerator
+from test_speed import student_unet, inputs
+from cmdistill import models
+from cmdistill.guidance import UNetEps
+acc = Accelerator(mixed_precision="bf16", cpu=True)
+unet = acc.unwrap_model(acc.prepare(student_unet(torch.float32)))
+assert "forward" in unet.__dict__  # patched by accelerate
+view = models.base_view(unet)
+x, t, cond = inputs(2, seed=1)
+with torch.no_grad():
+    with models.adapters_disabled(unet):
+        teacher = UNetEps(unet)(x, t, cond)
+    got = UNetEps(view)(x, t, cond)
+    student = UNetEps(unet)(x, t, cond)
+assert torch.equal(got, teacher) and (student - teacher).abs().max() > 1e-2
+print("ok")
+"""
+    here = Path(__file__).resolve().parent
+    r = subprocess.run([sys.executable, "-c", code], cwd=here, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
 @pytest.mark.parametrize("w", [1.0, 3.0])
 def test_compiled_teacher_with_dynamic_batch_matches_eager_with_the_adapter_disabled(w):
     torch._dynamo.reset()
