@@ -117,6 +117,12 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
                         "student's forward, backward and recomputation, and the CM target pass, run compiled "
                         "blocks (~2 minutes to compile on the first step); same values to kernel rounding. "
                         "Measured on an H200: student step 1.43x, CM step 1.22x faster")
+    g.add_argument("--merged_target", action="store_true",
+                   help="CM: the target pass (the student, no grad) runs on a copy of the adapted layers' weights "
+                        "with the LoRA update folded in, refreshed before every pass, at the teacher's cost per "
+                        "forward instead of the base matmuls plus two rank-r matmuls per layer (compiled like the "
+                        "teacher with --compile_teacher); the same function, each merged weight rounded once to "
+                        "bf16; ~4.8 GB more GPU memory for SDXL")
     g.add_argument("--trajectory_pairs", type=int, default=1,
                    help="Direct CM opt-in, not the paper's objective: each teacher trajectory also gives K-1 "
                         "training pairs at random later points of the same trajectory (same target), so the "

@@ -122,6 +122,8 @@ class Trainer:
         self.objective = OBJECTIVES[objective]
         if getattr(args, "trajectory_pairs", 1) > 1 and (objective != "direct_cm" or args.reference_loop):
             raise UserError("--trajectory_pairs applies to train_direct_cm.py without --reference_loop; drop it")
+        if getattr(args, "merged_target", False) and objective != "cm":
+            raise UserError("--merged_target applies to train_cm.py (Direct CM has no student target pass); drop it")
         if args.teacher_lookahead is None:  # default: on wherever it applies
             plain = objective == "direct_cm" and not args.reference_loop and args.trajectory_pairs == 1
             args.teacher_lookahead = 2 if plain else 0
@@ -224,6 +226,13 @@ class Trainer:
         # The teacher's passes (no grad) may run compiled, with a dynamic batch dimension.
         self.teacher_unet = (models.compile_unet(self.teacher_base, mode=args.compile_mode) if args.compile_teacher
                              else self.teacher_base)
+        # --merged_target: the CM target pass on weight copies with the LoRA update folded in (refreshed per pass),
+        # compiled as the teacher is.
+        self.merged = models.MergedAdapters(self.base_unet) if getattr(args, "merged_target", False) else None
+        if self.merged is not None and args.compile_blocks and not args.compile_teacher:
+            models.compile_blocks(self.merged.tree)
+        self.target_unet = (self.base_unet if self.merged is None else
+                            models.compile_unet(self.merged.tree) if args.compile_teacher else self.merged.tree)
         # The student's pass with grad (through DDP when there are several processes) may run compiled too.
         self.student_unet = models.compile_unet(self.unet) if args.compile_student else self.unet
         self.global_step, self.samples_seen, self.skipped_images = 0, 0, 0
@@ -376,7 +385,15 @@ class Trainer:
         threshold = (a.teacher_max_batch or a.train_batch_size) // 2
         if a.cfg_separate or a.cfg_batched:
             threshold = 0 if a.cfg_separate else 10**9
-        return DistillContext(teacher_eps=AdaptiveCFG(eps, a.w, threshold), student_eps_nograd=UNetEps(self.base_unet),
+        target = UNetEps(self.target_unet, dynamic_batch=compiled and self.merged is not None)
+        if self.merged is not None:
+            merged_target = target
+
+            def target(x, t, cond):  # the adapter weights change at every optimizer step
+                self.merged.refresh()
+                return merged_target(x, t, cond)
+
+        return DistillContext(teacher_eps=AdaptiveCFG(eps, a.w, threshold), student_eps_nograd=target,
                               step=self.step_fn, sched=self.sched, grid=self.grid,
                               timestep_scaling=self.args.timestep_scaling_factor, max_batch=self.args.teacher_max_batch)
 

@@ -146,6 +146,35 @@ def test_base_view_is_the_adapter_disabled_unet_on_shared_weights():
     assert (teacher2.float() - teacher).abs().max() > 1e-3
 
 
+def test_merged_adapters_follow_the_student_after_refresh():
+    """--merged_target: the no-grad student pass on weight copies with the LoRA update folded in gives the
+    adapters-on output (float32: to rounding), and follows the adapter weights after each refresh()."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    unet = student_unet(torch.float32)
+    merged = models.MergedAdapters(unet)
+    assert not any(isinstance(m, BaseTunerLayer) for m in merged.tree.modules())
+    frozen = {p.data_ptr() for n, p in unet.named_parameters() if "lora_" not in n}
+    own = [m.weight for _, m in merged.layers]
+    assert own and not {w.data_ptr() for w in own} & frozen  # the adapted layers' weights are copies
+    x, t, cond = inputs(3, seed=6)
+    for _ in range(2):
+        with torch.no_grad():
+            student = UNetEps(unet)(x, t, cond)
+            got = UNetEps(merged.tree)(x, t, cond)
+            with models.adapters_disabled(unet):
+                teacher = UNetEps(unet)(x, t, cond)
+        torch.testing.assert_close(got, student, rtol=1e-5, atol=1e-5)
+        assert (student - teacher).abs().max() > 1e-3
+        with torch.no_grad():  # an optimizer step changes the adapters; the copies follow after refresh()
+            for n, p in unet.named_parameters():
+                if "lora_" in n:
+                    p.add_(0.02 * torch.randn_like(p))
+        stale = UNetEps(merged.tree)(x, t, cond)
+        merged.refresh()
+        assert (stale - UNetEps(merged.tree)(x, t, cond)).abs().max() > 1e-4
+
+
 def test_base_view_under_accelerate_mixed_precision():
     """accelerate's bf16 ``prepare`` replaces the UNet's forward by a method bound to it: the view taken from the
     unwrapped UNet (as the trainer does) still runs its own modules. In a subprocess: accelerate's state is
@@ -231,6 +260,43 @@ def test_compile_flags_give_the_same_losses(tiny_pipeline, tiny_image_folder, tm
     eager = losses.pop("")
     for flag, got in losses.items():
         assert len(got) == 2 and got == pytest.approx(eager, rel=1e-4, abs=1e-7), flag
+
+
+def test_merged_target_gives_the_same_cm_losses(tiny_pipeline, tiny_image_folder, tmp_path, monkeypatch):
+    """train_cm.py --merged_target (eager, and compiled as the teacher): the same losses as the plain target pass
+    (float32); on train_direct_cm.py a one-line error."""
+    from cmdistill.args import training_parser
+    from cmdistill.errors import UserError
+    from cmdistill.train import Trainer
+
+    real, compiled = models.compile_unet, []
+    monkeypatch.setattr(models, "compile_unet", lambda unet, **kw: compiled.append(unet) or real(unet, backend="aot_eager"))
+    refreshes = []
+    real_refresh = models.MergedAdapters.refresh
+    monkeypatch.setattr(models.MergedAdapters, "refresh", lambda self: refreshes.append(1) or real_refresh(self))
+
+    def args(objective, out, *flag):
+        return training_parser(objective).parse_args([
+            "--pretrained_teacher_model", str(tiny_pipeline), "--train_data_dir", str(tiny_image_folder),
+            "--output_dir", str(tmp_path / out), "--resolution", "64", "--train_batch_size", "2",
+            "--max_train_steps", "3", "--num_discr_timesteps", "10", "--w", "3", "--report_to", "none",
+            "--validation_steps", "0", "--checkpointing_steps", "100", "--no_precomputed",
+            "--learning_rate", "1e-2", *flag])
+
+    losses = {}
+    for flag in ([], ["--merged_target"], ["--merged_target", "--compile_teacher"]):
+        torch._dynamo.reset()
+        out = "-".join(flag).replace("--", "") or "plain"
+        Trainer(args("cm", out, *flag), "cm").train()
+        losses[out] = [json.loads(line)["loss"] for line in (tmp_path / out / "train_log.jsonl").read_text().splitlines()]
+    assert len(refreshes) >= 2 * 3  # one refresh before every target pass (construction adds one per run)
+    assert len(compiled) == 2  # --compile_teacher: the teacher view and the merged tree
+    plain = losses.pop("plain")
+    assert len(set(plain)) == 3  # the adapters change between steps (lr 1e-2): the copies must follow
+    for flag, got in losses.items():
+        assert got == pytest.approx(plain, rel=1e-4, abs=1e-7), flag
+    with pytest.raises(UserError, match="--merged_target applies to train_cm.py"):
+        Trainer(args("direct_cm", "dcm", "--merged_target"), "direct_cm")
 
 
 def test_fresh_output_never_hands_out_the_modules_own_buffer(monkeypatch):
