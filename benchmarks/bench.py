@@ -435,6 +435,8 @@ class Knobs:
     compile_blocks: bool = False  # every ResNet / transformer block through torch.compile (models.compile_blocks)
                                   # (teacher_fwd rows' extra: True or a torch.compile mode for the blocks)
     lookahead: int = 0            # Direct CM: batches whose trajectories ride in the current one's calls (pool)
+    merged_target: bool = False   # CM: the target pass on weight copies with the LoRA update folded in
+                                  # (models.MergedAdapters, --merged_target)
     micro_batch: int = 0          # the student's forward + backward this many samples at a time (0: whole batch)
     attention: str = "default"    # SDPA backend: default (torch's choice) | cudnn (cuDNN attention only)
     switch: str = "peft"          # teacher's adapter switch: peft (disable_adapters(), flips requires_grad of every
@@ -459,6 +461,7 @@ class Knobs:
                   else f", {self.checkpoint_budget_gib:g} GiB un-checkpointed")
         s += f", student in micro-batches of {self.micro_batch}" if self.micro_batch else ""
         s += f", teacher lookahead {self.lookahead} batches" if self.lookahead else ""
+        s += ", target pass on merged weights" if self.merged_target else ""
         s += ", teacher on a view without adapter layers" if self.switch == "view" else f", {self.switch} adapter switch"
         s += ", synchronizing host copies" if self.h2d == "sync" else ""
         return s + (f", loop={self.loop}" if objective == "direct_cm" else "")
@@ -616,6 +619,12 @@ SPECS = [
     Spec("cm_step_ours+blocks+sac80+lookahead1", "cm_step", "knob", "as cm_step_ours+blocks+sac80, the next step's "
          "teacher step issued ahead on a second stream (--teacher_lookahead 1)", default=False,
          knobs=replace(OURS, loop="reference", compile_blocks=True, checkpoint_budget_gib=80, lookahead=1)),
+    Spec("cm_step_ours+blocks+merged_target", "cm_step", "knob", "as cm_step_ours+blocks, the target pass on "
+         "weight copies with the LoRA update folded in (--merged_target)", default=False,
+         knobs=replace(OURS, loop="reference", compile_blocks=True, merged_target=True)),
+    Spec("cm_step_ours+blocks+sac80+merged_target", "cm_step", "knob", "as cm_step_ours+blocks+sac80, the target "
+         "pass on weight copies with the LoRA update folded in (--merged_target)", default=False,
+         knobs=replace(OURS, loop="reference", compile_blocks=True, checkpoint_budget_gib=80, merged_target=True)),
     Spec("cm_step_ours+blocks+sac80+sync_h2d", "cm_step", "knob", "as cm_step_ours+blocks+sac80, small host-to-GPU "
          "copies synchronizing (plain .to())", default=False,
          knobs=replace(OURS, loop="reference", compile_blocks=True, checkpoint_budget_gib=80, h2d="sync")),
@@ -712,6 +721,7 @@ class Bench:
         self._precomputed: dict = {}
         self._compiled = None
         self._compiled_student = None
+        self._merged = None  # (key, models.MergedAdapters, its eps): --merged_target
         self._cm_ahead: list = []  # CM with a lookahead: the teacher step issued for the next step
         self._ahead = None
         self._layout = False
@@ -837,7 +847,7 @@ class Bench:
         if self._compiled is None or self._compiled[0] != key:
             if self._compiled is not None:  # another variant: start from a clean dynamo state
                 torch._dynamo.reset()
-                self._compiled_student = None
+                self._compiled_student = self._merged = None
             self._compiled = (key, models.compile_unet(self.view if view else self.unet,
                                                        backend=self.args.compile_backend, mode=mode))
         return self._compiled[1]
@@ -945,9 +955,34 @@ class Bench:
         once = objective == "direct_cm" and knobs.switch == "peft"
         teacher_eps, counted = self.guided_teacher(knobs.cfg, self.B, every, label, compile=knobs.compile,
                                                    switch=None if once else knobs.switch, mode=knobs.compile_mode)
-        ctx = DistillContext(teacher_eps=teacher_eps, student_eps_nograd=UNetEps(self.unet), step=self.step_fn,
+        target = self.merged_target_eps(knobs) if knobs.merged_target else UNetEps(self.unet)
+        ctx = DistillContext(teacher_eps=teacher_eps, student_eps_nograd=target, step=self.step_fn,
                              sched=self.sched, grid=self.grid)
         return ctx, counted
+
+    def merged_target_eps(self, knobs: Knobs):
+        """The CM target pass as ``Trainer.distill_context`` runs it with ``--merged_target``: on
+        ``models.MergedAdapters``' tree, refreshed before every pass, compiled as the teacher is (or through
+        compiled blocks when only they are on). Built once per precision and compile setting."""
+        key = (self._precision, knobs.compile, self._blocks_compiled)
+        if self._merged is None or self._merged[0] != key:
+            self._merged = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            merged = models.MergedAdapters(self.unet)
+            tree = merged.tree
+            if knobs.compile:
+                tree = models.compile_unet(tree, backend=self.args.compile_backend)
+            elif self._blocks_compiled:
+                models.compile_blocks(tree, backend=self.args.compile_backend)
+            self._merged = (key, merged, UNetEps(tree, dynamic_batch=knobs.compile))
+        _, merged, eps = self._merged
+
+        def target(x, t, cond):
+            merged.refresh()
+            return eps(x, t, cond)
+
+        return target
 
     def direct_cm_target(self, ctx: DistillContext, knobs: Knobs, x_t, start, cond):
         with self.adapter_switch(knobs.switch) if knobs.switch == "peft" else contextlib.nullcontext():
@@ -1523,7 +1558,7 @@ class Bench:
                     models.compile_blocks(self.view, False)
                     if blocks:  # another mode for the blocks: from a clean dynamo state
                         torch._dynamo.reset()
-                        self._compiled = self._compiled_student = None
+                        self._compiled = self._compiled_student = self._merged = None
                 self._blocks_compiled = blocks
                 if blocks:  # the student's blocks and the teacher view's (each compiles at its first call)
                     for tree in (self.unet, self.view):

@@ -32,14 +32,17 @@
 #                                            # student step with CUDA-graph blocks
 #   bash benchmarks/gpu_runs.sh recheck OUT  # GPU 0: the Direct CM pool's steps against the reference with the
 #                                            # teacher view; GPU 1: train_cm.py at full size, COMPILE=1, auto
+#   bash benchmarks/gpu_runs.sh merged OUT   # not run yet: the CM step with --merged_target (target pass on weight
+#                                            # copies with the LoRA update folded in): GPU 0 with 80 GiB kept, GPU 1
+#                                            # with every block checkpointed (what fits an 80 GB H100)
 #   bash benchmarks/gpu_runs.sh train OUT    # the training scripts themselves at full size (random SDXL from
 #                                            # benchmarks/random_sdxl.py, precomputed): GPU 0 CM, GPU 1 Direct CM,
 #                                            # COMPILE=1 and --checkpointing_budget_gib auto; step times, peaks
 #   bash benchmarks/gpu_runs.sh final OUT    # GPU 0: the Direct CM reference vs ours (compiled) side by side;
 #                                            # GPU 1: the 24 GiB cap with expandable segments, then the loss curves
 set -u
-stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|probe|graphs|view|recheck|train OUT}
-OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|probe|graphs|view|recheck|train OUT}
+stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|probe|graphs|view|recheck|merged|train OUT}
+OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|probe|graphs|view|recheck|merged|train OUT}
 mkdir -p "$OUT"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/inductor} HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm --format=csv > "$OUT/gpus_$stage.csv" 2>&1
@@ -235,6 +238,15 @@ elif [ "$stage" = recheck ]; then
   random_sdxl 1 && COMPILE=1 train cm 1 "${CM_STEPS:-10}"
   wait
   tail -n 8 "$OUT/recheck0.log"
+elif [ "$stage" = merged ]; then
+  # Not run yet. The CM step's target pass (student, no grad, LoRA on: ~0.3 s through the compiled blocks) on
+  # models.MergedAdapters' tree, compiled whole like the teacher (0.228 s per forward on an H200): predicted
+  # -0.05 to -0.1 s per step, i.e. ~2.0x at 80 GiB kept. GPU 0: 80 GiB kept; GPU 1: the default (checkpointed).
+  R0=matmul_peak,teacher_fwd_ours_compiled,cm_step_ref,cm_step_ours+blocks+sac80,cm_step_ours+blocks+sac80+merged_target
+  P0=cm_step_ours+blocks+sac80+merged_target
+  R1=matmul_peak,cm_step_ref,cm_step_ours+blocks,cm_step_ours+blocks+merged_target
+  P1=cm_step_ours+blocks+merged_target
+  pair merged
 elif [ "$stage" = train ]; then
   random_sdxl 0 || exit 1
   COMPILE=${COMPILE:-1} train cm 0 "${CM_STEPS:-12}" & COMPILE=${COMPILE:-1} train direct_cm 1 "${DCM_STEPS:-4}" &

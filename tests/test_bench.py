@@ -147,14 +147,18 @@ def test_compile_row_and_failure_isolation(tmp_path):
     assert list(m) == ["teacher_fwd_ours_compiled", "student_images_ours", "cm_step_ours"]  # the order given
 
 
-def test_teacher_forward_rows_view_flags_and_guards(tmp_path):
+def test_teacher_forward_rows_view_flags_and_guards_and_merged_target(tmp_path):
     """Ours compiles the teacher view (models.base_view); +flags the UNet with its adapter flags off;
-    +skip_guards is timed under dynamo's reduced guard check; every row also times its calls back to back."""
+    +skip_guards is timed under dynamo's reduced guard check; every row also times its calls back to back.
+    The CM step with --merged_target runs."""
     out = tmp_path / "v.json"
     run_bench("--tiny", "--device", "cpu", "--json", out, "--compile_backend", "eager", "--only",
-              "teacher_fwd_ours_compiled,teacher_fwd_ours_compiled+flags,teacher_fwd_ours_compiled+skip_guards")
+              "teacher_fwd_ours_compiled,teacher_fwd_ours_compiled+flags,teacher_fwd_ours_compiled+skip_guards,"
+              "cm_step_ours+blocks+merged_target")
     m = json.loads(out.read_text())["measurements"]
     assert all(row["status"] == "ok" for row in m.values()), {k: r.get("error") for k, r in m.items()}
+    merged = m.pop("cm_step_ours+blocks+merged_target")
+    assert positive_finite(merged["value"]) and "target pass on merged weights" in merged["notes"]
     for row in m.values():
         assert positive_finite(row["back_to_back_s_per_call"]) and positive_finite(row["host_s_per_call"])
         assert "back to back" in row["notes"]
