@@ -319,13 +319,17 @@ def device_events(prof) -> list[tuple[str, int, int, int]]:
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
 
-def idle_gaps(kernels: list[tuple], syncs: list[tuple], ops: dict, min_gap_ns: int = 10_000, top: int = 12) -> dict:
+def idle_gaps(kernels: list[tuple], syncs: list[tuple], ops: dict, min_gap_ns: int = 10_000, top: int = 12,
+              host: list[tuple] | None = None) -> dict:
     """Where the GPU sat idle between kernels. ``kernels``: (start_ns, end_ns, name, op_id) in any order, op_id
     naming the CPU operator that launched it (``ops[op_id]``); ``syncs``: (start_ns, end_ns) of host calls that
     wait for the GPU (cudaStreamSynchronize, a blocking cudaMemcpy, ...). A gap of at least ``min_gap_ns`` is
     "after a host sync" when such a call was running in it (the CPU waited for the GPU to drain, then had
     to issue the next work from nothing), else "waiting for the CPU" (the launches could not keep ahead).
-    Each gap is charged to the operator that launched the kernel after it."""
+    Each gap is charged to the operator that launched the kernel after it. ``host``: (start_ns, end_ns, name) of
+    the CPU's recorded events (operators, runtime calls, dynamo / inductor regions); each of the largest gaps then
+    lists the host events that ran during it, by the time they overlap it ("host_in_gap_ms", nested events
+    each counted: inclusive times)."""
     ks = sorted(kernels)
     syncs = sorted(syncs)
     out = {"idle_s": 0.0, "small_gaps_s": 0.0, "gaps": 0, "by_cause_s": {}, "by_op_s": {}, "largest": []}
@@ -345,12 +349,21 @@ def idle_gaps(kernels: list[tuple], syncs: list[tuple], ops: dict, min_gap_ns: i
                 op_name = ops.get(op, "?")
                 out["by_cause_s"][cause] = out["by_cause_s"].get(cause, 0.0) + gap / 1e9
                 out["by_op_s"][op_name] = out["by_op_s"].get(op_name, 0.0) + gap / 1e9
-                gaps.append((gap, cause, op_name, name))
+                gaps.append((gap, cause, op_name, name, horizon, start))
         horizon = max(horizon, end)
     out["gaps"] = len(gaps)
     out["by_op_s"] = dict(sorted(out["by_op_s"].items(), key=lambda kv: -kv[1])[:top])
-    out["largest"] = [{"s": g / 1e9, "cause": c, "op": o[:300], "next_kernel": n[:120]}
-                      for g, c, o, n in sorted(gaps, key=lambda g: -g[0])[:top]]
+    out["largest"] = []
+    for g, c, o, n, a, b in sorted(gaps, key=lambda g: -g[0])[:top]:
+        row = {"s": g / 1e9, "cause": c, "op": o[:300], "next_kernel": n[:120]}
+        if host is not None:
+            during: dict[str, int] = {}
+            for h0, h1, hname in host:
+                overlap = min(h1, b) - max(h0, a)
+                if overlap > 0:
+                    during[hname] = during.get(hname, 0) + overlap
+            row["host_in_gap_ms"] = {k[:120]: v / 1e6 for k, v in sorted(during.items(), key=lambda kv: -kv[1])[:8]}
+        out["largest"].append(row)
     return out
 
 
@@ -364,7 +377,9 @@ def kineto_idle_gaps(prof, kernels: list[tuple[str, int, int, int]]) -> dict:
            if e.device_type() == cpu and not runtime.match(e.name())}
     syncs = [(e.start_ns(), e.start_ns() + e.duration_ns()) for e in events
              if e.device_type() == cpu and e.name().startswith(SYNC_CALLS) and not e.name().endswith("Async")]
-    return idle_gaps([(t0, t0 + d, name, op) for name, t0, d, op in kernels], syncs, ops)
+    host = [(e.start_ns(), e.start_ns() + e.duration_ns(), e.name()) for e in events
+            if e.device_type() == cpu and e.duration_ns() > 0]
+    return idle_gaps([(t0, t0 + d, name, op) for name, t0, d, op in kernels], syncs, ops, host=host)
 
 
 def log_profile(p: dict) -> None:
@@ -377,6 +392,10 @@ def log_profile(p: dict) -> None:
             f"larger gaps: "
             + ", ".join(f"{k} {v:.3f} s" for k, v in idle["by_cause_s"].items())
             + "; by launching op: " + ", ".join(f"{k} {v:.3f} s" for k, v in list(idle["by_op_s"].items())[:5]))
+        if idle["largest"] and "host_in_gap_ms" in idle["largest"][0]:
+            big = idle["largest"][0]
+            log(f"  largest gap {1000 * big['s']:.2f} ms; the CPU meanwhile (inclusive ms): "
+                + ", ".join(f"{k} {v:.2f}" for k, v in big["host_in_gap_ms"].items()))
 
 
 class PaddedConvIn(torch.nn.Module):

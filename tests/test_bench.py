@@ -314,6 +314,12 @@ def test_idle_gaps_charge_each_gap_to_its_cause_and_launching_op():
     assert math.isclose(g["by_cause_s"]["after a host sync"], 50e-6)
     assert math.isclose(g["by_cause_s"]["waiting for the CPU"], 100e-6)
     assert list(g["by_op_s"]) == ["aten::conv", "aten::copy_"] and g["largest"][0]["next_kernel"] == "k3"
+    # what the CPU did during each gap: events overlapping its window (k2 ends at 200 us, k3 starts at 300 us)
+    host = [(190_000, 260_000, "TorchDynamo Cache Lookup"), (250_000, 290_000, "cudaMalloc"),
+            (295_000, 299_000, "cudaLaunchKernel"), (310_000, 320_000, "aten::mm")]
+    g = b.idle_gaps(kernels, syncs, {1: "aten::mm", 2: "aten::copy_", 3: "aten::conv"}, host=host)
+    assert g["largest"][0]["host_in_gap_ms"] == {"TorchDynamo Cache Lookup": 0.06, "cudaMalloc": 0.04,
+                                                  "cudaLaunchKernel": 0.004}
     assert math.isclose(b.union_seconds([(0, 10), (5, 20), (30, 40), (32, 35)]), 30e-9)  # two streams overlap
 
 
