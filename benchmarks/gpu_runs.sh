@@ -243,7 +243,8 @@ elif [ "$stage" = merged ]; then
   # models.MergedAdapters' tree, compiled whole like the teacher (0.228 s per forward on an H200): predicted
   # -0.05 to -0.1 s per step, i.e. ~2.0x at 80 GiB kept. GPU 0: 80 GiB kept; GPU 1: the default (checkpointed).
   R0=matmul_peak,teacher_fwd_ours_compiled,cm_step_ref,cm_step_ours+blocks+sac80,cm_step_ours+blocks+sac80+merged_target
-  P0=cm_step_ours+blocks+sac80+merged_target
+  P0=teacher_fwd_ours_compiled,cm_step_ours+blocks+sac80+merged_target  # (the forward's profile: what the CPU does
+                                                                        # in the ~5 ms before its first conv)
   R1=matmul_peak,cm_step_ref,cm_step_ours+blocks,cm_step_ours+blocks+merged_target
   P1=cm_step_ours+blocks+merged_target
   pair merged
