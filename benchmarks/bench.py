@@ -311,7 +311,9 @@ def device_events(prof) -> list[tuple[str, int, int, int]]:
     spanning a compiled graph's kernels) are not kernels: counted, they doubled the busy time of compiled calls."""
     seen = {}
     for e in prof.profiler.kineto_results.events():
-        if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0 and not is_annotation(e.name()):
+        user_annotation = getattr(e, "is_user_annotation", lambda: False)()
+        if (e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0 and not user_annotation
+                and not is_annotation(e.name())):
             seen[(e.name(), e.start_ns())] = (e.name(), e.start_ns(), e.duration_ns(), e.linked_correlation_id())
     return list(seen.values())
 
@@ -983,7 +985,7 @@ class Bench:
         """The CM target pass as ``Trainer.distill_context`` runs it with ``--merged_target``: on
         ``models.MergedAdapters``' tree, refreshed before every pass, compiled as the teacher is (or through
         compiled blocks when only they are on). Built once per precision and compile setting."""
-        key = (self._precision, knobs.compile, self._blocks_compiled)
+        key = (self._precision, knobs.compile, self._blocks_compiled, self._layout)  # (no conv_in padding here)
         if self._merged is None or self._merged[0] != key:
             self._merged = None
             if self.device.type == "cuda":
@@ -1343,7 +1345,8 @@ class Bench:
             idx = slice(i * batch % self.B, i * batch % self.B + batch)
             with Timer(self.device) as t_enc:  # the prompts of this batch, both text encoders
                 cond = self.encode_conditioning(self.captions[idx], prec)
-            with Timer(self.device) as t_smp, torch.no_grad(), self.autocast(prec), self.adapter_switch("flags"):
+            with Timer(self.device) as t_smp, torch.no_grad(), self.autocast(prec), \
+                    self.adapter_switch("view" if knobs.switch == "view" else "flags"):
                 x0 = teacher_sample(self.step_fn, teacher_eps, self.x_T[idx], cond, self.sched, grid)
             with Timer(self.device) as t_dec:
                 self.decode(x0)

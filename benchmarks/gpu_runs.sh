@@ -84,7 +84,7 @@ random_sdxl() {
 train() {  # objective gpu steps: scripts/train_<objective>.sh with --checkpointing_budget_gib auto (COMPILE as set),
            # stopped LIMIT seconds after this script started (whatever ran before it)
   MODEL_NAME=$WORKDIR/sdxl TRAIN_DATA_DIR=$WORKDIR/data VAE_PATH= MIXED_PRECISION=bf16 VALIDATION_STEPS=0 NUM_GPUS=1 \
-    CUDA_VISIBLE_DEVICES=$2 OUTPUT_DIR=$WORKDIR/$1 MAX_STEPS=$3 timeout $((LIMIT - SECONDS)) bash "scripts/train_$1.sh" \
+    CUDA_VISIBLE_DEVICES=$2 OUTPUT_DIR=$WORKDIR/$1 MAX_STEPS=$3 timeout $((LIMIT - SECONDS > 1 ? LIMIT - SECONDS : 1)) bash "scripts/train_$1.sh" \
     --checkpointing_budget_gib auto > "$OUT/train_$1.log" 2>&1
   cp "$WORKDIR/$1/train_log.jsonl" "$OUT/$1_train_log.jsonl"; cp "$WORKDIR/$1/training_config.json" "$OUT/$1_config.json"
   echo "== $1"; cat "$WORKDIR/$1/train_log.jsonl"; grep -h "checkpointing_budget_gib auto\|Error" "$OUT/train_$1.log" | head

@@ -120,9 +120,9 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
     g.add_argument("--merged_target", action="store_true",
                    help="CM: the target pass (the student, no grad) runs on a copy of the adapted layers' weights "
                         "with the LoRA update folded in, refreshed before every pass, at the teacher's cost per "
-                        "forward instead of the base matmuls plus two rank-r matmuls per layer (compiled like the "
-                        "teacher with --compile_teacher); the same function, each merged weight rounded once to "
-                        "bf16; ~4.8 GB more GPU memory for SDXL")
+                        "forward instead of the base matmuls plus two rank-r matmuls per layer (with "
+                        "--compile_teacher compiled whole, default mode); the same function, each merged weight "
+                        "rounded once to bf16; ~4.8 GB more GPU memory for SDXL; not with --lora_dropout")
     g.add_argument("--trajectory_pairs", type=int, default=1,
                    help="Direct CM opt-in, not the paper's objective: each teacher trajectory also gives K-1 "
                         "training pairs at random later points of the same trajectory (same target), so the "

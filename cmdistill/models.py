@@ -195,8 +195,8 @@ def compile_blocks(unet, enabled: bool = True, backend: str = "inductor", mode: 
     blocks = [m for m in unet.modules() if type(m).__name__ in BLOCK_TYPES]
     if enabled:
         # A class's compiled code has an entry per parameter shape (SDXL: ~12 ResNet configurations) x grad mode
-        # x adapter switch x batch (static, then dynamic): far more than dynamo's default of 8 per code object,
-        # past which blocks would silently run eager.
+        # x tree (the student's blocks, the teacher view's, the merged target's) x batch (static, then dynamic):
+        # far more than dynamo's default of 8 per code object, past which blocks would silently run eager.
         cfg = torch._dynamo.config
         name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # older torch
         setattr(cfg, name, max(getattr(cfg, name), RECOMPILE_LIMIT))
@@ -259,8 +259,10 @@ def base_view(unet):
     Modules with no adapter below them are shared as they are; the others are shallow copies with their own
     child list (their parameter, buffer and hook dicts are the original's), their instance methods (e.g.
     accelerate's mixed-precision ``forward``) bound to the copy, and without the original's
-    ``nn.Module.compile``d call (``compile_blocks(view)`` compiles the view's own). Shared modules switch
-    ``train()`` / ``eval()`` for both trees; SDXL's UNet has no dropout that is active in either mode."""
+    ``nn.Module.compile``d call (``compile_blocks(view)`` compiles the view's own). A forward wrapped by other
+    means (offload hooks) is refused with a one-line error. Shared modules switch ``train()`` / ``eval()`` for
+    both trees, the copies keep the mode they had when the view was built: the same values for SDXL's UNet,
+    whose dropout has p = 0."""
     return _tree_view(unet, lambda layer: layer.get_base_layer())
 
 
@@ -280,6 +282,13 @@ def _tree_view(unet, replace):
         for name, attr in list(v.__dict__.items()):  # e.g. accelerate's autocast forward, bound to the original
             if isinstance(attr, types.MethodType) and attr.__self__ is m:
                 v.__dict__[name] = types.MethodType(attr.__func__, v)
+        forward = v.__dict__.get("forward")
+        if forward is not None and not (isinstance(forward, types.MethodType) and forward.__self__ is v):
+            # e.g. accelerate's device-map / offload hooks (a partial over the original module): the copy would
+            # run the original's forward, adapters on.
+            raise UserError(f"the UNet's {type(m).__name__} has a wrapped forward ({type(forward).__name__}, e.g. "
+                            "offload or device-map hooks) that a view of it cannot follow: load the UNet on one "
+                            "device, without device_map / cpu offload")
         return v
 
     return view(unet)
@@ -318,14 +327,17 @@ class MergedAdapters:
     @torch.no_grad()
     def refresh(self):
         """Each merged weight from the frozen weight and the current adapter weights of the active adapters (an
-        adapter layer switched off by its flag contributes its frozen weight alone)."""
-        for layer, merged in self.layers:
-            w = layer.get_base_layer().weight
-            if layer.disable_adapters:
-                merged.weight.copy_(w)
-                continue
-            delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
-            merged.weight.copy_(w + delta)  # in the delta's precision (fp32 adapters), then rounded once
+        adapter layer switched off by its flag contributes its frozen weight alone). Outside autocast: the sum
+        is taken in the adapters' precision (fp32) and rounded once to the weight's dtype."""
+        device = self.layers[0][1].weight.device.type if self.layers else "cpu"
+        with torch.autocast(device, enabled=False):
+            for layer, merged in self.layers:
+                w = layer.get_base_layer().weight
+                if layer.disable_adapters:
+                    merged.weight.copy_(w)
+                    continue
+                delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
+                merged.weight.copy_(w + delta)  # in the delta's precision (fp32 adapters), then rounded once
 
 
 def lora_state_dict(unet) -> dict:

@@ -124,6 +124,9 @@ class Trainer:
             raise UserError("--trajectory_pairs applies to train_direct_cm.py without --reference_loop; drop it")
         if getattr(args, "merged_target", False) and objective != "cm":
             raise UserError("--merged_target applies to train_cm.py (Direct CM has no student target pass); drop it")
+        if getattr(args, "merged_target", False) and args.lora_dropout:
+            raise UserError("--merged_target folds the LoRA update into the weights, without --lora_dropout's "
+                            "dropout on the target pass: use one of them")
         if args.teacher_lookahead is None:  # default: on wherever it applies
             plain = objective == "direct_cm" and not args.reference_loop and args.trajectory_pairs == 1
             args.teacher_lookahead = 2 if plain else 0
@@ -229,6 +232,7 @@ class Trainer:
         # --merged_target: the CM target pass on weight copies with the LoRA update folded in (refreshed per pass),
         # compiled as the teacher is.
         self.merged = models.MergedAdapters(self.base_unet) if getattr(args, "merged_target", False) else None
+        self.merged_step = None  # the optimizer step its weights were last refreshed at
         if self.merged is not None and args.compile_blocks and not args.compile_teacher:
             models.compile_blocks(self.merged.tree)
         self.target_unet = (self.base_unet if self.merged is None else
@@ -389,8 +393,10 @@ class Trainer:
         if self.merged is not None:
             merged_target = target
 
-            def target(x, t, cond):  # the adapter weights change at every optimizer step
-                self.merged.refresh()
+            def target(x, t, cond):  # the adapter weights change at every optimizer step (and on resume)
+                if self.merged_step != self.global_step:  # not again for the micro-steps of gradient accumulation
+                    self.merged.refresh()
+                    self.merged_step = self.global_step
                 return merged_target(x, t, cond)
 
         return DistillContext(teacher_eps=AdaptiveCFG(eps, a.w, threshold), student_eps_nograd=target,

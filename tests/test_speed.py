@@ -175,6 +175,31 @@ def test_merged_adapters_follow_the_student_after_refresh():
         assert (stale - UNetEps(merged.tree)(x, t, cond)).abs().max() > 1e-4
 
 
+def test_merged_weights_are_rounded_once_even_under_autocast():
+    """refresh() runs inside the trainer's autocast: the merged weight is still W + delta summed in fp32 (the
+    adapters' precision) and rounded once to the frozen weights' bf16."""
+    unet = student_unet(torch.bfloat16)  # frozen weights bf16, LoRA fp32
+    merged = models.MergedAdapters(unet)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        merged.refresh()
+    for layer, m in merged.layers[:20]:
+        delta = layer.get_delta_weight("default")
+        assert delta.dtype == torch.float32 and m.weight.dtype == torch.bfloat16
+        assert torch.equal(m.weight, (layer.get_base_layer().weight.float() + delta).to(torch.bfloat16))
+
+
+def test_base_view_refuses_a_forward_it_cannot_follow():
+    import functools
+
+    from cmdistill.errors import UserError
+
+    unet = student_unet(torch.float32)
+    block = unet.down_blocks[1].attentions[0]
+    block.forward = functools.partial(type(block).forward, block)  # as offload hooks wrap a module's forward
+    with pytest.raises(UserError, match="wrapped forward"):
+        models.base_view(unet)
+
+
 def test_base_view_under_accelerate_mixed_precision():
     """accelerate's bf16 ``prepare`` replaces the UNet's forward by a method bound to it: the view taken from the
     unwrapped UNet (as the trainer does) still runs its own modules. In a subprocess: accelerate's state is
@@ -287,9 +312,12 @@ def test_merged_target_gives_the_same_cm_losses(tiny_pipeline, tiny_image_folder
     for flag in ([], ["--merged_target"], ["--merged_target", "--compile_teacher"]):
         torch._dynamo.reset()
         out = "-".join(flag).replace("--", "") or "plain"
-        Trainer(args("cm", out, *flag), "cm").train()
+        trainer = Trainer(args("cm", out, *flag), "cm")
+        if flag == ["--merged_target"]:
+            assert trainer.target_unet is trainer.merged.tree  # the target pass runs on the merged weights
+        trainer.train()
         losses[out] = [json.loads(line)["loss"] for line in (tmp_path / out / "train_log.jsonl").read_text().splitlines()]
-    assert len(refreshes) >= 2 * 3  # one refresh before every target pass (construction adds one per run)
+    assert len(refreshes) == 2 * (1 + 3)  # at construction, then once per optimizer step, in both runs
     assert len(compiled) == 2  # --compile_teacher: the teacher view and the merged tree
     plain = losses.pop("plain")
     assert len(set(plain)) == 3  # the adapters change between steps (lr 1e-2): the copies must follow
@@ -297,6 +325,40 @@ def test_merged_target_gives_the_same_cm_losses(tiny_pipeline, tiny_image_folder
         assert got == pytest.approx(plain, rel=1e-4, abs=1e-7), flag
     with pytest.raises(UserError, match="--merged_target applies to train_cm.py"):
         Trainer(args("direct_cm", "dcm", "--merged_target"), "direct_cm")
+
+
+@pytest.mark.parametrize("objective", ["cm", "direct_cm"])
+def test_trainers_teacher_is_the_adapter_disabled_unet(tiny_pipeline, tiny_image_folder, tmp_path, objective):
+    """The trainer's guided teacher (on models.base_view) against the student's UNet with its adapter switched
+    off, with adapter weights that change the output: the same values."""
+    from cmdistill.args import training_parser
+    from cmdistill.train import Trainer
+
+    args = training_parser(objective).parse_args([
+        "--pretrained_teacher_model", str(tiny_pipeline), "--train_data_dir", str(tiny_image_folder),
+        "--output_dir", str(tmp_path / objective), "--resolution", "64", "--train_batch_size", "2",
+        "--num_discr_timesteps", "10", "--w", "3", "--report_to", "none", "--no_precomputed"])
+    trainer = Trainer(args, objective)
+    unet = trainer.base_unet
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    b, h = 3, 64 // trainer.vae_scale_factor  # latents of the 64 px training resolution
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(b, 4, h, h, generator=g)
+    t = torch.randint(1, 1000, (b,), generator=g)
+    cond = {"prompt_embeds": torch.randn(b, 77, unet.config.cross_attention_dim, generator=g),
+            "text_embeds": torch.randn(b, 32, generator=g),
+            "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]]).repeat(b, 1)}
+    teacher = trainer.distill_context().teacher_eps
+    with torch.no_grad():
+        got = teacher(x, t, cond)
+        with models.adapters_disabled(unet):
+            want = GuidedEps(UNetEps(unet), 3.0, batched=False)(x, t, cond)
+        student = GuidedEps(UNetEps(unet), 3.0, batched=False)(x, t, cond)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (student - want).abs().max() > 1e-3
 
 
 def test_fresh_output_never_hands_out_the_modules_own_buffer(monkeypatch):
