@@ -119,7 +119,7 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
                         "Measured on an H200: student step 1.43x, CM step 1.22x faster")
     g.add_argument("--merged_target", action="store_true",
                    help="CM: the target pass (the student, no grad) runs on a copy of the adapted layers' weights "
-                        "with the LoRA update folded in, refreshed before every pass, at the teacher's cost per "
+                        "with the LoRA update folded in, refreshed after every optimizer step, at the teacher's cost per "
                         "forward instead of the base matmuls plus two rank-r matmuls per layer (with "
                         "--compile_teacher compiled whole, default mode); the same function, each merged weight "
                         "rounded once to bf16; ~4.8 GB more GPU memory for SDXL; not with --lora_dropout")

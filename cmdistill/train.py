@@ -229,8 +229,8 @@ class Trainer:
         # The teacher's passes (no grad) may run compiled, with a dynamic batch dimension.
         self.teacher_unet = (models.compile_unet(self.teacher_base, mode=args.compile_mode) if args.compile_teacher
                              else self.teacher_base)
-        # --merged_target: the CM target pass on weight copies with the LoRA update folded in (refreshed per pass),
-        # compiled as the teacher is.
+        # --merged_target: the CM target pass on weight copies with the LoRA update folded in (refreshed once per
+        # optimizer step, at its first target pass), compiled whole with --compile_teacher (default mode).
         self.merged = models.MergedAdapters(self.base_unet) if getattr(args, "merged_target", False) else None
         self.merged_step = None  # the optimizer step its weights were last refreshed at
         if self.merged is not None and args.compile_blocks and not args.compile_teacher:
