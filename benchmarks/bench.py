@@ -646,6 +646,9 @@ SPECS = [
     Spec("cm_step_ours+blocks+sac80+merged_target", "cm_step", "knob", "as cm_step_ours+blocks+sac80, the target "
          "pass on weight copies with the LoRA update folded in (--merged_target)", default=False,
          knobs=replace(OURS, loop="reference", compile_blocks=True, checkpoint_budget_gib=80, merged_target=True)),
+    Spec("cm_step_ours+blocks+sac40+merged_target", "cm_step", "knob", "as cm_step_ours+blocks+sac40, the target "
+         "pass on weight copies with the LoRA update folded in (--merged_target)", default=False,
+         knobs=replace(OURS, loop="reference", compile_blocks=True, checkpoint_budget_gib=40, merged_target=True)),
     Spec("cm_step_ours+blocks+sac80+sync_h2d", "cm_step", "knob", "as cm_step_ours+blocks+sac80, small host-to-GPU "
          "copies synchronizing (plain .to())", default=False,
          knobs=replace(OURS, loop="reference", compile_blocks=True, checkpoint_budget_gib=80, h2d="sync")),

@@ -33,7 +33,8 @@
 #   bash benchmarks/gpu_runs.sh recheck OUT  # GPU 0: the Direct CM pool's steps against the reference with the
 #                                            # teacher view; GPU 1: train_cm.py at full size, COMPILE=1, auto
 #   bash benchmarks/gpu_runs.sh merged OUT   # not run yet: the CM step with --merged_target (target pass on weight
-#                                            # copies with the LoRA update folded in): GPU 0 with 80 GiB kept, GPU 1
+#                                            # copies with the LoRA update folded in): GPU 0 with 80 GiB kept (40 on
+#                                            # an 80 GB card), GPU 1
 #                                            # with every block checkpointed (what fits an 80 GB H100)
 #   bash benchmarks/gpu_runs.sh train OUT    # the training scripts themselves at full size (random SDXL from
 #                                            # benchmarks/random_sdxl.py, precomputed): GPU 0 CM, GPU 1 Direct CM,
@@ -242,8 +243,11 @@ elif [ "$stage" = merged ]; then
   # Not run yet. The CM step's target pass (student, no grad, LoRA on: ~0.3 s through the compiled blocks) on
   # models.MergedAdapters' tree, compiled whole like the teacher (0.228 s per forward on an H200): predicted
   # -0.05 to -0.1 s per step, i.e. ~2.0x at 80 GiB kept. GPU 0: 80 GiB kept; GPU 1: the default (checkpointed).
-  R0=matmul_peak,teacher_fwd_ours_compiled,cm_step_ref,cm_step_ours+blocks+sac80,cm_step_ours+blocks+sac80+merged_target
-  P0=teacher_fwd_ours_compiled,cm_step_ours+blocks+sac80+merged_target  # (the forward's profile: what the CPU does
+  # 80 GiB kept on a card of more than 100 GB (H200), 40 GiB on an 80 GB H100 (80 GiB + the copies would not fit)
+  mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i 0 2>/dev/null || echo 0)
+  G=$([ "${mem%%.*}" -gt 100000 ] 2>/dev/null && echo 80 || echo 40)
+  R0=matmul_peak,teacher_fwd_ours_compiled,cm_step_ref,cm_step_ours+blocks+sac$G,cm_step_ours+blocks+sac$G+merged_target
+  P0=teacher_fwd_ours_compiled,cm_step_ours+blocks+sac$G+merged_target  # (the forward's profile: what the CPU does
                                                                         # in the ~5 ms before its first conv)
   R1=matmul_peak,cm_step_ref,cm_step_ours+blocks,cm_step_ours+blocks+merged_target
   P1=cm_step_ours+blocks+merged_target
