@@ -1001,12 +1001,7 @@ class Bench:
                 models.compile_blocks(tree, backend=self.args.compile_backend)
             self._merged = (key, merged, UNetEps(tree, dynamic_batch=knobs.compile))
         _, merged, eps = self._merged
-
-        def target(x, t, cond):
-            merged.refresh()
-            return eps(x, t, cond)
-
-        return target
+        return merged.refreshing(eps)  # before every pass: one pass per step here
 
     def direct_cm_target(self, ctx: DistillContext, knobs: Knobs, x_t, start, cond):
         with self.adapter_switch(knobs.switch) if knobs.switch == "peft" else contextlib.nullcontext():

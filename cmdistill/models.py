@@ -276,29 +276,38 @@ def _tree_view(unet, replace):
         children = {name: None if c is None else view(c) for name, c in m._modules.items()}
         if all(children[name] is c for name, c in m._modules.items()):
             return m
-        v = copy.copy(m)
+        v = _module_copy(m)
         v.__dict__["_modules"] = children
-        v.__dict__["_compiled_call_impl"] = None
-        for name, attr in list(v.__dict__.items()):  # e.g. accelerate's autocast forward, bound to the original
-            if isinstance(attr, types.MethodType) and attr.__self__ is m:
-                v.__dict__[name] = types.MethodType(attr.__func__, v)
-        forward = v.__dict__.get("forward")
-        if forward is not None and not (isinstance(forward, types.MethodType) and forward.__self__ is v):
-            # e.g. accelerate's device-map / offload hooks (a partial over the original module): the copy would
-            # run the original's forward, adapters on.
-            raise UserError(f"the UNet's {type(m).__name__} has a wrapped forward ({type(forward).__name__}, e.g. "
-                            "offload or device-map hooks) that a view of it cannot follow: load the UNet on one "
-                            "device, without device_map / cpu offload")
         return v
 
     return view(unet)
+
+
+def _module_copy(m):
+    """A shallow copy of module ``m`` for a view (``_tree_view``): the same dicts of children, parameters,
+    buffers and hooks (the caller replaces what differs), its instance methods bound to the copy, without the
+    original's ``nn.Module.compile``d call. A forward wrapped by other means is refused."""
+    v = copy.copy(m)
+    v.__dict__["_compiled_call_impl"] = None
+    for name, attr in list(v.__dict__.items()):  # e.g. accelerate's autocast forward, bound to the original
+        if isinstance(attr, types.MethodType) and attr.__self__ is m:
+            v.__dict__[name] = types.MethodType(attr.__func__, v)
+    forward = v.__dict__.get("forward")
+    if forward is not None and not (isinstance(forward, types.MethodType) and forward.__self__ is v):
+        # e.g. accelerate's device-map / offload hooks (a partial over the original module): the copy would
+        # run the original's forward, adapters on.
+        raise UserError(f"the UNet's {type(m).__name__} has a wrapped forward ({type(forward).__name__}, e.g. "
+                        "offload or device-map hooks) that a view of it cannot follow: load the UNet on one "
+                        "device, without device_map / cpu offload")
+    return v
 
 
 class MergedAdapters:
     """The student for its no-grad passes (the CM target, ``--merged_target``): a module tree like ``base_view``
     in which each adapter layer is replaced by a copy of the layer it wraps whose weight is its own tensor,
     W + scale * B A (PEFT's ``get_delta_weight``), refreshed from the current adapter weights by ``refresh()``
-    (call it after every optimizer step, before the pass). Other parameters, buffers and modules are shared.
+    (``refreshing(eps_fn, step)`` calls it before a pass whenever the optimizer step has changed). Other
+    parameters, buffers and modules are shared.
 
     The forward is the adapters-on forward with the update folded into the weights: the same function, each
     merged weight rounded once to the frozen weights' dtype (bf16: the rounding of the inputs of every
@@ -308,15 +317,15 @@ class MergedAdapters:
 
     def __init__(self, unet):
         self.layers = []
+        self.refreshed_at = None  # the step given to the last refresh() (None: not tied to a step)
 
         def merged(layer):
             if any(layer.use_dora.get(a, False) for a in layer.active_adapters):
                 raise UserError("--merged_target: DoRA adapters cannot be folded into a weight copy; "
                                 "leave --merged_target off")
             base = layer.get_base_layer()
-            copy_ = copy.copy(base)
+            copy_ = _module_copy(base)
             copy_.__dict__["_parameters"] = dict(base._parameters)
-            copy_.__dict__["_compiled_call_impl"] = None
             copy_.weight = torch.nn.Parameter(torch.empty_like(base.weight), requires_grad=False)
             self.layers.append((layer, copy_))
             return copy_
@@ -324,11 +333,24 @@ class MergedAdapters:
         self.tree = _tree_view(unet, merged)
         self.refresh()
 
+    def refreshing(self, eps_fn, step=lambda: None):
+        """``eps_fn`` (a call of ``tree``) after ``refresh()``, which runs only when ``step()`` differs from the
+        step of the last refresh: the trainer passes its optimizer step, so the micro-steps of gradient
+        accumulation do not repeat it; with ``step()`` None, before every call."""
+        def call(x, t, cond):
+            now = step()
+            if now is None or now != self.refreshed_at:
+                self.refresh(now)
+            return eps_fn(x, t, cond)
+
+        return call
+
     @torch.no_grad()
-    def refresh(self):
+    def refresh(self, step=None):
         """Each merged weight from the frozen weight and the current adapter weights of the active adapters (an
         adapter layer switched off by its flag contributes its frozen weight alone). Outside autocast: the sum
         is taken in the adapters' precision (fp32) and rounded once to the weight's dtype."""
+        self.refreshed_at = step
         device = self.layers[0][1].weight.device.type if self.layers else "cpu"
         with torch.autocast(device, enabled=False):
             for layer, merged in self.layers:

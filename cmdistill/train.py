@@ -232,7 +232,6 @@ class Trainer:
         # --merged_target: the CM target pass on weight copies with the LoRA update folded in (refreshed once per
         # optimizer step, at its first target pass), compiled whole with --compile_teacher (default mode).
         self.merged = models.MergedAdapters(self.base_unet) if getattr(args, "merged_target", False) else None
-        self.merged_step = None  # the optimizer step its weights were last refreshed at
         if self.merged is not None and args.compile_blocks and not args.compile_teacher:
             models.compile_blocks(self.merged.tree)
         self.target_unet = (self.base_unet if self.merged is None else
@@ -390,15 +389,8 @@ class Trainer:
         if a.cfg_separate or a.cfg_batched:
             threshold = 0 if a.cfg_separate else 10**9
         target = UNetEps(self.target_unet, dynamic_batch=compiled and self.merged is not None)
-        if self.merged is not None:
-            merged_target = target
-
-            def target(x, t, cond):  # the adapter weights change at every optimizer step (and on resume)
-                if self.merged_step != self.global_step:  # not again for the micro-steps of gradient accumulation
-                    self.merged.refresh()
-                    self.merged_step = self.global_step
-                return merged_target(x, t, cond)
-
+        if self.merged is not None:  # the adapter weights change at every optimizer step (and on resume)
+            target = self.merged.refreshing(target, step=lambda: self.global_step)
         return DistillContext(teacher_eps=AdaptiveCFG(eps, a.w, threshold), student_eps_nograd=target,
                               step=self.step_fn, sched=self.sched, grid=self.grid,
                               timestep_scaling=self.args.timestep_scaling_factor, max_batch=self.args.teacher_max_batch)

@@ -298,7 +298,7 @@ def test_merged_target_gives_the_same_cm_losses(tiny_pipeline, tiny_image_folder
     monkeypatch.setattr(models, "compile_unet", lambda unet, **kw: compiled.append(unet) or real(unet, backend="aot_eager"))
     refreshes = []
     real_refresh = models.MergedAdapters.refresh
-    monkeypatch.setattr(models.MergedAdapters, "refresh", lambda self: refreshes.append(1) or real_refresh(self))
+    monkeypatch.setattr(models.MergedAdapters, "refresh", lambda self, *a: refreshes.append(1) or real_refresh(self, *a))
 
     def args(objective, out, *flag):
         return training_parser(objective).parse_args([
