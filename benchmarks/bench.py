@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -430,6 +431,33 @@ def host_seconds(device: torch.device, fn, repeats: int = 3) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return median(times)
+
+
+def host_syncs(device: torch.device, fn) -> dict:
+    """How often one ``fn()`` makes the CPU wait for the GPU through a PyTorch call (``.item()``, a blocking
+    copy, a stream synchronize: ``torch.cuda.set_sync_debug_mode``), and where the first such wait is. (Waits
+    inside CUDA itself, e.g. cudaFree, are not seen.) Empty on a CPU."""
+    if device.type != "cuda":
+        return {}
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    out = {"syncs_per_call": sum("synchroniz" in str(w.message) for w in caught)}
+    if out["syncs_per_call"]:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn()
+        except RuntimeError:
+            out["first_sync_at"] = traceback.format_exc().splitlines()[-16:]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize(device)
+    return out
 
 
 def is_oom(e: BaseException) -> bool:
@@ -1171,7 +1199,8 @@ class Bench:
             with Timer(self.device) as tm:  # the same calls back to back, as a sampler or the Direct CM loop
                 for _ in range(self.args.repeats_fwd):  # issues them: the CPU's part overlaps the GPU's
                     fwd()
-        s = median(times)
+        out.update(host_syncs(self.device, fwd))  # a wait for the GPU inside the call would keep the GPU idle
+        s = median(times)                          # while the CPU prepares the next one, even back to back
         out["back_to_back_s_per_call"] = b2b = tm.seconds / self.args.repeats_fwd
         tflops = self.flops_per_forward / s / 1e12
         if self.peak_tflops:
@@ -1186,7 +1215,8 @@ class Bench:
                          + f"; the CPU returns after {1000 * out['host_s_per_call']:.1f} ms"
                          + f"; back to back {1000 * b2b:.1f} ms per call"
                          + (f" ({100 * out['fraction_of_matmul_peak_back_to_back']:.1f}%)"
-                            if "fraction_of_matmul_peak_back_to_back" in out else ""))
+                            if "fraction_of_matmul_peak_back_to_back" in out else "")
+                         + (f"; {out['syncs_per_call']} host syncs per call" if "syncs_per_call" in out else ""))
         return out
 
     def m_student_step(self, spec: Spec) -> dict:
