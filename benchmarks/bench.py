@@ -435,29 +435,27 @@ def host_seconds(device: torch.device, fn, repeats: int = 3) -> float:
 
 def host_syncs(device: torch.device, fn) -> dict:
     """How often one ``fn()`` makes the CPU wait for the GPU through a PyTorch call (``.item()``, a blocking
-    copy, a stream synchronize: ``torch.cuda.set_sync_debug_mode``), and where the first such wait is. (Waits
-    inside CUDA itself, e.g. cudaFree, are not seen.) Empty on a CPU."""
+    copy, a stream synchronize: ``torch.cuda.set_sync_debug_mode``), and where (the message and the innermost
+    frames of the first few). Waits inside CUDA itself (e.g. cudaFree) are not seen. Empty on a CPU."""
     if device.type != "cuda":
         return {}
     torch.cuda.synchronize(device)
-    with warnings.catch_warnings(record=True) as caught:
+    seen = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            seen.append([str(message)[:200]] + [ln.strip() for ln in traceback.format_stack()[-14:-1]])
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    out = {"syncs_per_call": sum("synchroniz" in str(w.message) for w in caught)}
-    if out["syncs_per_call"]:
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            fn()
-        except RuntimeError:
-            out["first_sync_at"] = traceback.format_exc().splitlines()[-16:]
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize(device)
-    return out
+    return {"syncs_per_call": len(seen), "syncs_at": seen[:3]}
 
 
 def is_oom(e: BaseException) -> bool:
@@ -484,6 +482,8 @@ class Knobs:
     compile_blocks: bool = False  # every ResNet / transformer block through torch.compile (models.compile_blocks)
                                   # (teacher_fwd rows' extra: True or a torch.compile mode for the blocks)
     lookahead: int = 0            # Direct CM: batches whose trajectories ride in the current one's calls (pool)
+                                  # CM: the next step's teacher step issued during this one
+    ahead_stream: str = "side"    # CM lookahead on: side (a second CUDA stream) | same (the current stream)
     merged_target: bool = False   # CM: the target pass on weight copies with the LoRA update folded in
                                   # (models.MergedAdapters, --merged_target)
     micro_batch: int = 0          # the student's forward + backward this many samples at a time (0: whole batch)
@@ -510,6 +510,7 @@ class Knobs:
                   else f", {self.checkpoint_budget_gib:g} GiB un-checkpointed")
         s += f", student in micro-batches of {self.micro_batch}" if self.micro_batch else ""
         s += f", teacher lookahead {self.lookahead} batches" if self.lookahead else ""
+        s += " (same stream)" if self.lookahead and objective == "cm" and self.ahead_stream == "same" else ""
         s += ", target pass on merged weights" if self.merged_target else ""
         s += ", teacher on a view without adapter layers" if self.switch == "view" else f", {self.switch} adapter switch"
         s += ", synchronizing host copies" if self.h2d == "sync" else ""
@@ -677,6 +678,12 @@ SPECS = [
     Spec("cm_step_ours+blocks+sac40+merged_target", "cm_step", "knob", "as cm_step_ours+blocks+sac40, the target "
          "pass on weight copies with the LoRA update folded in (--merged_target)", default=False,
          knobs=replace(OURS, loop="reference", compile_blocks=True, checkpoint_budget_gib=40, merged_target=True)),
+    *[Spec(f"cm_step_ours+blocks{sac}{merged}+lookahead1same", "cm_step", "knob",
+           f"as cm_step_ours+blocks{sac}{merged}, the next step's teacher step issued at the start of this one on "
+           "the same stream (--teacher_lookahead 1)", default=False,
+           knobs=replace(OURS, loop="reference", compile_blocks=True, lookahead=1, ahead_stream="same",
+                         checkpoint_budget_gib=float(sac[4:] or 0), merged_target=bool(merged)))
+      for sac in ("", "+sac40", "+sac80") for merged in ("", "+merged_target")],
     Spec("cm_step_ours+blocks+sac80+sync_h2d", "cm_step", "knob", "as cm_step_ours+blocks+sac80, small host-to-GPU "
          "copies synchronizing (plain .to())", default=False,
          knobs=replace(OURS, loop="reference", compile_blocks=True, checkpoint_budget_gib=80, h2d="sync")),
@@ -775,7 +782,7 @@ class Bench:
         self._compiled_student = None
         self._merged = None  # (key, models.MergedAdapters, its eps): --merged_target
         self._cm_ahead: list = []  # CM with a lookahead: the teacher step issued for the next step
-        self._ahead = None
+        self._ahead: dict = {}  # knobs.ahead_stream -> devices.AheadOfTime
         self._layout = False
         self._budget = (0.0, None, None)
         self._blocks_compiled = False
@@ -915,12 +922,11 @@ class Bench:
                 log("  " + checkpointing.describe(info))
         self._budget = key
 
-    @property
-    def ahead(self) -> devices.AheadOfTime:
-        """The second stream for work issued ahead (``--teacher_lookahead`` on CM), made on first use."""
-        if self._ahead is None:
-            self._ahead = devices.AheadOfTime(self.device)
-        return self._ahead
+    def ahead(self, knobs: Knobs) -> devices.AheadOfTime:
+        """Where work issued ahead goes (``--teacher_lookahead`` on CM; ``knobs.ahead_stream``), made on first use."""
+        if knobs.ahead_stream not in self._ahead:
+            self._ahead[knobs.ahead_stream] = devices.AheadOfTime(self.device, same_stream=knobs.ahead_stream == "same")
+        return self._ahead[knobs.ahead_stream]
 
     def set_conv_in_padding(self, pad: bool):
         """The UNet's first convolution with its 4 input channels zero-padded to 8 (``PaddedConvIn``; the same
@@ -1052,15 +1058,16 @@ class Bench:
                     with self.autocast(knobs.precision):
                         return cm_teacher_step(ctx, x_t, start, cond)
 
-                pending = self._cm_ahead.pop() if self._cm_ahead else self.ahead.issue(teacher_step, (x_t, cond))
-                self._cm_ahead.append(self.ahead.issue(teacher_step, (x_t, cond)))  # the next step's (same inputs)
+                ahead = self.ahead(knobs)
+                pending = self._cm_ahead.pop() if self._cm_ahead else ahead.issue(teacher_step, (x_t, cond))
+                self._cm_ahead.append(ahead.issue(teacher_step, (x_t, cond)))  # the next step's (same inputs)
                 target = cm_target_from(ctx, *pending.get(), cond)
             elif objective == "cm":
                 target = cm_target(ctx, x_t, start, cond)
             else:
                 target = self.direct_cm_target(ctx, knobs, x_t, start, cond)
         counted.loss = self.student_update(knobs, x_t, t, cond, target, scaler)
-        if self._cm_ahead and self.ahead.stream is not None:
+        if self._cm_ahead and self.ahead(knobs).stream is not None:
             # The step's time includes the teacher step it issued for the next one (the steady state's cost per
             # step): the current stream waits for it before the timer's end event.
             torch.cuda.current_stream(self.device).wait_stream(self.ahead.stream)
@@ -1254,10 +1261,12 @@ class Bench:
         self.train_step("cm", knobs, self.start, scaler)  # warm-up
         times, counted = timed(self.device, lambda: self.train_step("cm", knobs, self.start, scaler),
                                self.args.repeats, "step")
+        syncs = host_syncs(self.device, lambda: self.train_step("cm", knobs, self.start, scaler))
         s = median(times)
         return dict(value=s, unit="s/step", seconds=times, median_s=s, teacher_sample_forwards=counted.samples,
-                    processes=WORLD, samples_per_s=WORLD * self.B / s,
-                    loss=float(counted.loss), notes=f"{knobs.describe('cm')}; {len(times)} repeats")
+                    processes=WORLD, samples_per_s=WORLD * self.B / s, **syncs,
+                    loss=float(counted.loss), notes=f"{knobs.describe('cm')}; {len(times)} repeats"
+                    + (f"; {syncs['syncs_per_call']} host syncs per step" if syncs else ""))
 
     def m_direct_cm_step(self, spec: Spec) -> dict:
         knobs = spec.knobs

@@ -32,18 +32,19 @@
 #                                            # student step with CUDA-graph blocks
 #   bash benchmarks/gpu_runs.sh recheck OUT  # GPU 0: the Direct CM pool's steps against the reference with the
 #                                            # teacher view; GPU 1: train_cm.py at full size, COMPILE=1, auto
-#   bash benchmarks/gpu_runs.sh merged OUT   # not run yet: the CM step with --merged_target (target pass on weight
-#                                            # copies with the LoRA update folded in): GPU 0 with 80 GiB kept (40 on
-#                                            # an 80 GB card), GPU 1
-#                                            # with every block checkpointed (what fits an 80 GB H100)
+#   bash benchmarks/gpu_runs.sh merged OUT   # the CM step with --merged_target (target pass on weight copies with
+#                                            # the LoRA update folded in): GPU 0 with 80 GiB kept (40 on an 80 GB
+#                                            # card), GPU 1 with every block checkpointed (what fits an 80 GB H100)
+#   bash benchmarks/gpu_runs.sh ahead OUT    # not run yet: as merged with the batched refresh, and the teacher
+#                                            # step issued one step ahead on the same stream; host syncs
 #   bash benchmarks/gpu_runs.sh train OUT    # the training scripts themselves at full size (random SDXL from
 #                                            # benchmarks/random_sdxl.py, precomputed): GPU 0 CM, GPU 1 Direct CM,
 #                                            # COMPILE=1 and --checkpointing_budget_gib auto; step times, peaks
 #   bash benchmarks/gpu_runs.sh final OUT    # GPU 0: the Direct CM reference vs ours (compiled) side by side;
 #                                            # GPU 1: the 24 GiB cap with expandable segments, then the loss curves
 set -u
-stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|probe|graphs|view|recheck|merged|train OUT}
-OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|probe|graphs|view|recheck|merged|train OUT}
+stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|probe|graphs|view|recheck|merged|ahead|train OUT}
+OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|probe|graphs|view|recheck|merged|ahead|train OUT}
 mkdir -p "$OUT"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/inductor} HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm --format=csv > "$OUT/gpus_$stage.csv" 2>&1
@@ -240,7 +241,7 @@ elif [ "$stage" = recheck ]; then
   wait
   tail -n 8 "$OUT/recheck0.log"
 elif [ "$stage" = merged ]; then
-  # Not run yet. The CM step's target pass (student, no grad, LoRA on: ~0.3 s through the compiled blocks) on
+  # The CM step's target pass (student, no grad, LoRA on: ~0.3 s through the compiled blocks) on
   # models.MergedAdapters' tree, compiled whole like the teacher (0.228 s per forward on an H200): predicted
   # -0.05 to -0.1 s per step, i.e. ~2.0x at 80 GiB kept. GPU 0: 80 GiB kept; GPU 1: the default (checkpointed).
   # 80 GiB kept on a card of more than 100 GB (H200), 40 GiB on an 80 GB H100 (80 GiB + the copies would not fit)
@@ -252,6 +253,23 @@ elif [ "$stage" = merged ]; then
   R1=matmul_peak,cm_step_ref,cm_step_ours+blocks,cm_step_ours+blocks+merged_target
   P1=cm_step_ours+blocks+merged_target
   pair merged
+elif [ "$stage" = ahead ]; then
+  # The `merged` call (2 x H200): --merged_target 1.729 vs 1.826 s (80 GiB kept), 1.870 vs 1.911 s (checkpointed);
+  # the refresh launched ~4 small kernels per adapter layer (~30 ms of GPU idle a step); now ~7 per batch of
+  # same-shaped layers. And the CM teacher step issued one step ahead on the SAME stream (--teacher_lookahead 1
+  # --teacher_lookahead_stream same): the GPU runs it first while the CPU, needing ~0.23 of its 0.45 s, moves
+  # ahead into the student's backward (0.14 s of the step's GPU idle was waiting for the CPU there). Predicted:
+  # merged -0.02 to -0.03 s, lookahead on the same stream -0.05 to -0.1 s: ~2.0-2.1x at 80 GiB kept.
+  # Every teacher-forward and CM-step row also says where the CPU waits for the GPU (syncs_at).
+  mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i 0 2>/dev/null || echo 0)
+  G=$([ "${mem%%.*}" -gt 100000 ] 2>/dev/null && echo 80 || echo 40)
+  R0=matmul_peak,teacher_fwd_ours_compiled,cm_step_ref,cm_step_ours+blocks+sac$G+merged_target
+  R0=$R0,cm_step_ours+blocks+sac$G+merged_target+lookahead1same
+  P0=cm_step_ours+blocks+sac$G+merged_target+lookahead1same
+  R1=matmul_peak,cm_step_ref,cm_step_ours+blocks+merged_target,cm_step_ours+blocks+merged_target+lookahead1same
+  R1=$R1,cm_step_ours+blocks+lookahead1same
+  P1=cm_step_ours+blocks+merged_target+lookahead1same
+  pair ahead
 elif [ "$stage" = train ]; then
   random_sdxl 0 || exit 1
   COMPILE=${COMPILE:-1} train cm 0 "${CM_STEPS:-12}" & COMPILE=${COMPILE:-1} train direct_cm 1 "${DCM_STEPS:-4}" &

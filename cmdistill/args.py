@@ -132,8 +132,13 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
                         "room that this batch's shrinking active set leaves in each teacher call, so that the calls "
                         "run full (~50 instead of ~95 per step at batch 16, N = 100); same targets up to rounding. "
                         "Default 2 (every call full) for train_direct_cm.py. CM: the next K batches' teacher steps "
-                        "are issued ahead on a second CUDA stream, so the GPU runs them in the gaps of the current "
-                        "step (same targets: the teacher is frozen; costs one teacher pass of memory); default 0")
+                        "are issued ahead (same targets: the teacher is frozen), on the current CUDA stream by "
+                        "default (--teacher_lookahead_stream); default 0")
+    g.add_argument("--teacher_lookahead_stream", choices=["same", "side"], default="same",
+                   help="CM with --teacher_lookahead: 'same' issues the next batch's teacher step at the start of "
+                        "the step on the current stream (the GPU runs it first while the CPU moves on, so the "
+                        "CPU is ahead when the student's backward launches its many small kernels); 'side' on a "
+                        "second stream that shares the GPU with the step (costs one teacher pass of memory)")
     g.add_argument("--cfg_batched", action="store_true",
                    help="always run the conditional and unconditional teacher passes as one batch of 2B (default: "
                         "as one batch only for calls of at most half the batch, where the GPU would idle)")

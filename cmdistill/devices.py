@@ -27,15 +27,18 @@ def to_device(t, device, dtype: torch.dtype | None = None) -> torch.Tensor:
 
 
 class AheadOfTime:
-    """Work issued ahead of where its result is needed, on a second CUDA stream so that the GPU runs it in the
-    gaps of the work issued meanwhile on the current stream (on a CPU: at once). ``issue`` takes a function and
-    the tensors it reads; ``Pending.get()`` makes the current stream wait for that work alone (an event) and
-    returns its result."""
+    """Work issued ahead of where its result is needed. ``same_stream=False``: on a second CUDA stream, so that
+    the GPU runs it in the gaps of the work issued meanwhile on the current stream (the two then share the GPU).
+    ``same_stream=True``: at once on the current stream, where the GPU runs it before what comes after; with
+    little CPU work per unit of GPU work (a compiled teacher pass), the CPU gets ahead of the GPU and its
+    slower stretches later (an eager backward's launches) no longer leave the GPU idle. On a CPU: at once.
+    ``issue`` takes a function and the tensors it reads; ``Pending.get()`` makes the current stream wait for
+    that work alone (an event) and returns its result."""
 
-    def __init__(self, device):
+    def __init__(self, device, same_stream: bool = False):
         device = torch.device(device)
         self.device = device
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" and not same_stream else None
 
     def issue(self, fn, reads=()) -> "Pending":
         if self.stream is None:

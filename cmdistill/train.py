@@ -135,9 +135,11 @@ class Trainer:
             raise UserError("--teacher_lookahead applies to train_direct_cm.py without --reference_loop or "
                             "--trajectory_pairs, and to train_cm.py; drop it")
         if (args.teacher_lookahead and objective == "cm" and args.compile_teacher
+                and getattr(args, "teacher_lookahead_stream", "same") == "side"
                 and models.uses_cudagraphs(args.compile_mode)):
-            raise UserError("--teacher_lookahead on train_cm.py runs the teacher on a second CUDA stream, which "
-                            "--compile_mode reduce-overhead (CUDA graphs) does not support: drop one of them")
+            raise UserError("--teacher_lookahead_stream side runs the teacher on a second CUDA stream, which "
+                            "--compile_mode reduce-overhead (CUDA graphs) does not support: use "
+                            "--teacher_lookahead_stream same")
         self.output_dir = Path(args.output_dir)
         report_to = None if args.report_to in (None, "none") else args.report_to
         self.accelerator = acc = Accelerator(
@@ -566,8 +568,8 @@ class Trainer:
         """The prepared micro-batches of the rest of the run, in order. With ``--teacher_lookahead K`` the next
         K are prepared ahead. Direct CM: their teacher trajectories go to the pool, whose calls fill the room that
         the current batch's shrinking active set leaves (``solvers.TrajectoryPool``). CM: their teacher steps are
-        issued at once on a second CUDA stream (``devices.AheadOfTime``), where the GPU runs them in the gaps that
-        the current step's launches leave; the teacher is frozen, so the targets are the same."""
+        issued at once (``devices.AheadOfTime``: on the current stream, where they put the CPU ahead of the GPU
+        for the current step's launches, or on a second stream); the teacher is frozen: the same targets."""
         args = self.args
         total = (args.max_train_steps - self.global_step) * args.gradient_accumulation_steps
         ahead = args.teacher_lookahead
@@ -577,8 +579,9 @@ class Trainer:
             if direct:
                 self.pool = TrajectoryPool(ctx.step, ctx.teacher_eps, ctx.sched, ctx.grid,
                                            args.teacher_max_batch or args.train_batch_size)
-            else:  # CM: the next batches' teacher steps run on a second stream, in the gaps of this step's work
-                side = AheadOfTime(self.accelerator.device)
+            else:  # CM: the next batches' teacher steps issued now (on this stream or a second one)
+                side = AheadOfTime(self.accelerator.device,
+                                   same_stream=getattr(args, "teacher_lookahead_stream", "same") == "same")
         queue: collections.deque = collections.deque()
         fetched = 0
         while fetched < total or queue:

@@ -265,10 +265,13 @@ def test_profile_row_breaks_kernel_time_down_by_kind(tmp_path):
     CPU: aten operators' self time); other rows carry none; a row not measured is refused."""
     out = tmp_path / "p.json"
     run_bench("--tiny", "--device", "cpu", "--json", out, "--only", "teacher_fwd_ours,cm_step_ours,"
-              "cm_step_ours+blocks+lookahead1", "--profile", "cm_step_ours,cm_step_ours+blocks+lookahead1")
+              "cm_step_ours+blocks+lookahead1,cm_step_ours+blocks+sac40+merged_target+lookahead1same",
+              "--profile", "cm_step_ours,cm_step_ours+blocks+lookahead1")
     m = json.loads(out.read_text())["measurements"]
     ahead = m["cm_step_ours+blocks+lookahead1"]  # the teacher step issued one step ahead: 2B teacher samples a step
     assert ahead["status"] == "ok" and ahead["teacher_sample_forwards"] == 8 and "profile" in ahead
+    same = m["cm_step_ours+blocks+sac40+merged_target+lookahead1same"]  # (on the current stream)
+    assert same["status"] == "ok" and same["teacher_sample_forwards"] == 8 and "(same stream)" in same["notes"]
     assert "profile" not in m["teacher_fwd_ours"]
     p = m["cm_step_ours"]["profile"]
     assert positive_finite(p["busy_s"]) and positive_finite(p["wall_s"])
