@@ -443,7 +443,7 @@ def host_syncs(device: torch.device, fn) -> dict:
     seen = []
 
     def record(message, category, filename, lineno, file=None, line=None):
-        if "synchroniz" in str(message):
+        if "called a synchronizing" in str(message):  # (not the "prototype feature" notice)
             seen.append([str(message)[:200]] + [ln.strip() for ln in traceback.format_stack()[-14:-1]])
 
     with warnings.catch_warnings():

@@ -43,8 +43,8 @@
 #   bash benchmarks/gpu_runs.sh final OUT    # GPU 0: the Direct CM reference vs ours (compiled) side by side;
 #                                            # GPU 1: the 24 GiB cap with expandable segments, then the loss curves
 set -u
-stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|probe|graphs|view|recheck|merged|ahead|train OUT}
-OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|probe|graphs|view|recheck|merged|ahead|train OUT}
+stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|probe|graphs|view|recheck|merged|ahead|h100|train OUT}
+OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|probe|graphs|view|recheck|merged|ahead|h100|train OUT}
 mkdir -p "$OUT"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/inductor} HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm --format=csv > "$OUT/gpus_$stage.csv" 2>&1
@@ -270,6 +270,14 @@ elif [ "$stage" = ahead ]; then
   R1=$R1,cm_step_ours+blocks+lookahead1same
   P1=cm_step_ours+blocks+merged_target+lookahead1same
   pair ahead
+elif [ "$stage" = h100 ]; then
+  # One GPU (an H100 where the targets are set): the headline CM and student rows with the current defaults and
+  # opt-ins, 5 repeats (the `ahead` call's steps spread by up to 15%). 40 GiB kept fits an 80 GB card with the
+  # merged copies (~66 GiB).
+  timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:0 --repeats 5 \
+    --only matmul_peak,teacher_fwd_ref,teacher_fwd_ours_compiled,cm_step_ref,cm_step_ours+blocks+sac40,cm_step_ours+blocks+sac40+merged_target,cm_step_ours+blocks+sac40+merged_target+lookahead1same,student_step_ref,student_step_ours+blocks+sac40 \
+    --json "$OUT/h100.json" > "$OUT/h100.log" 2>&1
+  tail -n 14 "$OUT/h100.log"
 elif [ "$stage" = train ]; then
   random_sdxl 0 || exit 1
   COMPILE=${COMPILE:-1} train cm 0 "${CM_STEPS:-12}" & COMPILE=${COMPILE:-1} train direct_cm 1 "${DCM_STEPS:-4}" &
