@@ -565,6 +565,13 @@ SPECS = [
     Spec("teacher_fwd_ours_compiled+tuned", "teacher_fwd", "knob", "teacher UNet forward, bf16, torch.compile "
          "(dynamic batch) with inductor's conv_1x1_as_mm, coordinate_descent_tuning, no epilogue fusion",
          default=False, extra={"precision": "bf16", "compile": True, "tuned": True}),
+    Spec("teacher_fwd_ours_compiled+freezing", "teacher_fwd", "knob", "teacher UNet forward, bf16, torch.compile "
+         "(dynamic batch) with inductor's freezing (the frozen weights become constants of the compiled graph: "
+         "no parameter inputs to fetch per call, weights pre-laid-out)", default=False,
+         extra={"precision": "bf16", "compile": True, "inductor": {"freezing": True}}),
+    Spec("teacher_fwd_ours_compiled_static+freezing", "teacher_fwd", "knob", "teacher UNet forward, bf16, "
+         "torch.compile with a static batch and inductor's freezing (its channels_last layout pass applies)",
+         default=False, extra={"precision": "bf16", "compile": True, "static": True, "inductor": {"freezing": True}}),
     Spec("teacher_fwd_ours_compiled+flags", "teacher_fwd", "knob", "teacher UNet forward, bf16, torch.compile "
          "(dynamic batch) of the UNet itself with its adapter layers' flags off (models.adapters_disabled), as "
          "before models.base_view", default=False, extra={"precision": "bf16", "compile": True, "switch": "flags"}),
@@ -1171,7 +1178,8 @@ class Bench:
         # ours: the teacher view (models.base_view); the reference and the +flags row: the UNet, adapter flags off
         view = spec.behaviour != "reference" and spec.extra.get("switch", "view") == "view"
         eps = self.teacher_unet_eps(bool(spec.extra.get("compile")), static=spec.extra.get("static", False),
-                                    tuned=spec.extra.get("tuned", False),
+                                    tuned=(spec.extra.get("tuned", False) if "inductor" not in spec.extra else
+                                           tuple(sorted(spec.extra["inductor"].items()))),  # (the compile's key)
                                     mode=spec.extra.get("compile_mode", "default"), view=view)
         out = {}
         def switch():
@@ -1635,7 +1643,8 @@ class Bench:
             tuned = dict(conv_1x1_as_mm=True, coordinate_descent_tuning=True, epilogue_fusion=False)
             PROFILE.active, PROFILE.result = spec.name in self.args.profile, None
             self._cm_ahead.clear()
-            with torch._inductor.config.patch(tuned if (spec.extra or {}).get("tuned") else {}):
+            inductor = {**(tuned if (spec.extra or {}).get("tuned") else {}), **(spec.extra or {}).get("inductor", {})}
+            with torch._inductor.config.patch(inductor):
                 row.update(fn(spec))
             if PROFILE.result is not None:
                 row["profile"] = PROFILE.result
