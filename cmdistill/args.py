@@ -108,6 +108,10 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
                    help="torch.compile mode of the teacher (--compile_teacher): reduce-overhead replays a CUDA "
                         "graph per batch size, for the small calls at the end of the Direct CM loop (measured on "
                         "an H200: no gain over default, benchmarks/RESULTS.md)")
+    g.add_argument("--teacher_freezing", action="store_true",
+                   help="with --compile_teacher: inductor's freezing for the teacher (its frozen weights become "
+                        "constants of the compiled graph): on an H100 the teacher forward 0.233 vs 0.239 s, with "
+                        "~80 s more compiling; its extra memory is not measured yet; same values to kernel rounding")
     g.add_argument("--compile_student", action="store_true",
                    help="torch.compile the student's forward and backward as one graph (LoRA and checkpointing "
                         "included); same values to kernel rounding; its compile took over 6 minutes for SDXL: "

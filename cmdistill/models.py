@@ -165,15 +165,21 @@ def uses_cudagraphs(mode: str | None) -> bool:
     return mode in ("reduce-overhead", "max-autotune")
 
 
-def compile_unet(unet, backend: str = "inductor", mode: str | None = None):
+def compile_unet(unet, backend: str = "inductor", mode: str | None = None, freezing: bool = False):
     """``torch.compile`` of the UNet. For no-grad calls (teacher passes, samplers) use it through
     ``UNetEps(compiled, dynamic_batch=True)``: the batch dimension is compiled symbolic once, so the
     shrinking active sets of the Direct CM loop do not recompile for every size. The student's pass
     with grad (LoRA, gradient checkpointing, DDP) compiles as it is. The first call compiles (minutes
     for SDXL); the result agrees with eager mode to kernel rounding (tests/test_speed.py).
     ``mode`` (inductor only): e.g. "reduce-overhead" replays a CUDA graph per batch size, which removes
-    the per-kernel launch cost of small calls; call it through ``UNetEps(..., fresh_output=True)``."""
-    return torch.compile(unet, **_compile_kwargs(backend, mode))
+    the per-kernel launch cost of small calls; call it through ``UNetEps(..., fresh_output=True)``.
+    ``freezing`` (inductor, default mode, no-grad calls only): inductor's freezing, which makes the weights
+    constants of the compiled graph, read at the first call (no parameter inputs to fetch per call; weights laid
+    out ahead): only for weights that never change afterwards (the teacher's)."""
+    if freezing and (backend != "inductor" or mode not in (None, "default")):
+        raise UserError("freezing applies to torch.compile's default mode with the inductor backend: drop "
+                        "--compile_mode, or the freezing flag")
+    return torch.compile(unet, **_compile_kwargs(backend, mode), **({"options": {"freezing": True}} if freezing else {}))
 
 
 def _compile_kwargs(backend: str, mode: str | None) -> dict:

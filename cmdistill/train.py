@@ -96,6 +96,8 @@ def validate_args(args):
         raise UserError(f"--checkpointing_budget_gib {args.checkpointing_budget_gib:g} must be >= 0 (GiB of "
                         "activations kept un-checkpointed; 0 = checkpoint every block)")
     Grid(1000, args.num_discr_timesteps)  # raises a one-line error when N does not divide T
+    if getattr(args, "teacher_freezing", False) and not args.compile_teacher:
+        raise UserError("--teacher_freezing applies to the compiled teacher: add --compile_teacher (COMPILE=1)")
     if args.resolution % 8:
         raise UserError(f"--resolution {args.resolution} must be a multiple of 8 (the VAE downsamples 8x)")
     if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
@@ -229,8 +231,9 @@ class Trainer:
             if not args.compile_teacher:
                 models.compile_blocks(self.teacher_base)
         # The teacher's passes (no grad) may run compiled, with a dynamic batch dimension.
-        self.teacher_unet = (models.compile_unet(self.teacher_base, mode=args.compile_mode) if args.compile_teacher
-                             else self.teacher_base)
+        self.teacher_unet = (models.compile_unet(self.teacher_base, mode=args.compile_mode,
+                                                 freezing=getattr(args, "teacher_freezing", False))
+                             if args.compile_teacher else self.teacher_base)
         # --merged_target: the CM target pass on weight copies with the LoRA update folded in (refreshed once per
         # optimizer step, at its first target pass), compiled whole with --compile_teacher (default mode).
         self.merged = models.MergedAdapters(self.base_unet) if getattr(args, "merged_target", False) else None

@@ -90,6 +90,9 @@ def teacher_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_original_inference_steps", type=int, default=100, help="N solver steps (paper: 100)")
     g.add_argument("--guidance_scale", type=float, default=9.0, help="w, Imagen form (paper: 9.0)")
     g.add_argument("--cfg_batched", action="store_true", help="conditional and unconditional passes as one batch")
+    g.add_argument("--compile_freezing", action="store_true",
+                   help="with --compile: inductor's freezing (the teacher's weights become constants of the compiled "
+                        "graph): on an H100 the forward 0.233 vs 0.239 s, ~80 s more compiling")
     p.set_defaults(output_dir="results/teacher")
     return p
 
@@ -241,6 +244,8 @@ def _abs(path: str | None) -> str | None:
 @exit_on_user_error
 def teacher_main(argv=None) -> list[dict]:
     args = teacher_parser().parse_args(argv)
+    if args.compile_freezing and not args.compile:
+        raise UserError("--compile_freezing applies to the compiled UNet: add --compile")
     args.pretrained_teacher_model = args.pretrained_teacher_model or PAPER_TEACHER
     args.seed = 24 if args.seed is None else args.seed
     args.resolution = args.resolution or 1024
@@ -300,7 +305,8 @@ def teacher_main(argv=None) -> list[dict]:
                    "num_original_inference_steps": N, "guidance_scale": w, "num_inference_steps": N,
                    "resolution": args.resolution, "seed": args.seed},
               tb_group=f"teacher_{args.scheduler}_w{w}", tb_step=N,
-              make_sampler=lambda m: teacher_sampler(m, args.scheduler, N, w, args.cfg_batched, args.compile),
+              make_sampler=lambda m: teacher_sampler(m, args.scheduler, N, w, args.cfg_batched, args.compile,
+                                                                 freezing=args.compile_freezing),
               score=score, grid=grid, prepare=prepare)
     return run_jobs(args, state, [job], captions, count, init, lambda dev: load_models(args, dev))
 

@@ -81,18 +81,19 @@ def decode(vae, latents: torch.Tensor, batch_size: int) -> list:
     return out
 
 
-def unet_eps(models: Models, compile: bool = False) -> UNetEps:
-    """The UNet as an eps function; ``compile``: through ``torch.compile`` with a dynamic batch dimension."""
+def unet_eps(models: Models, compile: bool = False, freezing: bool = False) -> UNetEps:
+    """The UNet as an eps function; ``compile``: through ``torch.compile`` with a dynamic batch dimension
+    (``freezing``: its weights constants of the compiled graph, for a UNet whose weights stay as they are)."""
     if not compile:
         return UNetEps(models.unet, models.dtype)
-    return UNetEps(M.compile_unet(models.unet), models.dtype, dynamic_batch=True)
+    return UNetEps(M.compile_unet(models.unet, freezing=freezing), models.dtype, dynamic_batch=True)
 
 
 def teacher_sampler(models: Models, solver: str, num_steps: int, w: float, cfg_batched: bool = False,
-                    compile: bool = False) -> Sampler:
+                    compile: bool = False, freezing: bool = False) -> Sampler:
     """SPEC §8: the Direct CM target code (``solvers.solve_to_zero`` via ``teacher_sample``) from t = T."""
     step, grid = get_solver(solver), Grid(models.sched.T, num_steps)
-    eps = GuidedEps(unet_eps(models, compile), w, batched=cfg_batched)
+    eps = GuidedEps(unet_eps(models, compile, freezing), w, batched=cfg_batched)
 
     def sample(x_T, cond, indices, tick):
         return teacher_sample(step, eps, x_T, cond, models.sched, grid, callback=lambda _: tick(1 / grid.N))
