@@ -444,7 +444,7 @@ def host_syncs(device: torch.device, fn) -> dict:
 
     def record(message, category, filename, lineno, file=None, line=None):
         if "called a synchronizing" in str(message):  # (not the "prototype feature" notice)
-            seen.append([str(message)[:200]] + [ln.strip() for ln in traceback.format_stack()[-14:-1]])
+            seen.append([str(message)[:200]] + [ln.strip() for ln in traceback.format_stack()[-15:-2]])
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -1074,10 +1074,11 @@ class Bench:
             else:
                 target = self.direct_cm_target(ctx, knobs, x_t, start, cond)
         counted.loss = self.student_update(knobs, x_t, t, cond, target, scaler)
-        if self._cm_ahead and self.ahead(knobs).stream is not None:
+        side = self.ahead(knobs).stream if self._cm_ahead else None
+        if side is not None:
             # The step's time includes the teacher step it issued for the next one (the steady state's cost per
             # step): the current stream waits for it before the timer's end event.
-            torch.cuda.current_stream(self.device).wait_stream(self.ahead.stream)
+            torch.cuda.current_stream(self.device).wait_stream(side)
         return counted
 
     def student_update(self, knobs: Knobs, x_t, t, cond, target, scaler) -> torch.Tensor:

@@ -32,8 +32,8 @@ class AheadOfTime:
     ``same_stream=True``: at once on the current stream, where the GPU runs it before what comes after; with
     little CPU work per unit of GPU work (a compiled teacher pass), the CPU gets ahead of the GPU and its
     slower stretches later (an eager backward's launches) no longer leave the GPU idle. On a CPU: at once.
-    ``issue`` takes a function and the tensors it reads; ``Pending.get()`` makes the current stream wait for
-    that work alone (an event) and returns its result."""
+    ``issue`` takes a function and the tensors it reads; ``Pending.get()`` returns its result, on a second
+    stream after making the current stream wait for that work alone (an event)."""
 
     def __init__(self, device, same_stream: bool = False):
         device = torch.device(device)

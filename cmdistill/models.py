@@ -312,10 +312,11 @@ def _module_copy(m):
 
 class MergedAdapters:
     """The student for its no-grad passes (the CM target, ``--merged_target``): a module tree like ``base_view``
-    in which each adapter layer is replaced by a copy of the layer it wraps whose weight is its own tensor,
-    W + scale * B A (PEFT's ``get_delta_weight``), refreshed from the current adapter weights by ``refresh()``
-    (``refreshing(eps_fn, step)`` calls it before a pass whenever the optimizer step has changed). Other
-    parameters, buffers and modules are shared.
+    in which each adapter layer is replaced by a copy of the layer it wraps with a weight of its own (a view
+    into one buffer per batch of same-shaped layers), W + scale * B A (PEFT's ``get_delta_weight``), refreshed
+    from the current adapter weights by ``refresh()`` (``refreshing(eps_fn, step)`` calls it before a pass
+    whenever the optimizer step has changed). Other parameters, buffers and modules are shared. Build it
+    after the UNet's last move or cast (a ``tree.to(...)`` afterwards re-plans the buffers at the next refresh).
 
     The forward is the adapters-on forward with the update folded into the weights: the same function, each
     merged weight rounded once to the frozen weights' dtype (bf16: the rounding of the inputs of every
@@ -404,6 +405,8 @@ class MergedAdapters:
         adapter layer switched off by its flag contributes its frozen weight alone). Outside autocast: the sum
         is taken in the adapters' precision (fp32) and rounded once to the weight's dtype."""
         self.refreshed_at = step
+        if any(chunk[0][1].weight.data_ptr() != buffer.data_ptr() for _, chunk, buffer in self.batches):
+            self.batches = self._plan()  # the tree was moved or cast since: its weights left the buffers
         device = self.layers[0][1].weight.device.type if self.layers else "cpu"
         with torch.autocast(device, enabled=False):
             batched = set()
@@ -413,7 +416,8 @@ class MergedAdapters:
                 n, out, fan_in = buffer.shape
                 A = torch.stack([layer.lora_A[adapter].weight.reshape(-1, fan_in) for layer, _ in chunk])
                 B = torch.stack([layer.lora_B[adapter].weight.reshape(out, -1) for layer, _ in chunk])
-                delta = torch.bmm(B, A)  # (B A) * scaling as PEFT's get_delta_weight, in the adapters' precision
+                precision = torch.promote_types(A.dtype, torch.float32)  # (fp32 adapters: as they are)
+                delta = torch.bmm(B.to(precision), A.to(precision))  # (B A) * scaling as get_delta_weight
                 scaling = [layer.scaling[adapter] for layer, _ in chunk]
                 delta.mul_(scaling[0] if len(set(scaling)) == 1 else
                            to_device(torch.tensor(scaling, dtype=delta.dtype), delta.device).view(n, 1, 1))

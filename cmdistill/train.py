@@ -98,6 +98,9 @@ def validate_args(args):
     Grid(1000, args.num_discr_timesteps)  # raises a one-line error when N does not divide T
     if getattr(args, "teacher_freezing", False) and not args.compile_teacher:
         raise UserError("--teacher_freezing applies to the compiled teacher: add --compile_teacher (COMPILE=1)")
+    if getattr(args, "teacher_freezing", False) and args.compile_mode not in (None, "default"):
+        raise UserError(f"--teacher_freezing applies to torch.compile's default mode: drop --compile_mode "
+                        f"{args.compile_mode} or --teacher_freezing")
     if args.resolution % 8:
         raise UserError(f"--resolution {args.resolution} must be a multiple of 8 (the VAE downsamples 8x)")
     if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
@@ -128,7 +131,8 @@ class Trainer:
             raise UserError("--merged_target applies to train_cm.py (Direct CM has no student target pass); drop it")
         if getattr(args, "merged_target", False) and args.lora_dropout:
             raise UserError("--merged_target folds the LoRA update into the weights, without --lora_dropout's "
-                            "dropout on the target pass: use one of them")
+                            "dropout on the target pass: use one of them (COMPILE=1 in scripts/train_cm.sh adds "
+                            "--merged_target unless MERGED_TARGET=0)")
         if args.teacher_lookahead is None:  # default: on wherever it applies
             plain = objective == "direct_cm" and not args.reference_loop and args.trajectory_pairs == 1
             args.teacher_lookahead = 2 if plain else 0

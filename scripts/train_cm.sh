@@ -7,7 +7,8 @@
 # torch.compile and compiles every UNet block for the student (--compile_teacher --compile_blocks: ~3.5 minutes
 # of compiling on the first step; then, on an H200, a CM step 1.22x and a student step 1.43x faster than
 # without), and for CM runs the target pass on weight copies with the LoRA update folded in (--merged_target:
-# ~4.8 GB more GPU memory; on an H100 the CM step 1.848 vs 1.918 s): benchmarks/RESULTS.md. Add
+# ~4.8 GB more GPU memory; on an H100 the CM step 1.848 vs 1.918 s; MERGED_TARGET=0 leaves it out, e.g. for
+# --lora_dropout): benchmarks/RESULTS.md. Add
 # --checkpointing_budget_gib auto (or a number of GiB) to keep activations where the card has room. Direct CM
 # solves the next two batches' teacher trajectories in the room of each step's teacher calls
 # (--teacher_lookahead 2, the default; same targets).
@@ -41,5 +42,5 @@ python3 -m cmdistill.launch "$SCRIPT" \
   --dataloader_num_workers "${NUM_WORKERS:-4}" \
   --resume_from_checkpoint latest \
   $([ "${COMPILE:-0}" != 0 ] && echo --compile_teacher --compile_blocks) \
-  $([ "${COMPILE:-0}" != 0 ] && [ "$NAME" = cm ] && echo --merged_target) \
+  $([ "${COMPILE:-0}" != 0 ] && [ "$NAME" = cm ] && [ "${MERGED_TARGET:-1}" != 0 ] && echo --merged_target) \
   "$@"

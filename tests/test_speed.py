@@ -247,6 +247,13 @@ def test_merged_refresh_in_batches_equals_peft_layer_by_layer(monkeypatch):
         want = w if layer is off else w + layer.get_delta_weight("default")
         torch.testing.assert_close(m.weight, want, rtol=1e-5, atol=1e-6)
     assert merged.batches[1][1][0][1].weight.data_ptr() == merged.batches[1][2].data_ptr()  # a view
+    off._disable_adapters = False
+    for tree in (unet, merged.tree):  # moved or cast after it was built: the next refresh re-plans the buffers
+        tree.to(torch.float64)
+    merged.refresh()
+    for layer, m in merged.layers:
+        assert m.weight.dtype == torch.float64
+        torch.testing.assert_close(m.weight, layer.get_base_layer().weight + layer.get_delta_weight("default"))
 
 
 def test_frozen_compiled_teacher_gives_the_eager_values():
@@ -270,6 +277,9 @@ def test_frozen_compiled_teacher_gives_the_eager_values():
 
     with pytest.raises(UserError, match="add --compile_teacher"):
         validate_args(training_parser("cm").parse_args(["--train_data_dir", "x", "--teacher_freezing"]))
+    with pytest.raises(UserError, match="default mode"):  # before any model is loaded
+        validate_args(training_parser("cm").parse_args(["--train_data_dir", "x", "--teacher_freezing",
+                                                        "--compile_teacher", "--compile_mode", "reduce-overhead"]))
     assert teacher_parser().parse_args(["--compile", "--compile_freezing"]).compile_freezing
 
 
