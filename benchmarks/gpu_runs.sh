@@ -22,7 +22,7 @@
 #                                            # CM pool's steps (GPU 0), the CM step with profiles (GPU 1)
 #   bash benchmarks/gpu_runs.sh conv OUT     # GPU 0: the compiled teacher's idle gaps (profile with shapes), with
 #                                            # cudnn.benchmark; GPU 1: train_cm.py eager with --checkpointing_budget_gib auto
-#   bash benchmarks/gpu_runs.sh probe OUT    # not run yet: GPU 0 conv_in alone, host times, conv_in padded, profiles;
+#   bash benchmarks/gpu_runs.sh probe OUT    # GPU 0 conv_in alone, host times, conv_in padded, profiles;
 #                                            # GPU 1 the CM step with the teacher step issued ahead (lookahead 1)
 #   bash benchmarks/gpu_runs.sh graphs OUT   # not run yet: the compiled blocks with CUDA graphs (reduce-overhead) for
 #                                            # the CM step (GPU 0) and the student step (GPU 1), 80 GiB kept
@@ -35,8 +35,9 @@
 #   bash benchmarks/gpu_runs.sh merged OUT   # the CM step with --merged_target (target pass on weight copies with
 #                                            # the LoRA update folded in): GPU 0 with 80 GiB kept (40 on an 80 GB
 #                                            # card), GPU 1 with every block checkpointed (what fits an 80 GB H100)
-#   bash benchmarks/gpu_runs.sh ahead OUT    # not run yet: as merged with the batched refresh, and the teacher
-#                                            # step issued one step ahead on the same stream; host syncs
+#   bash benchmarks/gpu_runs.sh ahead OUT    # as merged with the batched refresh, and the teacher step issued one
+#                                            # step ahead on the same stream; host syncs
+#   bash benchmarks/gpu_runs.sh h100 OUT     # one GPU (an H100): the headline CM and student rows, 5 repeats
 #   bash benchmarks/gpu_runs.sh train OUT    # the training scripts themselves at full size (random SDXL from
 #                                            # benchmarks/random_sdxl.py, precomputed): GPU 0 CM, GPU 1 Direct CM,
 #                                            # COMPILE=1 and --checkpointing_budget_gib auto; step times, peaks
