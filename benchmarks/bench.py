@@ -564,7 +564,8 @@ SPECS = [
          "torch.backends.cudnn.benchmark", default=False, extra={"precision": "bf16", "cudnn_benchmark": True}),
     Spec("teacher_fwd_ours_compiled+tuned", "teacher_fwd", "knob", "teacher UNet forward, bf16, torch.compile "
          "(dynamic batch) with inductor's conv_1x1_as_mm, coordinate_descent_tuning, no epilogue fusion",
-         default=False, extra={"precision": "bf16", "compile": True, "tuned": True}),
+         default=False, extra={"precision": "bf16", "compile": True, "inductor": {
+             "conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False}}),
     Spec("teacher_fwd_ours_compiled+freezing", "teacher_fwd", "knob", "teacher UNet forward, bf16, torch.compile "
          "(dynamic batch) with inductor's freezing (the frozen weights become constants of the compiled graph: "
          "no parameter inputs to fetch per call, weights pre-laid-out)", default=False,
@@ -905,11 +906,12 @@ class Bench:
         self.place_encoders(knobs)
         return self._precomputed[knobs.precision]
 
-    def compiled_unet(self, static: bool = False, tuned: bool = False, mode: str = "default", view: bool = True):
-        """The UNet under torch.compile, built once per (memory format, static) and shared by every
-        measurement (so it compiles once); called through ``UNetEps(..., dynamic_batch=True)`` as
-        ``Trainer.distill_context`` does, or with ``static`` through a plain ``UNetEps`` (one batch size)."""
-        key = (self._layout, static, tuned, torch.backends.cuda.flash_sdp_enabled(), mode, view)
+    def compiled_unet(self, static: bool = False, inductor: tuple = (), mode: str = "default", view: bool = True):
+        """The UNet under torch.compile, built once per (memory format, static, the row's inductor settings as
+        sorted items) and shared by every measurement (so it compiles once); called through
+        ``UNetEps(..., dynamic_batch=True)`` as ``Trainer.distill_context`` does, or with ``static`` through a
+        plain ``UNetEps`` (one batch size)."""
+        key = (self._layout, static, inductor, torch.backends.cuda.flash_sdp_enabled(), mode, view)
         if self._compiled is None or self._compiled[0] != key:
             if self._compiled is not None:  # another variant: start from a clean dynamo state
                 torch._dynamo.reset()
@@ -960,13 +962,13 @@ class Bench:
             self._compiled_student = models.compile_unet(self.unet, backend=self.args.compile_backend)
         return self._compiled_student
 
-    def teacher_unet_eps(self, compile: bool, static: bool = False, tuned: bool = False,
+    def teacher_unet_eps(self, compile: bool, static: bool = False, inductor: tuple = (),
                          mode: str = "default", view: bool = True) -> UNetEps:
         """The teacher's UNet call: on ``base_view`` (ours) or on the UNet itself, whose adapter the caller
         switches off (``view=False``); eager or compiled."""
         if not compile:
             return UNetEps(self.view if view else self.unet)
-        return UNetEps(self.compiled_unet(static, tuned, mode, view), dynamic_batch=not static,
+        return UNetEps(self.compiled_unet(static, inductor, mode, view), dynamic_batch=not static,
                        fresh_output=models.uses_cudagraphs(mode))
 
     def place_encoders(self, knobs: Knobs):
@@ -1179,8 +1181,7 @@ class Bench:
         # ours: the teacher view (models.base_view); the reference and the +flags row: the UNet, adapter flags off
         view = spec.behaviour != "reference" and spec.extra.get("switch", "view") == "view"
         eps = self.teacher_unet_eps(bool(spec.extra.get("compile")), static=spec.extra.get("static", False),
-                                    tuned=(spec.extra.get("tuned", False) if "inductor" not in spec.extra else
-                                           tuple(sorted(spec.extra["inductor"].items()))),  # (the compile's key)
+                                    inductor=tuple(sorted(spec.extra.get("inductor", {}).items())),
                                     mode=spec.extra.get("compile_mode", "default"), view=view)
         out = {}
         def switch():
@@ -1641,11 +1642,9 @@ class Bench:
             torch.backends.cuda.enable_flash_sdp(not cudnn_attention)
             torch.backends.cuda.enable_mem_efficient_sdp(not cudnn_attention)
             torch.backends.cuda.enable_cudnn_sdp(True)
-            tuned = dict(conv_1x1_as_mm=True, coordinate_descent_tuning=True, epilogue_fusion=False)
             PROFILE.active, PROFILE.result = spec.name in self.args.profile, None
             self._cm_ahead.clear()
-            inductor = {**(tuned if (spec.extra or {}).get("tuned") else {}), **(spec.extra or {}).get("inductor", {})}
-            with torch._inductor.config.patch(inductor):
+            with torch._inductor.config.patch((spec.extra or {}).get("inductor", {})):  # the row's settings
                 row.update(fn(spec))
             if PROFILE.result is not None:
                 row["profile"] = PROFILE.result
