@@ -228,6 +228,7 @@ def timed(device: torch.device, fn, repeats: int, label: str | None = None) -> t
 PROFILE = SimpleNamespace(active=False, result=None)
 
 KERNEL_KINDS = (  # first match wins; lower-case substrings of kernel (or, on a CPU, operator) names
+    ("layout conversion", ("nchwtonhwc", "nhwctonchw")),  # cuDNN's around a convolution in the other layout
     ("attention", ("flash", "fmha", "attention", "sdpa", "attn")),
     ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit_gemm", "winograd")),
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "matmul", "mm_", "aten::mm", "aten::addmm", "aten::bmm",
@@ -570,6 +571,13 @@ SPECS = [
          "(dynamic batch) with inductor's freezing (the frozen weights become constants of the compiled graph: "
          "no parameter inputs to fetch per call, weights pre-laid-out)", default=False,
          extra={"precision": "bf16", "compile": True, "inductor": {"freezing": True}}),
+    Spec("teacher_fwd_ours_compiled+nhwc", "teacher_fwd", "knob", "teacher UNet forward, bf16, torch.compile "
+         "(dynamic batch) in channels_last (inductor's layout pass forced; group norms with per-channel "
+         "statistics: models.compile_unet(view, channels_last=True))",
+         default=False, extra={"precision": "bf16", "compile": True, "nhwc": True}),
+    Spec("teacher_fwd_ours_compiled+nhwc+freezing", "teacher_fwd", "knob", "teacher UNet forward, bf16, "
+         "torch.compile (dynamic batch) in channels_last (as +nhwc) with inductor's freezing", default=False,
+         extra={"precision": "bf16", "compile": True, "nhwc": True, "inductor": {"freezing": True}}),
     Spec("teacher_fwd_ours_compiled_static+freezing", "teacher_fwd", "knob", "teacher UNet forward, bf16, "
          "torch.compile with a static batch and inductor's freezing (its channels_last layout pass applies)",
          default=False, extra={"precision": "bf16", "compile": True, "static": True, "inductor": {"freezing": True}}),
@@ -906,18 +914,20 @@ class Bench:
         self.place_encoders(knobs)
         return self._precomputed[knobs.precision]
 
-    def compiled_unet(self, static: bool = False, inductor: tuple = (), mode: str = "default", view: bool = True):
+    def compiled_unet(self, static: bool = False, inductor: tuple = (), mode: str = "default", view: bool = True,
+                      nhwc: bool = False):
         """The UNet under torch.compile, built once per (memory format, static, the row's inductor settings as
         sorted items) and shared by every measurement (so it compiles once); called through
         ``UNetEps(..., dynamic_batch=True)`` as ``Trainer.distill_context`` does, or with ``static`` through a
         plain ``UNetEps`` (one batch size)."""
-        key = (self._layout, static, inductor, torch.backends.cuda.flash_sdp_enabled(), mode, view)
+        key = (self._layout, static, inductor, torch.backends.cuda.flash_sdp_enabled(), mode, view, nhwc)
         if self._compiled is None or self._compiled[0] != key:
             if self._compiled is not None:  # another variant: start from a clean dynamo state
                 torch._dynamo.reset()
                 self._compiled_student = self._merged = None
             self._compiled = (key, models.compile_unet(self.view if view else self.unet,
-                                                       backend=self.args.compile_backend, mode=mode))
+                                                       backend=self.args.compile_backend, mode=mode,
+                                                       channels_last=nhwc))
         return self._compiled[1]
 
     def set_checkpointing(self, budget_gib: float, micro_batch: int = 0):
@@ -963,12 +973,12 @@ class Bench:
         return self._compiled_student
 
     def teacher_unet_eps(self, compile: bool, static: bool = False, inductor: tuple = (),
-                         mode: str = "default", view: bool = True) -> UNetEps:
+                         mode: str = "default", view: bool = True, nhwc: bool = False) -> UNetEps:
         """The teacher's UNet call: on ``base_view`` (ours) or on the UNet itself, whose adapter the caller
         switches off (``view=False``); eager or compiled."""
         if not compile:
             return UNetEps(self.view if view else self.unet)
-        return UNetEps(self.compiled_unet(static, inductor, mode, view), dynamic_batch=not static,
+        return UNetEps(self.compiled_unet(static, inductor, mode, view, nhwc), dynamic_batch=not static,
                        fresh_output=models.uses_cudagraphs(mode))
 
     def place_encoders(self, knobs: Knobs):
@@ -1182,7 +1192,8 @@ class Bench:
         view = spec.behaviour != "reference" and spec.extra.get("switch", "view") == "view"
         eps = self.teacher_unet_eps(bool(spec.extra.get("compile")), static=spec.extra.get("static", False),
                                     inductor=tuple(sorted(spec.extra.get("inductor", {}).items())),
-                                    mode=spec.extra.get("compile_mode", "default"), view=view)
+                                    mode=spec.extra.get("compile_mode", "default"), view=view,
+                                    nhwc=spec.extra.get("nhwc", False))
         out = {}
         def switch():
             return contextlib.nullcontext() if view else models.adapters_disabled(self.unet)

@@ -38,16 +38,18 @@
 #   bash benchmarks/gpu_runs.sh ahead OUT    # as merged with the batched refresh, and the teacher step issued one
 #                                            # step ahead on the same stream; host syncs
 #   bash benchmarks/gpu_runs.sh h100 OUT     # one GPU (an H100): the headline CM and student rows, 5 repeats
-#   bash benchmarks/gpu_runs.sh h100dcm OUT  # not run yet: one GPU, the Direct CM step against the reference
-#   bash benchmarks/gpu_runs.sh freezing OUT # not run yet: one GPU, the teacher forward with / without freezing
+#   bash benchmarks/gpu_runs.sh h100dcm OUT  # one GPU (an H100): the Direct CM step against the reference
+#   bash benchmarks/gpu_runs.sh freezing OUT # one GPU, the teacher forward with / without freezing, static batch
+#   bash benchmarks/gpu_runs.sh nhwc OUT     # one GPU (an H100): layout_probe.py (block by block, 6 settings),
+#                                            # then the whole forward in channels_last with / without freezing
 #   bash benchmarks/gpu_runs.sh train OUT    # the training scripts themselves at full size (random SDXL from
 #                                            # benchmarks/random_sdxl.py, precomputed): GPU 0 CM, GPU 1 Direct CM,
 #                                            # COMPILE=1 and --checkpointing_budget_gib auto; step times, peaks
 #   bash benchmarks/gpu_runs.sh final OUT    # GPU 0: the Direct CM reference vs ours (compiled) side by side;
 #                                            # GPU 1: the 24 GiB cap with expandable segments, then the loss curves
 set -u
-stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|probe|graphs|view|recheck|merged|ahead|h100|h100dcm|freezing|train OUT}
-OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|probe|graphs|view|recheck|merged|ahead|h100|h100dcm|freezing|train OUT}
+stage=${1:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|probe|graphs|view|recheck|merged|ahead|h100|h100dcm|freezing|nhwc|train OUT}
+OUT=${2:?usage: gpu_runs.sh single|multi|final|layout|switch|expected|sac|next|micro|blocks|confirm|sync|conv|probe|graphs|view|recheck|merged|ahead|h100|h100dcm|freezing|nhwc|train OUT}
 mkdir -p "$OUT"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/inductor} HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm --format=csv > "$OUT/gpus_$stage.csv" 2>&1
@@ -282,8 +284,8 @@ elif [ "$stage" = h100 ]; then
     --json "$OUT/h100.json" > "$OUT/h100.log" 2>&1
   tail -n 14 "$OUT/h100.log"
 elif [ "$stage" = h100dcm ]; then
-  # Not run yet. One GPU (an H100): the Direct CM step with the current code (pool K = 2, compiled blocks, teacher
-  # on the view) against the reference's calls and student step (measured so far on an H200 only: 2.58x).
+  # One GPU (an H100): the Direct CM step with the current code (pool K = 2, compiled blocks, teacher on the view)
+  # against the reference's calls and student step (seventh session: 2.74x; 2.58x on an H200 before).
   timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:0 --repeats 3 --repeats_pipeline 2 \
     --only matmul_peak,direct_cm_calls_ref,student_step_ref,direct_cm_steps_ours+lookahead2+blocks \
     --json "$OUT/h100dcm.json" > "$OUT/h100dcm.log" 2>&1
@@ -296,6 +298,16 @@ elif [ "$stage" = freezing ]; then
     --only matmul_peak,teacher_fwd_ours_compiled,teacher_fwd_ours_compiled+freezing,teacher_fwd_ours_compiled_static+freezing \
     --json "$OUT/freezing.json" > "$OUT/freezing.log" 2>&1
   tail -n 8 "$OUT/freezing.log"
+elif [ "$stage" = nhwc ]; then
+  # One GPU (an H100): the compiled teacher's blocks under inductor settings (layout pass, channel-wise group
+  # norms, freezing; seventh session, two calls), then the whole forward in channels_last with and without
+  # freezing against freezing alone (seventh session, two calls: 0.2211 / 0.2271 / 0.2305 s).
+  timeout $((LIMIT / 3)) $PY benchmarks/layout_probe.py --blocks down0,up2 \
+    --variants default,freezing,nhwc_gn,nhwc_gn_freezing --json "$OUT/probe.json" > "$OUT/probe.log" 2>&1
+  timeout $((LIMIT - SECONDS > 1 ? LIMIT - SECONDS : 1)) $PY benchmarks/bench.py --device cuda:0 --repeats 3 \
+    --only matmul_peak,teacher_fwd_ours_compiled+nhwc+freezing,teacher_fwd_ours_compiled+nhwc,teacher_fwd_ours_compiled+freezing \
+    --json "$OUT/nhwc.json" > "$OUT/nhwc.log" 2>&1
+  tail -n 8 "$OUT/probe.log" "$OUT/nhwc.log"
 elif [ "$stage" = train ]; then
   random_sdxl 0 || exit 1
   COMPILE=${COMPILE:-1} train cm 0 "${CM_STEPS:-12}" & COMPILE=${COMPILE:-1} train direct_cm 1 "${DCM_STEPS:-4}" &

@@ -110,8 +110,14 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
                         "an H200: no gain over default, benchmarks/RESULTS.md)")
     g.add_argument("--teacher_freezing", action="store_true",
                    help="with --compile_teacher: inductor's freezing for the teacher (its frozen weights become "
-                        "constants of the compiled graph): on an H100 the teacher forward 0.233 vs 0.239 s, with "
-                        "~80 s more compiling; its extra memory is not measured yet; same values to kernel rounding")
+                        "constants of the compiled graph): on an H100 the teacher forward 0.233 vs 0.239 s "
+                        "(0.221 vs 0.227 s with --teacher_channels_last), with 1-2 min more compiling and no "
+                        "measurable extra memory; same values to kernel rounding (COMPILE=1 adds it)")
+    g.add_argument("--teacher_channels_last", action="store_true",
+                   help="with --compile_teacher: the compiled teacher (and --merged_target's compiled pass) in "
+                        "channels_last, convolutions in cuDNN's native layout, group norms with per-channel "
+                        "statistics (models.compile_unet): on an H100 the teacher forward 0.227 vs 0.236-0.239 s; "
+                        "same values to kernel rounding (COMPILE=1 adds it)")
     g.add_argument("--compile_student", action="store_true",
                    help="torch.compile the student's forward and backward as one graph (LoRA and checkpointing "
                         "included); same values to kernel rounding; its compile took over 6 minutes for SDXL: "

@@ -165,7 +165,8 @@ def uses_cudagraphs(mode: str | None) -> bool:
     return mode in ("reduce-overhead", "max-autotune")
 
 
-def compile_unet(unet, backend: str = "inductor", mode: str | None = None, freezing: bool = False):
+def compile_unet(unet, backend: str = "inductor", mode: str | None = None, freezing: bool = False,
+                 channels_last: bool = False):
     """``torch.compile`` of the UNet. For no-grad calls (teacher passes, samplers) use it through
     ``UNetEps(compiled, dynamic_batch=True)``: the batch dimension is compiled symbolic once, so the
     shrinking active sets of the Direct CM loop do not recompile for every size. The student's pass
@@ -175,16 +176,58 @@ def compile_unet(unet, backend: str = "inductor", mode: str | None = None, freez
     the per-kernel launch cost of small calls; call it through ``UNetEps(..., fresh_output=True)``.
     ``freezing`` (inductor, default mode, no-grad calls only): inductor's freezing, which makes the weights
     constants of the compiled graph, read at the first call (no parameter inputs to fetch per call; weights laid
-    out ahead): only for weights that never change afterwards (the teacher's)."""
+    out ahead): only for weights that never change afterwards (the teacher's).
+    ``channels_last`` (inductor, no-grad calls): compiles ``channelwise_norms(unet)`` with inductor's layout pass
+    forced on (it is skipped for a symbolic batch): the convolutions' inputs, outputs and weights in
+    channels_last, which cuDNN's kernels use natively (in NCHW it converts every convolution's input, weight and
+    output: ~4% of an SDXL forward), and the group norms in a form that reads channels_last activations
+    coalesced (``ChannelwiseGroupNorm``; other backends get that view only). The same function; on an H100
+    the teacher forward 0.227 s instead of 0.236-0.239 s, 0.221 s with ``freezing`` (benchmarks/RESULTS.md)."""
     if freezing and (backend != "inductor" or mode not in (None, "default")):
         raise UserError("freezing applies to torch.compile's default mode with the inductor backend: drop "
                         "--compile_mode, or the freezing flag")
-    return torch.compile(unet, **_compile_kwargs(backend, mode), **({"options": {"freezing": True}} if freezing else {}))
+    if channels_last:
+        unet = channelwise_norms(unet)
+    options = {**({"freezing": True} if freezing else {}),
+               **({"force_layout_optimization": True} if channels_last and backend == "inductor" else {})}
+    return torch.compile(unet, **_compile_kwargs(backend, mode), **({"options": options} if options else {}))
 
 
 def _compile_kwargs(backend: str, mode: str | None) -> dict:
     """torch.compile's arguments: ``mode`` only for inductor and only when not its default."""
     return {"backend": backend, **({"mode": mode} if mode not in (None, "default") and backend == "inductor" else {})}
+
+
+class ChannelwiseGroupNorm(torch.nn.Module):
+    """``torch.nn.GroupNorm`` (sharing ``norm``'s weight and bias) with its statistics taken per channel first, then
+    combined per group: mean_g = mean of the channel means, var_g = mean of (var_c + (mean_c - mean_g)^2) (exact).
+    The same function in a form ``torch.compile`` reduces with coalesced reads in either memory layout: a reduction
+    over each channel's H x W reads contiguous rows in NCHW and, in NHWC (channels_last), neighbouring channels
+    side by side; the group form's reduction over (C/G, H, W) reads NHWC memory with a stride of C, which made
+    inductor's group norms the slow part of a channels_last UNet (benchmarks/RESULTS.md). Computed in float32 (or
+    float64 for a float64 input); under autocast the output is float32 (as CUDA's autocast runs group_norm), else
+    in the input's dtype."""
+
+    def __init__(self, norm: torch.nn.GroupNorm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x):
+        n, c = x.shape[:2]
+        g, eps = self.norm.num_groups, self.norm.eps
+        xf = x if x.dtype == torch.float64 else x.float()
+        var_c, mean_c = torch.var_mean(xf, dim=tuple(range(2, x.dim())), correction=0)  # [N, C]
+        mean_c, var_c = mean_c.view(n, g, c // g), var_c.view(n, g, c // g)
+        mean_g = mean_c.mean(-1, keepdim=True)
+        var_g = (var_c + (mean_c - mean_g) ** 2).mean(-1, keepdim=True)
+        scale = torch.rsqrt(var_g + eps)  # [N, G, 1]
+        shift = -mean_g * scale
+        if self.norm.affine:
+            w = self.norm.weight.to(xf.dtype).view(1, g, c // g)
+            scale, shift = scale * w, shift * w + self.norm.bias.to(xf.dtype).view(1, g, c // g)
+        shape = (n, c) + (1,) * (x.dim() - 2)
+        y = xf * scale.expand(n, g, c // g).reshape(shape) + shift.expand(n, g, c // g).reshape(shape)
+        return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
 
 
 BLOCK_TYPES = ("ResnetBlock2D", "BasicTransformerBlock")  # the blocks gradient checkpointing wraps
@@ -271,16 +314,25 @@ def base_view(unet):
     means (offload hooks) is refused with a one-line error. Shared modules switch ``train()`` / ``eval()`` for
     both trees, the copies keep the mode they had when the view was built: the same values for SDXL's UNet,
     whose dropout has p = 0."""
-    return _tree_view(unet, lambda layer: layer.get_base_layer())
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return _tree_view(unet, lambda m: m.get_base_layer() if isinstance(m, BaseTunerLayer) else None)
+
+
+def channelwise_norms(tree):
+    """A view of ``tree`` (as ``base_view``: every other module and tensor shared) whose group norms are
+    ``ChannelwiseGroupNorm``s: the same function, for ``compile_unet(..., channels_last=True)``."""
+    return _tree_view(tree, lambda m: ChannelwiseGroupNorm(m) if type(m) is torch.nn.GroupNorm else None)
 
 
 def _tree_view(unet, replace):
-    """``unet``'s module tree with every PEFT adapter layer replaced by ``replace(layer)`` (``base_view``)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    """``unet``'s module tree with every module ``m`` for which ``replace(m)`` returns a module replaced by it
+    (``replace`` returns None for the modules to keep; their children are visited)."""
 
     def view(m):
-        if isinstance(m, BaseTunerLayer):
-            return replace(m)
+        r = replace(m)
+        if r is not None:
+            return r
         children = {name: None if c is None else view(c) for name, c in m._modules.items()}
         if all(children[name] is c for name, c in m._modules.items()):
             return m
@@ -340,7 +392,9 @@ class MergedAdapters:
             self.layers.append((layer, copy_))
             return copy_
 
-        self.tree = _tree_view(unet, merged)
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.tree = _tree_view(unet, lambda m: merged(m) if isinstance(m, BaseTunerLayer) else None)
         self.batches = self._plan()
         self.refresh()
 

@@ -96,11 +96,12 @@ def validate_args(args):
         raise UserError(f"--checkpointing_budget_gib {args.checkpointing_budget_gib:g} must be >= 0 (GiB of "
                         "activations kept un-checkpointed; 0 = checkpoint every block)")
     Grid(1000, args.num_discr_timesteps)  # raises a one-line error when N does not divide T
-    if getattr(args, "teacher_freezing", False) and not args.compile_teacher:
-        raise UserError("--teacher_freezing applies to the compiled teacher: add --compile_teacher (COMPILE=1)")
+    for flag in ("teacher_freezing", "teacher_channels_last"):
+        if getattr(args, flag, False) and not args.compile_teacher:
+            raise UserError(f"--{flag} applies to the compiled teacher: add --compile_teacher (COMPILE=1)")
     if getattr(args, "teacher_freezing", False) and args.compile_mode not in (None, "default"):
         raise UserError(f"--teacher_freezing applies to torch.compile's default mode: drop --compile_mode "
-                        f"{args.compile_mode} or --teacher_freezing")
+                        f"{args.compile_mode} or --teacher_freezing (FREEZING=0 with COMPILE=1)")
     if args.resolution % 8:
         raise UserError(f"--resolution {args.resolution} must be a multiple of 8 (the VAE downsamples 8x)")
     if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
@@ -235,8 +236,10 @@ class Trainer:
             if not args.compile_teacher:
                 models.compile_blocks(self.teacher_base)
         # The teacher's passes (no grad) may run compiled, with a dynamic batch dimension.
+        channels_last = getattr(args, "teacher_channels_last", False)
         self.teacher_unet = (models.compile_unet(self.teacher_base, mode=args.compile_mode,
-                                                 freezing=getattr(args, "teacher_freezing", False))
+                                                 freezing=getattr(args, "teacher_freezing", False),
+                                                 channels_last=channels_last)
                              if args.compile_teacher else self.teacher_base)
         # --merged_target: the CM target pass on weight copies with the LoRA update folded in (refreshed once per
         # optimizer step, at its first target pass), compiled whole with --compile_teacher (default mode).
@@ -244,7 +247,8 @@ class Trainer:
         if self.merged is not None and args.compile_blocks and not args.compile_teacher:
             models.compile_blocks(self.merged.tree)
         self.target_unet = (self.base_unet if self.merged is None else
-                            models.compile_unet(self.merged.tree) if args.compile_teacher else self.merged.tree)
+                            models.compile_unet(self.merged.tree, channels_last=channels_last)
+                            if args.compile_teacher else self.merged.tree)
         # The student's pass with grad (through DDP when there are several processes) may run compiled too.
         self.student_unet = models.compile_unet(self.unet) if args.compile_student else self.unet
         self.global_step, self.samples_seen, self.skipped_images = 0, 0, 0

@@ -8,7 +8,8 @@
 # Every path and setting is an environment variable (defaults below). Runs one process per visible GPU
 # (NUM_GPUS=k to choose), plain python on one GPU or none. Print the table afterwards with
 #   python -m cmdistill.results results/teacher-ddim runs/cm runs/direct_cm
-# COMPILE=1: torch.compile the UNet (minutes to compile, then faster sampling on a GPU).
+# COMPILE=1: torch.compile the UNet (minutes to compile, then faster sampling on a GPU), in channels_last
+# (--compile_channels_last; CHANNELS_LAST=0 leaves it out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,6 +40,7 @@ python -m cmdistill.launch test.py \
     --weight_dtype="$WEIGHT_DTYPE" \
     --batch_size="$BATCH_SIZE" \
     $([ "${COMPILE:-0}" != 0 ] && echo --compile) \
+    $([ "${COMPILE:-0}" != 0 ] && [ "${CHANNELS_LAST:-1}" != 0 ] && echo --compile_channels_last) \
     --dgm_metrics $DGM_METRICS \
     --instance_metrics $INSTANCE_METRICS \
     ${METRICS_WEIGHTS_DIR:+--metrics_weights_dir="$METRICS_WEIGHTS_DIR"} \

@@ -6,7 +6,8 @@
 #
 # Every path and setting is an environment variable (defaults below). Runs one process per visible GPU
 # (NUM_GPUS=k to choose), plain python on one GPU or none. COMPILE=1: torch.compile the UNet (minutes to
-# compile, then faster sampling on a GPU).
+# compile, then faster sampling on a GPU), in channels_last with inductor's freezing (--compile_channels_last
+# --compile_freezing; CHANNELS_LAST=0 / FREEZING=0 leave them out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,6 +41,8 @@ python -m cmdistill.launch test_teacher.py \
     --weight_dtype="$WEIGHT_DTYPE" \
     --batch_size="$BATCH_SIZE" \
     $([ "${COMPILE:-0}" != 0 ] && echo --compile) \
+    $([ "${COMPILE:-0}" != 0 ] && [ "${CHANNELS_LAST:-1}" != 0 ] && echo --compile_channels_last) \
+    $([ "${COMPILE:-0}" != 0 ] && [ "${FREEZING:-1}" != 0 ] && echo --compile_freezing) \
     --seed="$SEED" \
     --dgm_metrics $DGM_METRICS \
     --instance_metrics $INSTANCE_METRICS \

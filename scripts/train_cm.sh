@@ -8,7 +8,9 @@
 # of compiling on the first step; then, on an H200, a CM step 1.22x and a student step 1.43x faster than
 # without), and for CM runs the target pass on weight copies with the LoRA update folded in (--merged_target:
 # ~4.8 GB more GPU memory; on an H100 the CM step 1.848 vs 1.918 s; MERGED_TARGET=0 leaves it out, e.g. for
-# --lora_dropout): benchmarks/RESULTS.md. Add
+# --lora_dropout), and compiles the teacher in channels_last with inductor's freezing (--teacher_channels_last
+# --teacher_freezing: on an H100 the teacher forward 0.221 instead of 0.236-0.239 s, 1-2 minutes more compiling;
+# CHANNELS_LAST=0 / FREEZING=0 leave them out, e.g. FREEZING=0 for --compile_mode): benchmarks/RESULTS.md. Add
 # --checkpointing_budget_gib auto (or a number of GiB) to keep activations where the card has room. Direct CM
 # solves the next two batches' teacher trajectories in the room of each step's teacher calls
 # (--teacher_lookahead 2, the default; same targets).
@@ -43,4 +45,6 @@ python3 -m cmdistill.launch "$SCRIPT" \
   --resume_from_checkpoint latest \
   $([ "${COMPILE:-0}" != 0 ] && echo --compile_teacher --compile_blocks) \
   $([ "${COMPILE:-0}" != 0 ] && [ "$NAME" = cm ] && [ "${MERGED_TARGET:-1}" != 0 ] && echo --merged_target) \
+  $([ "${COMPILE:-0}" != 0 ] && [ "${CHANNELS_LAST:-1}" != 0 ] && echo --teacher_channels_last) \
+  $([ "${COMPILE:-0}" != 0 ] && [ "${FREEZING:-1}" != 0 ] && echo --teacher_freezing) \
   "$@"

@@ -337,3 +337,26 @@ def test_padded_conv_in_gives_the_same_output():
     padded = b.PaddedConvIn(conv)
     assert padded.extra == 4 and padded(x).shape == conv(x).shape
     torch.testing.assert_close(padded(x), conv(x), rtol=1e-5, atol=1e-6)
+
+
+def test_layout_probe_runs_on_the_tiny_unet(tmp_path):
+    """benchmarks/layout_probe.py on the tiny UNet (CPU): every block and setting gives a time and the eager
+    block's output to bf16 rounding (here the channels_last layout pass with channel-wise group norms); an
+    unknown setting is refused in one line."""
+    probe = ROOT / "benchmarks" / "layout_probe.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
+    out = tmp_path / "probe.json"
+    args = ["--tiny", "--device", "cpu", "--resolution", "64", "--batch_size", "2", "--blocks", "down0,up1",
+            "--repeats", "1"]
+    r = subprocess.run([sys.executable, str(probe), *args, "--variants", "eager,nhwc_gn", "--json", str(out)],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    for v in ("eager", "nhwc_gn"):
+        for n in ("down0", "up1"):
+            assert positive_finite(rows[v][n]["ms"]) and rows[v][n]["rel_err_vs_eager"] < 2e-2, (v, n, rows[v][n])
+        assert positive_finite(rows[v]["total_ms"])
+    assert rows["eager"]["down0"]["rel_err_vs_eager"] == 0
+    r = subprocess.run([sys.executable, str(probe), *args, "--variants", "nope"], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "unknown 'nope'" in r.stderr.strip().splitlines()[-1]

@@ -283,6 +283,63 @@ def test_frozen_compiled_teacher_gives_the_eager_values():
     assert teacher_parser().parse_args(["--compile", "--compile_freezing"]).compile_freezing
 
 
+def test_channelwise_group_norm_is_group_norm():
+    """models.ChannelwiseGroupNorm (the group norms of the channels_last teacher): F.group_norm's function in
+    float64 (NCHW and channels_last inputs, 3-D and 4-D, with and without affine, means far from 0); under
+    autocast a float32 output (as CUDA's autocast runs group_norm) equal to the float32 group norm."""
+    g = torch.Generator().manual_seed(0)
+    for shape, groups, affine in [((3, 64, 9, 7), 32, True), ((2, 48, 5, 5), 8, False), ((2, 32, 10), 4, True)]:
+        norm = torch.nn.GroupNorm(groups, shape[1], affine=affine).double()
+        if affine:
+            norm.weight.data = torch.randn(shape[1], generator=g, dtype=torch.float64)
+            norm.bias.data = torch.randn(shape[1], generator=g, dtype=torch.float64)
+        x = torch.randn(*shape, generator=g, dtype=torch.float64) * 3 + torch.linspace(-20, 20, shape[1]).view(
+            -1, *[1] * (len(shape) - 2))
+        fast = models.ChannelwiseGroupNorm(norm)
+        torch.testing.assert_close(fast(x), norm(x), rtol=1e-10, atol=1e-10)
+        if x.dim() == 4:
+            torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), norm(x),
+                                       rtol=1e-10, atol=1e-10)
+        norm32, xb = norm.float(), x.bfloat16()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = models.ChannelwiseGroupNorm(norm32)(xb)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, norm32(xb.float()), rtol=1e-5, atol=1e-5)
+        assert models.ChannelwiseGroupNorm(norm32)(xb).dtype == torch.bfloat16  # no autocast: the input's dtype
+
+
+def test_channels_last_compiled_teacher_gives_the_eager_values():
+    """--teacher_channels_last / --compile_channels_last: the teacher view with channel-wise group norms (every
+    weight shared) gives the view's values; compiled by inductor in channels_last with freezing (COMPILE=1 in the
+    scripts) too, at two batch sizes (dynamic batch; float32, CPU). Without the compile flag: one-line errors."""
+    from cmdistill.args import training_parser
+    from cmdistill.errors import UserError
+    from cmdistill.evaluation.cli import _check_compile_flags, student_parser, teacher_parser
+    from cmdistill.train import validate_args
+
+    unet = student_unet(torch.float32)
+    view = models.base_view(unet)
+    cw = models.channelwise_norms(view)
+    wrapped = [m for m in cw.modules() if isinstance(m, models.ChannelwiseGroupNorm)]
+    assert wrapped and all(type(m) is not torch.nn.GroupNorm or any(w.norm is m for w in wrapped)
+                           for m in cw.modules())
+    assert {id(p) for p in cw.parameters()} == {id(p) for p in view.parameters()}  # no weight copied
+    x, t, cond = inputs(3)
+    with torch.no_grad():
+        torch.testing.assert_close(UNetEps(cw)(x, t, cond), UNetEps(view)(x, t, cond), rtol=1e-5, atol=1e-5)
+    fast = UNetEps(models.compile_unet(view, channels_last=True, freezing=True), dynamic_batch=True)
+    for b in (3, 2):
+        x, t, cond = inputs(b, seed=b)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x, t, cond), UNetEps(view)(x, t, cond), rtol=1e-4, atol=1e-4)
+    with pytest.raises(UserError, match="add --compile_teacher"):
+        validate_args(training_parser("cm").parse_args(["--train_data_dir", "x", "--teacher_channels_last"]))
+    for parser in (teacher_parser, student_parser):
+        with pytest.raises(UserError, match="add --compile"):
+            _check_compile_flags(parser().parse_args(["--compile_channels_last"]))
+        _check_compile_flags(parser().parse_args(["--compile", "--compile_channels_last"]))
+
+
 def test_base_view_refuses_a_forward_it_cannot_follow():
     import functools
 
@@ -383,14 +440,15 @@ def test_compile_flags_give_the_same_losses(tiny_pipeline, tiny_image_folder, tm
 
 
 def test_merged_target_gives_the_same_cm_losses(tiny_pipeline, tiny_image_folder, tmp_path, monkeypatch):
-    """train_cm.py --merged_target (eager, and compiled as the teacher): the same losses as the plain target pass
-    (float32); on train_direct_cm.py a one-line error."""
+    """train_cm.py --merged_target (eager, and compiled as the teacher, also with --teacher_channels_last): the
+    same losses as the plain target pass (float32); on train_direct_cm.py a one-line error."""
     from cmdistill.args import training_parser
     from cmdistill.errors import UserError
     from cmdistill.train import Trainer
 
     real, compiled = models.compile_unet, []
-    monkeypatch.setattr(models, "compile_unet", lambda unet, **kw: compiled.append(unet) or real(unet, backend="aot_eager"))
+    monkeypatch.setattr(models, "compile_unet", lambda unet, **kw: compiled.append(kw.get("channels_last")) or real(
+        unet, backend="aot_eager", channels_last=kw.get("channels_last", False)))
     refreshes = []
     real_refresh = models.MergedAdapters.refresh
     monkeypatch.setattr(models.MergedAdapters, "refresh", lambda self, *a: refreshes.append(1) or real_refresh(self, *a))
@@ -404,7 +462,8 @@ def test_merged_target_gives_the_same_cm_losses(tiny_pipeline, tiny_image_folder
             "--learning_rate", "1e-2", *flag])
 
     losses = {}
-    for flag in ([], ["--merged_target"], ["--merged_target", "--compile_teacher"]):
+    for flag in ([], ["--merged_target"], ["--merged_target", "--compile_teacher"],
+                 ["--merged_target", "--compile_teacher", "--teacher_channels_last"]):
         torch._dynamo.reset()
         out = "-".join(flag).replace("--", "") or "plain"
         trainer = Trainer(args("cm", out, *flag), "cm")
@@ -412,8 +471,9 @@ def test_merged_target_gives_the_same_cm_losses(tiny_pipeline, tiny_image_folder
             assert trainer.target_unet is trainer.merged.tree  # the target pass runs on the merged weights
         trainer.train()
         losses[out] = [json.loads(line)["loss"] for line in (tmp_path / out / "train_log.jsonl").read_text().splitlines()]
-    assert len(refreshes) == 2 * (1 + 3)  # at construction, then once per optimizer step, in both runs
-    assert len(compiled) == 2  # --compile_teacher: the teacher view and the merged tree
+    assert len(refreshes) == 3 * (1 + 3)  # at construction, then once per optimizer step, in every run
+    # --compile_teacher: the teacher view and the merged tree; --teacher_channels_last: both with channel-wise norms
+    assert compiled == [False, False, True, True]
     plain = losses.pop("plain")
     assert len(set(plain)) == 3  # the adapters change between steps (lr 1e-2): the copies must follow
     for flag, got in losses.items():

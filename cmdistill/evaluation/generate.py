@@ -81,19 +81,21 @@ def decode(vae, latents: torch.Tensor, batch_size: int) -> list:
     return out
 
 
-def unet_eps(models: Models, compile: bool = False, freezing: bool = False) -> UNetEps:
+def unet_eps(models: Models, compile: bool = False, freezing: bool = False, channels_last: bool = False) -> UNetEps:
     """The UNet as an eps function; ``compile``: through ``torch.compile`` with a dynamic batch dimension
-    (``freezing``: its weights constants of the compiled graph, for a UNet whose weights stay as they are)."""
+    (``freezing``: its weights constants of the compiled graph, for a UNet whose weights stay as they are;
+    ``channels_last``: see ``models.compile_unet``)."""
     if not compile:
         return UNetEps(models.unet, models.dtype)
-    return UNetEps(M.compile_unet(models.unet, freezing=freezing), models.dtype, dynamic_batch=True)
+    return UNetEps(M.compile_unet(models.unet, freezing=freezing, channels_last=channels_last), models.dtype,
+                   dynamic_batch=True)
 
 
 def teacher_sampler(models: Models, solver: str, num_steps: int, w: float, cfg_batched: bool = False,
-                    compile: bool = False, freezing: bool = False) -> Sampler:
+                    compile: bool = False, freezing: bool = False, channels_last: bool = False) -> Sampler:
     """SPEC §8: the Direct CM target code (``solvers.solve_to_zero`` via ``teacher_sample``) from t = T."""
     step, grid = get_solver(solver), Grid(models.sched.T, num_steps)
-    eps = GuidedEps(unet_eps(models, compile, freezing), w, batched=cfg_batched)
+    eps = GuidedEps(unet_eps(models, compile, freezing, channels_last), w, batched=cfg_batched)
 
     def sample(x_T, cond, indices, tick):
         return teacher_sample(step, eps, x_T, cond, models.sched, grid, callback=lambda _: tick(1 / grid.N))
@@ -102,12 +104,12 @@ def teacher_sampler(models: Models, solver: str, num_steps: int, w: float, cfg_b
 
 
 def student_sampler(models: Models, num_discr: int, num_steps: int, seed: int, timestep_scaling: float,
-                    compile: bool = False) -> Sampler:
+                    compile: bool = False, channels_last: bool = False) -> Sampler:
     """SPEC §8: multistep consistency sampling, unguided; the fresh noise of the j-th renoising of
     caption i is ``per_sample_noise(seed, [i], shape, stream=j + 1)``."""
     grid = Grid(models.sched.T, num_discr)
     grid.sampling_indices(num_steps)  # validates K early
-    eps = unet_eps(models, compile)
+    eps = unet_eps(models, compile, channels_last=channels_last)
 
     def sample(x_T, cond, indices, tick):
         def fresh(j):
