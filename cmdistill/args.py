@@ -111,8 +111,9 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
     g.add_argument("--teacher_freezing", action="store_true",
                    help="with --compile_teacher: inductor's freezing for the teacher (its frozen weights become "
                         "constants of the compiled graph): on an H100 the teacher forward 0.233 vs 0.239 s "
-                        "(0.221 vs 0.227 s with --teacher_channels_last), with 1-2 min more compiling and no "
-                        "measurable extra memory; same values to kernel rounding (COMPILE=1 adds it)")
+                        "(0.221 vs 0.227 s with --teacher_channels_last, two calls), 1.5-2.5 min more compiling; no "
+                        "measurable extra memory, ~0.6 GiB (copies of the convolution weights) with "
+                        "--teacher_channels_last; same values to kernel rounding (COMPILE=1 adds it)")
     g.add_argument("--teacher_channels_last", action="store_true",
                    help="with --compile_teacher: the compiled teacher (and --merged_target's compiled pass) in "
                         "channels_last, convolutions in cuDNN's native layout, group norms with per-channel "

@@ -190,7 +190,12 @@ def compile_unet(unet, backend: str = "inductor", mode: str | None = None, freez
         unet = channelwise_norms(unet)
     options = {**({"freezing": True} if freezing else {}),
                **({"force_layout_optimization": True} if channels_last and backend == "inductor" else {})}
-    return torch.compile(unet, **_compile_kwargs(backend, mode), **({"options": options} if options else {}))
+    kwargs = _compile_kwargs(backend, mode)
+    if options and "mode" in kwargs:  # torch.compile takes a mode or options, not both: the mode as its options
+        from torch._inductor import list_mode_options
+
+        options = {**list_mode_options(kwargs.pop("mode")), **options}
+    return torch.compile(unet, **kwargs, **({"options": options} if options else {}))
 
 
 def _compile_kwargs(backend: str, mode: str | None) -> dict:
@@ -201,12 +206,12 @@ def _compile_kwargs(backend: str, mode: str | None) -> dict:
 class ChannelwiseGroupNorm(torch.nn.Module):
     """``torch.nn.GroupNorm`` (sharing ``norm``'s weight and bias) with its statistics taken per channel first, then
     combined per group: mean_g = mean of the channel means, var_g = mean of (var_c + (mean_c - mean_g)^2) (exact).
-    The same function in a form ``torch.compile`` reduces with coalesced reads in either memory layout: a reduction
-    over each channel's H x W reads contiguous rows in NCHW and, in NHWC (channels_last), neighbouring channels
-    side by side; the group form's reduction over (C/G, H, W) reads NHWC memory with a stride of C, which made
-    inductor's group norms the slow part of a channels_last UNet (benchmarks/RESULTS.md). Computed in float32 (or
-    float64 for a float64 input); under autocast the output is float32 (as CUDA's autocast runs group_norm), else
-    in the input's dtype."""
+    The same function in the form a channels_last UNet compiles well (``compile_unet(..., channels_last=True)``):
+    the reductions run over each channel's H x W (rows in NCHW, neighbouring channels side by side in NHWC) instead
+    of over each group's (C/G, H, W), which NHWC memory holds with a stride of C; measured on an H100, SDXL's
+    blocks in channels_last are faster than in NCHW with these norms and slower or mixed with inductor's own
+    (benchmarks/RESULTS.md). Computed in float32 (float64 for a float64 input); the output dtype is
+    ``F.group_norm``'s: float32 under CUDA's autocast (group_norm is on its float32 list), else the input's."""
 
     def __init__(self, norm: torch.nn.GroupNorm):
         super().__init__()
@@ -216,7 +221,10 @@ class ChannelwiseGroupNorm(torch.nn.Module):
         n, c = x.shape[:2]
         g, eps = self.norm.num_groups, self.norm.eps
         xf = x if x.dtype == torch.float64 else x.float()
-        var_c, mean_c = torch.var_mean(xf, dim=tuple(range(2, x.dim())), correction=0)  # [N, C]
+        if x.dim() > 2:
+            var_c, mean_c = torch.var_mean(xf, dim=tuple(range(2, x.dim())), correction=0)  # [N, C]
+        else:  # [N, C]: one value per channel
+            var_c, mean_c = torch.zeros_like(xf), xf
         mean_c, var_c = mean_c.view(n, g, c // g), var_c.view(n, g, c // g)
         mean_g = mean_c.mean(-1, keepdim=True)
         var_g = (var_c + (mean_c - mean_g) ** 2).mean(-1, keepdim=True)
@@ -227,7 +235,7 @@ class ChannelwiseGroupNorm(torch.nn.Module):
             scale, shift = scale * w, shift * w + self.norm.bias.to(xf.dtype).view(1, g, c // g)
         shape = (n, c) + (1,) * (x.dim() - 2)
         y = xf * scale.expand(n, g, c // g).reshape(shape) + shift.expand(n, g, c // g).reshape(shape)
-        return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+        return y if x.device.type == "cuda" and torch.is_autocast_enabled("cuda") else y.to(x.dtype)
 
 
 BLOCK_TYPES = ("ResnetBlock2D", "BasicTransformerBlock")  # the blocks gradient checkpointing wraps
@@ -322,7 +330,14 @@ def base_view(unet):
 def channelwise_norms(tree):
     """A view of ``tree`` (as ``base_view``: every other module and tensor shared) whose group norms are
     ``ChannelwiseGroupNorm``s: the same function, for ``compile_unet(..., channels_last=True)``."""
-    return _tree_view(tree, lambda m: ChannelwiseGroupNorm(m) if type(m) is torch.nn.GroupNorm else None)
+    def replace(m):
+        if isinstance(m, ChannelwiseGroupNorm):
+            return m  # a view of a view
+        if type(m) is torch.nn.GroupNorm and not (m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__):
+            return ChannelwiseGroupNorm(m)
+        return None  # (a group norm with hooks or a patched forward stays as it is)
+
+    return _tree_view(tree, replace)
 
 
 def _tree_view(unet, replace):

@@ -9,7 +9,7 @@
 # without), and for CM runs the target pass on weight copies with the LoRA update folded in (--merged_target:
 # ~4.8 GB more GPU memory; on an H100 the CM step 1.848 vs 1.918 s; MERGED_TARGET=0 leaves it out, e.g. for
 # --lora_dropout), and compiles the teacher in channels_last with inductor's freezing (--teacher_channels_last
-# --teacher_freezing: on an H100 the teacher forward 0.221 instead of 0.236-0.239 s, 1-2 minutes more compiling;
+# --teacher_freezing: on an H100 the teacher forward 0.221 instead of 0.236-0.239 s, a few minutes more compiling;
 # CHANNELS_LAST=0 / FREEZING=0 leave them out, e.g. FREEZING=0 for --compile_mode): benchmarks/RESULTS.md. Add
 # --checkpointing_budget_gib auto (or a number of GiB) to keep activations where the card has room. Direct CM
 # solves the next two batches' teacher trajectories in the room of each step's teacher calls

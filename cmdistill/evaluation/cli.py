@@ -97,7 +97,7 @@ def teacher_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile_freezing", action="store_true",
                    help="with --compile: inductor's freezing (the teacher's weights become constants of the compiled "
                         "graph): on an H100 the forward 0.233 vs 0.239 s (0.221 vs 0.227 s with "
-                        "--compile_channels_last), 1-2 min more compiling (COMPILE=1 adds it)")
+                        "--compile_channels_last, two calls), 1.5-2.5 min more compiling (COMPILE=1 adds it)")
     p.set_defaults(output_dir="results/teacher")
     return p
 
