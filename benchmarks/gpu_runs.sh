@@ -198,7 +198,7 @@ elif [ "$stage" = conv ]; then
   wait
   tail -n 8 "$OUT/conv0.log"
 elif [ "$stage" = probe ]; then
-  # Not run yet. GPU 0: conv_in alone (4 vs 8 input channels; GPU and host time), the host time of the eager and
+  # Fifth session (probe call). GPU 0: conv_in alone (4 vs 8 input channels; GPU and host time), the host time of the eager and
   # compiled forward, the compiled forward as built and with conv_in's input padded to 8 channels, with profiles
   # (the 10 ms idle before conv_in). GPU 1: the CM step with the next step's teacher step issued ahead on a
   # second stream (--teacher_lookahead 1 on CM: fills the ~0.19 s the GPU waits for the CPU), 19 / 77 GiB.
@@ -291,9 +291,10 @@ elif [ "$stage" = h100dcm ]; then
     --json "$OUT/h100dcm.json" > "$OUT/h100dcm.log" 2>&1
   tail -n 8 "$OUT/h100dcm.log"
 elif [ "$stage" = freezing ]; then
-  # Not run yet in this form. One GPU: the compiled teacher without and with inductor's freezing, in this order so
-  # that the freezing row's peak memory is its own (the first teacher row also runs the FLOP counter's eager
-  # pass), then freezing with a static batch (its layout pass). The first freezing call: 0.2328 vs 0.2388 s.
+  # Not run in this form (the freezing rows ran in other calls: 0.2328 vs 0.2388 s in the sixth session, peak 9.26
+  # GiB in the seventh; the static-batch row has not finished inside a call). One GPU: the compiled teacher without
+  # and with inductor's freezing, in this order so that the freezing row's peak memory is its own (the first
+  # teacher row also runs the FLOP counter's eager pass), then freezing with a static batch (its layout pass).
   timeout "$LIMIT" $PY benchmarks/bench.py --device cuda:0 --repeats 3 --profile teacher_fwd_ours_compiled_static+freezing \
     --only matmul_peak,teacher_fwd_ours_compiled,teacher_fwd_ours_compiled+freezing,teacher_fwd_ours_compiled_static+freezing \
     --json "$OUT/freezing.json" > "$OUT/freezing.log" 2>&1
