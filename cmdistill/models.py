@@ -180,8 +180,8 @@ def compile_unet(unet, backend: str = "inductor", mode: str | None = None, freez
     ``channels_last`` (inductor, no-grad calls): compiles ``channelwise_norms(unet)`` with inductor's layout pass
     forced on (it is skipped for a symbolic batch): the convolutions' inputs, outputs and weights in
     channels_last, which cuDNN's kernels use natively (in NCHW it converts every convolution's input, weight and
-    output: ~4% of an SDXL forward), and the group norms in a form that reads channels_last activations
-    coalesced (``ChannelwiseGroupNorm``; other backends get that view only). The same function; on an H100
+    output: ~4% of an SDXL forward), and the group norms in the form that compiles well in that layout
+    (``ChannelwiseGroupNorm``; other backends get that view only). The same function; on an H100
     the teacher forward 0.227 s instead of 0.236-0.239 s, 0.221 s with ``freezing`` (benchmarks/RESULTS.md)."""
     if freezing and (backend != "inductor" or mode not in (None, "default")):
         raise UserError("freezing applies to torch.compile's default mode with the inductor backend: drop "
