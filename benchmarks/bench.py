@@ -459,6 +459,11 @@ def host_syncs(device: torch.device, fn) -> dict:
     return {"syncs_per_call": len(seen), "syncs_at": seen[:3]}
 
 
+def error_line(e: BaseException) -> str:
+    """A failure as one line for a row: its type and the first line of its message."""
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+
+
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
@@ -1662,7 +1667,7 @@ class Bench:
             row["status"] = "ok"
         except Exception as e:  # noqa: BLE001 - every failure is reported in its row; the others still run
             row["status"] = "oom" if is_oom(e) else "error"
-            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            row["error"] = error_line(e)
             log(f"  FAILED ({row['status']}): {row['error']}")
             if row["status"] == "error":
                 traceback.print_exc(file=sys.stdout)

@@ -15,6 +15,7 @@ block and times it (back to back, CUDA events), with one profiled call per block
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (puts the checkout on sys.path)
 import torch  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
 
 from cmdistill import models  # noqa: E402
 
@@ -66,19 +68,13 @@ def capture(unet, names, fwd) -> dict:
     return seen
 
 
-def tensors(x):
-    if isinstance(x, torch.Tensor):
-        yield x
-    elif isinstance(x, (tuple, list)):
-        for v in x:
-            yield from tensors(v)
-    elif isinstance(x, dict):
-        for v in x.values():
-            yield from tensors(v)
+def tensors(x) -> list:
+    """The tensors in a nest of tuples, lists and dicts."""
+    return [v for v in tree_leaves(x) if isinstance(v, torch.Tensor)]
 
 
 def first_tensor(out):
-    return next(tensors(out))
+    return tensors(out)[0]
 
 
 def main(argv=None):
@@ -132,7 +128,7 @@ def main(argv=None):
             torch._dynamo.maybe_mark_dynamic(v, 0)
     bench.log(f"captured the inputs of {', '.join(names)} (batch {B}, {args.resolution} px)")
 
-    eager_out = {n: first_tensor(_eager(block(unet, n), *inputs[n], autocast)).clone() for n in names}
+    eager_out = {n: first_tensor(run_block(block(unet, n), *inputs[n], autocast)).clone() for n in names}
     env = bench.environment(dev)
     results = {"env": env, "settings": vars(args), "variants": {v: VARIANTS[v] for v in variants}, "rows": {}}
     for v in variants:
@@ -147,11 +143,7 @@ def main(argv=None):
             if v in CHANNELWISE:  # a copy of the block with its own module lists (the weights shared)
                 mod = models.channelwise_norms(mod)
             fn = mod if opts is None else torch.compile(mod, **({"options": opts} if opts else {}))
-            a, k = inputs[n]
-
-            def call(fn=fn, a=a, k=k):
-                with torch.no_grad(), autocast():
-                    return fn(*a, **k)
+            call = functools.partial(run_block, fn, *inputs[n], autocast)
             try:
                 with bench.Timer(dev) as tm:
                     out = first_tensor(call())
@@ -171,7 +163,7 @@ def main(argv=None):
                           + (f"; kernels {r['kernel_ms']:.2f} ms: " + ", ".join(
                               f"{kk} {ms:.2f}" for kk, ms in r["kernel_ms_by_kind"].items()) if prof else ""))
             except Exception as e:  # noqa: BLE001 - a failing setting is recorded; the others still run
-                row[n] = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"}
+                row[n] = {"error": bench.error_line(e)}
                 bench.log(f"[{v}] {n}: FAILED {row[n]['error']}")
         ok = [r["ms"] for r in row.values() if "ms" in r]
         if len(ok) == len(names):
@@ -183,12 +175,13 @@ def main(argv=None):
     for v, row in results["rows"].items():
         print(f"{v:<22}" + "".join(f"{row[n]['ms']:>10.2f}" if "ms" in row.get(n, {}) else f"{'-':>10}" for n in names)
               + (f"{row['total_ms']:>10.2f}" if "total_ms" in row else f"{'-':>10}"))
-    if args.json:
+    if args.json:  # (also written after every setting: a run cut short keeps what it measured)
         Path(args.json).write_text(json.dumps(results, indent=1))
         bench.log(f"wrote {args.json}")
 
 
-def _eager(mod, a, k, autocast):
+def run_block(mod, a, k, autocast):
+    """One no-grad call of a block with its captured (args, kwargs), under the teacher's autocast."""
     with torch.no_grad(), autocast():
         return mod(*a, **k)
 
