@@ -186,6 +186,8 @@ def push_run(run_dir: str | Path, repo_id: str | None = None, token: str | None 
     _check_no_secret(run_dir, files, token)
     try:
         repo = create_repo(repo_id or run_dir.resolve().name, token=token, private=not public, exist_ok=True).repo_id
+        if (run_dir / CONFIG_NAME).is_file():  # the card's snippets name the repository
+            write_model_card(run_dir, repo_id=repo)
         upload_folder(repo_id=repo, folder_path=str(run_dir), token=token,
                       allow_patterns=[glob.escape(f) for f in files],
                       commit_message="Upload the distilled LoRA (cmdistill)")
@@ -253,8 +255,9 @@ def _metrics_section(metrics: dict) -> str:
             + "\n".join(lines) + "\n")
 
 
-def model_card(config: dict, metrics: dict | None = None):
-    """The model card (a ``huggingface_hub.ModelCard``) of a run from its recorded configuration."""
+def model_card(config: dict, metrics: dict | None = None, repo_id: str | None = None):
+    """The model card (a ``huggingface_hub.ModelCard``) of a run from its recorded configuration; its snippets
+    load from ``repo_id`` (default: ``--hub_model_id`` if recorded)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     c = config
@@ -265,11 +268,12 @@ def model_card(config: dict, metrics: dict | None = None):
     data = ModelCardData(base_model=base, library_name="diffusers", license=LICENSES.get(base),
                          pipeline_tag="text-to-image",
                          tags=["lora", "text-to-image", "diffusers", "stable-diffusion-xl", "consistency-distillation",
-                               "cmdistill", c.get("objective") or "cm"])
+                               "cmdistill", (c.get("objective") or "cm").replace("_", "-")])
     n = int(c.get("num_discr_timesteps", 100))
     steps = c.get("num_inference_steps") or [1, 2, 4]
     k = max(s for s in steps if s <= n) if any(s <= n for s in steps) else 1
     base_ref = base or "<the teacher SDXL pipeline>"
+    here = repo_id or _hub_id(c.get("hub_model_id")) or "<this repository or folder>"
     vae_line = (f'vae = AutoencoderKL.from_pretrained("{vae}", torch_dtype=torch.float16)\n'
                 if _hub_id(vae) else "")
     vae_arg = ", vae=vae" if vae_line else ""
@@ -306,19 +310,19 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 from cmdistill.scheduler import MultistepConsistencyScheduler
 
 {vae_line}pipe = StableDiffusionXLPipeline.from_pretrained("{base_ref}"{vae_arg}, torch_dtype=torch.float16).to("cuda")
-pipe.load_lora_weights("<this repository or folder>")
-pipe.scheduler = MultistepConsistencyScheduler.from_pretrained("<this repository or folder>", subfolder="scheduler")
+pipe.load_lora_weights("{here}")
+pipe.scheduler = MultistepConsistencyScheduler.from_pretrained("{here}", subfolder="scheduler")
 image = pipe("a photo of a cat", num_inference_steps={k}, guidance_scale=0).images[0]
 ```
 
-The same weights as a PEFT adapter: `PeftModel.from_pretrained(pipe.unet, "<this repository or folder>",
-subfolder="peft")`. The LoRA file carries its adapter metadata (rank, alpha, target modules), so
+The same weights as a PEFT adapter, for the base model's UNet (without `load_lora_weights`):
+`PeftModel.from_pretrained(unet, "{here}", subfolder="peft")`. The LoRA file carries its adapter metadata (rank, alpha, target modules), so
 `load_lora_weights` rebuilds the trained scale.
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}{_metrics_section(metrics or {})}")
 
 
-def write_model_card(run_dir: str | Path, config: dict | None = None) -> Path | None:
+def write_model_card(run_dir: str | Path, config: dict | None = None, repo_id: str | None = None) -> Path | None:
     """Write ``run_dir/README.md`` from ``training_config.json`` (or ``config``) and, when present,
     ``metrics.json``. Returns its path, or None for a folder that is not a training run."""
     run_dir = Path(run_dir)
@@ -329,7 +333,7 @@ def write_model_card(run_dir: str | Path, config: dict | None = None) -> Path | 
         config = json.loads(path.read_text())
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
-    card = model_card(redact(config), metrics)
+    card = model_card(redact(config), metrics, repo_id)
     tmp = run_dir / (CARD_NAME + ".tmp")
     card.save(str(tmp))
     os.replace(tmp, run_dir / CARD_NAME)
