@@ -274,7 +274,7 @@ def model_card(config: dict, metrics: dict | None = None, repo_id: str | None = 
     k = max(s for s in steps if s <= n) if any(s <= n for s in steps) else 1
     base_ref = base or "<the teacher SDXL pipeline>"
     here = repo_id or _hub_id(c.get("hub_model_id")) or "<this repository or folder>"
-    vae_line = (f'vae = AutoencoderKL.from_pretrained("{vae}", torch_dtype=torch.float16)\n'
+    vae_line = (f'vae = AutoencoderKL.from_pretrained("{vae}", dtype=torch.float16)\n'
                 if _hub_id(vae) else "")
     vae_arg = ", vae=vae" if vae_line else ""
     settings = [("objective", objective), ("teacher", base or "a local model folder"),
@@ -309,7 +309,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 from cmdistill.scheduler import MultistepConsistencyScheduler
 
-{vae_line}pipe = StableDiffusionXLPipeline.from_pretrained("{base_ref}"{vae_arg}, torch_dtype=torch.float16).to("cuda")
+{vae_line}pipe = StableDiffusionXLPipeline.from_pretrained("{base_ref}"{vae_arg}, dtype=torch.float16).to("cuda")
 pipe.load_lora_weights("{here}")
 pipe.scheduler = MultistepConsistencyScheduler.from_pretrained("{here}", subfolder="scheduler")
 image = pipe("a photo of a cat", num_inference_steps={k}, guidance_scale=0).images[0]

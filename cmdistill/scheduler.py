@@ -1,4 +1,4 @@
-"""A diffusers scheduler that runs test.py's multistep consistency sampler (SPEC §8) inside stock pipelines.
+"""A diffusers scheduler that runs test.py's multistep consistency sampler inside stock pipelines.
 
     pipe = StableDiffusionXLPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0")
     pipe.load_lora_weights("runs/cm")
@@ -8,8 +8,8 @@
 The sampling timesteps are the N-grid's at indices round(linspace(0, N, K, endpoint=False)) (``schedule.Grid``);
 each step is the consistency function of ``sampling.consistency_fn`` (boundary scalings, x0 from eps as DDIM);
 between steps the estimate is noised to the next sampling timestep with fresh Gaussian noise, and the last
-step returns x0. Timestep values go to the UNet as they are (1000, ...), their noise level read at index t - 1
-(SPEC §2). The fresh noise comes from the pipeline's ``generator`` unless a noise source is set
+step returns x0. Timestep values go to the UNet as they are (1000, ...), their noise level read at index t - 1,
+as in training. The fresh noise comes from the pipeline's ``generator`` unless a noise source is set
 (``set_noise_source``): ``evaluation_noise_source`` gives test.py's own, for samples equal to test.py's.
 """
 
@@ -48,7 +48,7 @@ def evaluation_noise_source(seed: int, indices, shape) -> NoiseSource:
 
 
 class MultistepConsistencyScheduler(SchedulerMixin, ConfigMixin):
-    """Multistep consistency sampling on the N-grid of training (SPEC §5, §8) as a diffusers scheduler.
+    """Multistep consistency sampling on the N-grid of training as a diffusers scheduler.
 
     Use it with ``guidance_scale=0`` (the student is unguided). ``num_discr_timesteps`` is the training run's
     N (``--num_discr_timesteps``); ``timestep_scaling`` and ``sigma_data`` are the boundary scalings' c and s_d.
