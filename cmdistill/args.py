@@ -42,9 +42,14 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
     g.add_argument("--checkpointing_steps", type=int, default=50, help="paper: every 50 steps")
     g.add_argument("--checkpoints_total_limit", type=int, default=None)
     g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-* folder, or 'latest'")
-    g.add_argument("--push_to_hub", action="store_true")
-    g.add_argument("--hub_token", default=None)
-    g.add_argument("--hub_model_id", default=None)
+    g.add_argument("--push_to_hub", action="store_true",
+                   help="upload the final LoRA, its PEFT adapter and model card (not checkpoints or config)")
+    g.add_argument("--hub_token", default=None, help="default: HF_TOKEN or `hf auth login`; never recorded")
+    g.add_argument("--hub_model_id", default=None, help="default: the --output_dir folder's name")
+    g.add_argument("--hub_public", action="store_true", help="--push_to_hub makes a public repository "
+                   "(default: private)")
+    g.add_argument("--push_logs", action="store_true", help="--push_to_hub uploads train_log.jsonl and the "
+                   "TensorBoard logs too (default: no)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset_name", default=None)
     g.add_argument("--dataset_config_name", default=None)

@@ -513,12 +513,36 @@ def lora_state_dict(unet) -> dict:
     return get_peft_model_state_dict(unet)
 
 
+def lora_metadata(unet, adapter: str = "default") -> dict:
+    """The adapter's ``LoraConfig`` (rank, alpha, target modules, ...) as a dict: what diffusers stores in a
+    LoRA file so that ``load_lora_weights`` rebuilds the adapter with the trained alpha (without it, diffusers
+    assumes alpha = rank)."""
+    return unet.peft_config[adapter].to_dict()
+
+
 def save_lora(unet, directory: str | Path) -> None:
-    """Write the LoRA in the diffusers format that ``StableDiffusionXLPipeline.load_lora_weights`` reads."""
+    """Write the LoRA in the diffusers format that ``StableDiffusionXLPipeline.load_lora_weights`` reads, with
+    the adapter metadata (``lora_metadata``) in the safetensors header."""
     from diffusers import StableDiffusionXLPipeline
 
     StableDiffusionXLPipeline.save_lora_weights(str(directory), unet_lora_layers=lora_state_dict(unet),
-                                                safe_serialization=True)
+                                                safe_serialization=True,
+                                                unet_lora_adapter_metadata=lora_metadata(unet))
+
+
+def read_lora_metadata(directory: str | Path) -> dict | None:
+    """The UNet adapter's ``LoraConfig`` fields stored by :func:`save_lora` in ``directory``'s LoRA file; None
+    for a file written without them."""
+    import json
+
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from safetensors import safe_open
+
+    with safe_open(str(Path(directory) / LORA_WEIGHT_NAME), "pt") as f:
+        raw = (f.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY)
+    if not raw:
+        return None
+    return {k[len("unet."):]: v for k, v in json.loads(raw).items() if k.startswith("unet.")} or None
 
 
 def load_lora_into(unet, directory: str | Path) -> None:
@@ -531,12 +555,49 @@ def load_lora_into(unet, directory: str | Path) -> None:
     if not (directory / LORA_WEIGHT_NAME).is_file():
         raise UserError(f"no LoRA weights ({LORA_WEIGHT_NAME}) in '{directory}': train first, or point "
                         "to a checkpoint-* folder or the training --output_dir")
+    meta = read_lora_metadata(directory)
+    mine = unet.peft_config["default"]
+    if meta is not None and (meta.get("r"), float(meta.get("lora_alpha"))) != (mine.r, float(mine.lora_alpha)):
+        raise UserError(f"the LoRA in '{directory}' has rank {meta.get('r')} and alpha {meta.get('lora_alpha')}, "
+                        f"not {mine.r} and {mine.lora_alpha}: pass --lora_rank {meta.get('r')} --lora_alpha "
+                        f"{meta.get('lora_alpha')}")
     sd, _ = StableDiffusionXLPipeline.lora_state_dict(str(directory))
     sd = {k.replace("unet.", "", 1): v for k, v in sd.items() if k.startswith("unet.")}
     result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(sd), adapter_name="default")
     if getattr(result, "unexpected_keys", None):
         raise UserError(f"LoRA weights in '{directory}' do not fit this UNet "
                         f"(e.g. {result.unexpected_keys[0]}): wrong --lora_target_modules or teacher?")
+
+
+PEFT_SUBFOLDER = "peft"
+
+
+def write_peft_adapter(lora_dir: str | Path, dest: str | Path | None = None,
+                       base_model: str | None = None) -> Path:
+    """Write the LoRA of ``lora_dir`` (a :func:`save_lora` folder: a run's --output_dir or a checkpoint) as a
+    PEFT adapter, ``adapter_config.json`` + ``adapter_model.safetensors`` with PEFT's key names, in ``dest``
+    (default ``lora_dir/peft``): ``PeftModel.from_pretrained(unet, dest)`` loads it. The same tensors as the
+    diffusers file, whose header supplies the config; ``base_model`` goes to ``base_model_name_or_path``."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+    from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
+    from safetensors.torch import save_file
+
+    lora_dir = Path(lora_dir)
+    meta = read_lora_metadata(lora_dir)
+    if meta is None:
+        raise UserError(f"{lora_dir / LORA_WEIGHT_NAME} carries no adapter metadata (written before it was "
+                        "recorded): its alpha is unknown, so it cannot be exported for PEFT")
+    config = LoraConfig(**meta)
+    config.base_model_name_or_path, config.inference_mode = base_model, True
+    sd, _ = StableDiffusionXLPipeline.lora_state_dict(str(lora_dir))
+    # A PeftModel wraps the UNet as base_model.model; its files omit the adapter name.
+    weights = {"base_model.model." + k[len("unet."):]: v.contiguous() for k, v in sd.items() if k.startswith("unet.")}
+    dest = Path(dest) if dest is not None else lora_dir / PEFT_SUBFOLDER
+    dest.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(dest))
+    save_file(weights, str(dest / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+    return dest
 
 
 def atomic_dir(final: str | Path):

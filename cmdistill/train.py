@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpointing, models
+from . import checkpointing, hub, models
 from .args import training_parser
 from .data import SDXLImageCaptions, load_caption_dataset, make_dataloader
 from .devices import AheadOfTime, to_device
@@ -256,7 +256,8 @@ class Trainer:
         resume = resolve_resume(self.output_dir, args.resume_from_checkpoint)
         if resume is not None:
             self.load_checkpoint(resume)
-        self.config = {k: v for k, v in vars(args).items()}
+        hub.check_push_args(args)
+        self.config = hub.recordable_config(args)  # secrets (--hub_token, ...) never recorded or logged
         self.config.update(objective=objective, num_processes=acc.num_processes, global_batch_size=self.global_batch,
                            mixed_precision=acc.mixed_precision, vae_scale_factor=self.vae_scale_factor,
                            selective_checkpointing=self.checkpointing)
@@ -504,7 +505,8 @@ class Trainer:
 
         acc, args = self.accelerator, self.args
         if acc.is_main_process:
-            cfg = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in self.config.items()}
+            cfg = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                   for k, v in hub.redact(self.config).items()}
             acc.init_trackers(args.tracker_project_name, config=cfg)
         if self.precomputed is not None:
             loader = make_dataloader(self.precomputed, args.train_batch_size, acc.num_processes, acc.process_index,
@@ -562,13 +564,10 @@ class Trainer:
         bar.close()
         acc.wait_for_everyone()
         if acc.is_main_process:
-            with models.atomic_dir(self.output_dir / "final_lora") as tmp:
-                models.save_lora(self.base_unet, tmp)
-            # Also at the top of --output_dir, where load_lora_weights(output_dir) looks.
-            shutil.copyfile(self.output_dir / "final_lora" / models.LORA_WEIGHT_NAME, self.output_dir / "lora.tmp")
-            os.replace(self.output_dir / "lora.tmp", self.output_dir / models.LORA_WEIGHT_NAME)
-            logger.info("saved the final LoRA to %s (load with StableDiffusionXLPipeline.load_lora_weights)",
-                        self.output_dir)
+            # At the top of --output_dir, where load_lora_weights(output_dir) looks; peft/, scheduler/, README.md.
+            hub.save_final(self.base_unet, self.output_dir, self.sched.betas, self.config)
+            logger.info("saved the final LoRA to %s (load with StableDiffusionXLPipeline.load_lora_weights; "
+                        "README.md shows how)", self.output_dir)
             if self.skipped_images:
                 logger.warning("%d unreadable images were skipped", self.skipped_images)
             if args.push_to_hub:
@@ -613,15 +612,8 @@ class Trainer:
 
     def push_to_hub(self):
         args = self.args
-        try:
-            from huggingface_hub import create_repo, upload_folder
-
-            repo = create_repo(args.hub_model_id or self.output_dir.name, exist_ok=True, token=args.hub_token).repo_id
-            upload_folder(repo_id=repo, folder_path=str(self.output_dir), token=args.hub_token,
-                          ignore_patterns=["checkpoint-*", "*.tmp"])
-        except Exception as e:
-            raise UserError(f"--push_to_hub failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); the weights "
-                            f"are saved in {self.output_dir}: upload them later with `hf upload`") from None
+        hub.push_run(self.output_dir, args.hub_model_id, args.hub_token, public=args.hub_public,
+                     include_logs=args.push_logs, logging_dir=args.logging_dir)
 
 
 def main(objective: str, argv=None):

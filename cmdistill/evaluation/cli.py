@@ -219,6 +219,8 @@ def run_jobs(args, state, jobs: list[Job], captions: list[str], count: int, init
         shown = ", ".join(f"{k}={v:.5g}" for k, v in metrics.items() if isinstance(v, float))
         print(f"{job.desc}: {count} samples in {job.store.folder}; {shown or 'no metrics'}", flush=True)
         out.append(row)
+    from ..hub import update_model_card
+    update_model_card(args.output_dir)  # a training run's README.md gets the metrics; a teacher folder has none
     print(f"results: {Path(args.output_dir) / results.METRICS_NAME}, {Path(args.output_dir) / results.RESULTS_NAME}; "
           f"TensorBoard: {log_dir}", flush=True)
     state.destroy_process_group()
