@@ -43,15 +43,11 @@ from cmdistill.solvers import TrajectoryPool, get_solver, solve_to_zero_referenc
 from cmdistill.train import make_optimizer  # noqa: E402
 
 T0 = time.perf_counter()
-# One process per GPU (torchrun): each runs every row on its own batch at once, LoRA gradients are all-reduced as
-# DDP does, rank 0 reports.
-RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def log(msg: str) -> None:
-    if RANK == 0:
-        print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,11 +114,10 @@ def expected_longest_trajectory(N: int, B: int) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
-# Timing and profiles
+# Timing
 # --------------------------------------------------------------------------------------------------
 class Timer:
-    """Wall time of a block: CUDA events on a GPU (after a synchronize), ``time.perf_counter`` otherwise; with
-    several processes, from a common start to the slowest one's end."""
+    """Wall time of a block: CUDA events on a GPU (after a synchronize), ``time.perf_counter`` otherwise."""
 
     def __init__(self, device: torch.device):
         self.cuda, self.seconds = device.type == "cuda", float("nan")
@@ -130,25 +125,18 @@ class Timer:
     def __enter__(self):
         if self.cuda:
             torch.cuda.synchronize()
-        if WORLD > 1:
-            torch.distributed.barrier()
-        if self.cuda and WORLD == 1:
             self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             self._start.record()
         self._t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        if self.cuda and WORLD == 1:
+        if self.cuda:
             self._end.record()
             self._end.synchronize()
             self.seconds = self._start.elapsed_time(self._end) / 1000.0
-            return False
-        if self.cuda:
-            torch.cuda.synchronize()
-        if WORLD > 1:
-            torch.distributed.barrier()
-        self.seconds = time.perf_counter() - self._t0
+        else:
+            self.seconds = time.perf_counter() - self._t0
         return False
 
 
@@ -156,12 +144,8 @@ def median(xs) -> float:
     return float(statistics.median(xs))
 
 
-PROFILE = SimpleNamespace(rows=set(), result=None)  # --profile ROWS: the row's first timed function, once more
-
-
-def timed(device: torch.device, fn, repeats: int, label: str | None = None, row: str = "") -> tuple[list, object]:
-    """``fn()`` timed ``repeats`` times; returns the seconds and the last result. With ``--profile`` naming
-    ``row``: one more call under torch.profiler afterwards (the timed numbers are unchanged)."""
+def timed(device: torch.device, fn, repeats: int, label: str | None = None) -> tuple[list, object]:
+    """``fn()`` timed ``repeats`` times; returns the seconds and the last result."""
     times, result = [], None
     for _ in range(repeats):
         with Timer(device) as tm:
@@ -169,66 +153,7 @@ def timed(device: torch.device, fn, repeats: int, label: str | None = None, row:
         times.append(tm.seconds)
         if label:
             log(f"  {label} {tm.seconds:.3f} s")
-    if row in PROFILE.rows and PROFILE.result is None:
-        PROFILE.result = profile_once(device, fn)
-        log("  profile: " + ", ".join(f"{k} {v:.3f} s" for k, v in PROFILE.result["by_kind_s"].items()))
     return times, result
-
-
-KERNEL_KINDS = (  # first match wins; lower-case substrings of kernel (or, on a CPU, operator) names
-    ("layout conversion", ("nchwtonhwc", "nhwctonchw")),
-    ("attention", ("flash", "fmha", "attention", "sdpa", "attn")),
-    ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit_gemm", "winograd")),
-    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "matmul", "mm_", "aten::mm", "aten::addmm", "aten::bmm",
-                "aten::linear")),
-    ("norm", ("norm", "welford")),
-    ("inductor fused", ("triton_",)),
-    ("copy / cast", ("copy", "cast", "to_copy", "cat", "memcpy", "memset")),
-)
-
-
-def kernel_kind(name: str) -> str:
-    low = name.lower()
-    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
-
-
-def is_annotation(name: str) -> bool:
-    """Inductor's GPU-track ranges ("## Call CompiledFxGraph ... ##") span kernels: counted, they double the time."""
-    return name.startswith("## ") and name.endswith(" ##")
-
-
-def profile_once(device: torch.device, fn, top: int = 12) -> dict:
-    """One call of ``fn`` under torch.profiler: its wall time, the device time of its kernels (on a CPU: the self
-    time of aten operators) by kind of kernel, and the ``top`` kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    per_name: dict[str, list] = {}
-    for e in prof.events():
-        if cuda and e.device_type == torch.autograd.DeviceType.CUDA and not is_annotation(e.name):
-            s = e.device_time_total / 1e6
-        elif not cuda and e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::"):
-            s = e.self_cpu_time_total / 1e6
-        else:
-            continue
-        acc = per_name.setdefault(e.name, [0.0, 0])
-        acc[0], acc[1] = acc[0] + s, acc[1] + 1
-    kinds: dict[str, float] = {}
-    for name, (s, _) in per_name.items():
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + s
-    busy = sum(kinds.values())
-    ranked = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top]
-    return {"what": "CUDA kernel time" if cuda else "CPU self time of aten operators", "wall_s": wall,
-            "busy_s": busy, "by_kind_s": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
-            "top": [{"name": n[:160], "s": s, "calls": c, "kind": kernel_kind(n)} for n, (s, c) in ranked]}
 
 
 def error_line(e: BaseException) -> str:
@@ -359,9 +284,7 @@ class Bench:
         self.h = self.res // (2 ** (len(vae.config.block_out_channels) - 1))
         g = torch.Generator().manual_seed(args.seed)
         self.captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(self.B)]
-        self.start = torch.randint(0, self.N, (self.B,), generator=g)  # the same on every process
-        if RANK > 0:
-            g = torch.Generator().manual_seed(args.seed + 1000 * RANK)
+        self.start = torch.randint(0, self.N, (self.B,), generator=g)
         self.pixels = (torch.rand(self.B, 3, self.res, self.res, generator=g) * 2 - 1).to(dev)
         self.noise = torch.randn(self.B, 4, self.h, self.h, generator=g).to(dev)
         self.x_T = torch.randn(self.B, 4, self.h, self.h, generator=g).to(dev)
@@ -499,7 +422,7 @@ class Bench:
     # assembled from the package's objective and solver functions (cmdistill.objectives.cm_target and distance,
     # cmdistill.solvers.TrajectoryPool / solve_to_zero_reference, cmdistill.sampling.consistency_fn) in the
     # order cmdistill.train.Trainer runs them: (encode,) noise to t_n, the target under autocast and no_grad,
-    # f_theta with grad, distance, backward, (all-reduce,) clip 1.0, AdamW.
+    # f_theta with grad, distance, backward, clip 1.0, AdamW.
     # ==============================================================================================
     def train_step(self, objective: str, knobs: Knobs, ctx: DistillContext, start: torch.Tensor, scaler,
                    pool: TrajectoryPool | None = None, key=None, phases: dict | None = None) -> torch.Tensor:
@@ -531,16 +454,10 @@ class Bench:
             return self.student_update(knobs, x_t, t, cond, target, scaler)
 
     def student_update(self, knobs: Knobs, x_t, t, cond, target, scaler) -> torch.Tensor:
-        """f_theta with grad, distance, backward, (all-reduce,) clip 1.0, AdamW (GradScaler in fp16)."""
+        """f_theta with grad, distance, backward, clip 1.0, AdamW (GradScaler in fp16)."""
         with self.autocast(knobs.precision):
             loss = distance(consistency_fn(UNetEps(self.unet), x_t, t, cond, self.sched, 10.0), target)
         (scaler.scale(loss) if scaler is not None else loss).backward()
-        if WORLD > 1:  # average the LoRA gradients over the processes, as DDP does
-            grads = [p.grad for p in self.params if p.grad is not None]
-            flat = torch._utils._flatten_dense_tensors(grads)
-            torch.distributed.all_reduce(flat)
-            for g, r in zip(grads, torch._utils._unflatten_dense_tensors(flat / WORLD, grads)):
-                g.copy_(r)
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -600,7 +517,7 @@ class Bench:
                 out["compile_s"] = tm.seconds
                 log(f"  compile + first call: {tm.seconds:.1f} s")
             fwd()
-            times, _ = timed(self.device, fwd, reps, row=spec.name)  # each call from an idle GPU
+            times, _ = timed(self.device, fwd, reps)  # each call from an idle GPU
             with Timer(self.device) as tm:  # back to back, as a sampler issues them
                 for _ in range(reps):
                     fwd()
@@ -631,7 +548,7 @@ class Bench:
             return self.student_update(knobs, x_t, t, cond, target, scaler)
 
         step()
-        times, _ = timed(self.device, step, self.args.repeats, row=spec.name)
+        times, _ = timed(self.device, step, self.args.repeats)
         s = median(times)
         out = dict(value=s, unit="s/step", seconds=times, median_s=s, notes=knobs.describe())
         fwd = self.results.get("teacher_fwd_ref" if knobs.switch == "peft" else "teacher_fwd_ours", {})
@@ -650,10 +567,9 @@ class Bench:
             return self.train_step("cm", knobs, ctx, self.start, scaler)
 
         step()
-        times, loss = timed(self.device, step, self.args.repeats, "step", row=spec.name)
+        times, loss = timed(self.device, step, self.args.repeats, "step")
         s = median(times)
-        return dict(value=s, unit="s/step", seconds=times, median_s=s, loss=float(loss), processes=WORLD,
-                    samples_per_s=WORLD * self.B / s, notes=knobs.describe())
+        return dict(value=s, unit="s/step", seconds=times, median_s=s, loss=float(loss), notes=knobs.describe())
 
     def m_direct_cm_calls(self, spec: Spec) -> dict:
         """The reference Direct CM loop's parts: one guided teacher call at batch B, and per step the prompt and VAE
@@ -676,7 +592,7 @@ class Bench:
 
         with self.peft_switch(knobs):
             call()
-            times, _ = timed(self.device, call, self.args.repeats, row=spec.name)
+            times, _ = timed(self.device, call, self.args.repeats)
         s = median(times)
         out = dict(value=s, unit="s/call", seconds=times, median_s=s, encode_s=median(encode),
                    switch_s=median(switch), per_step_s=median(encode) + median(switch))
@@ -744,7 +660,7 @@ class Bench:
         warm = torch.full((self.B,), self.N - 2)
         self.train_step("direct_cm", knobs, ctx, warm, scaler)
         times, loss = timed(self.device, lambda: self.train_step("direct_cm", knobs, ctx, self.start, scaler), 1,
-                            "step", row=spec.name)
+                            "step")
         steps = int(self.N - self.start.min())
         out = dict(value=times[0], unit="s/step", seconds=times, median_s=times[0], loss=float(loss),
                    reference_loop_steps=steps, notes=f"{knobs.describe()}; {steps} full-batch steps")
@@ -779,10 +695,10 @@ class Bench:
 
         one(Grid(1000, 1))  # warm-up (and the compile)
         n_runs = self.args.ref_prompts if per_caption else self.args.repeats
-        times, _ = timed(self.device, lambda: one(self.grid), n_runs, f"{batch} images", row=spec.name)
+        times, _ = timed(self.device, lambda: one(self.grid), n_runs, f"{batch} images")
         s = median(times)
-        return dict(value=WORLD * batch / s, unit="img/s", seconds=times, median_s=s, seconds_per_image=s / batch,
-                    images_per_call=batch, processes=WORLD,
+        return dict(value=batch / s, unit="img/s", seconds=times, median_s=s, seconds_per_image=s / batch,
+                    images_per_call=batch,
                     notes=f"{knobs.describe()}; {batch} images per call, all {self.N} steps, {n_runs} calls")
 
     # --- driver ------------------------------------------------------------------------------------------
@@ -796,13 +712,10 @@ class Bench:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         row = {"what": spec.what, "knobs": asdict(spec.knobs) if spec.knobs else None}
-        PROFILE.result = None
         try:
             if spec.name == self.args.inject_oom:  # tests: the failure isolation and the OOM row
                 raise torch.OutOfMemoryError("CUDA out of memory (injected by --inject_oom)")
             row.update(getattr(self, f"m_{spec.kind}")(spec))
-            if PROFILE.result is not None:
-                row["profile"] = PROFILE.result
             row["status"] = "ok"
         except Exception as e:  # noqa: BLE001 - every failure is reported in its row; the others still run
             row.update(status="oom" if is_oom(e) else "error", error=error_line(e))
@@ -876,7 +789,7 @@ def environment(device: torch.device) -> dict:
 
     env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
            "peft": peft.__version__, "python": platform.python_version(), "cuda": torch.version.cuda,
-           "timer": "cuda_events" if device.type == "cuda" else "perf_counter", "processes": WORLD}
+           "timer": "cuda_events" if device.type == "cuda" else "perf_counter"}
     if device.type == "cuda":
         env.update(card=torch.cuda.get_device_name(device),
                    card_memory_gib=torch.cuda.get_device_properties(device).total_memory / 2**30)
@@ -899,8 +812,6 @@ def parse_args(argv=None):
                    "warm-up step")
     p.add_argument("--checkpointing_budget_gib", type=float, default=0.0, help="ours' student: GiB of activations "
                    "kept un-checkpointed (the trainer's flag; 0: every block checkpointed)")
-    p.add_argument("--profile", default="", help="comma-separated rows to run once more under torch.profiler "
-                   "(kernel time by kind and the top kernels, in the row)")
     p.add_argument("--json", default=None, help="every number, the card, versions and settings (rewritten per row)")
     p.add_argument("--no_compile", action="store_true", help="ours without torch.compile")
     p.add_argument("--compile_backend", default=None, help="default inductor (aot_eager with --tiny)")
@@ -935,16 +846,13 @@ def parse_args(argv=None):
         args.selected = [SPEC_BY_NAME[n] for n in names]
     else:
         args.selected = [s for s in SPECS if s.default and not (args.no_compile and s.name == "teacher_fwd_ours_compiled")]
-    PROFILE.rows = {n.strip() for n in args.profile.split(",") if n.strip()}
-    if PROFILE.rows - {s.name for s in args.selected}:
-        p.error(f"--profile: not measured in this run: {', '.join(sorted(PROFILE.rows - {s.name for s in args.selected}))}")
     if args.ref_images_per_prompt > args.batch_size:
         p.error("--ref_images_per_prompt: at most --batch_size")
     return args
 
 
 def write_json(args, bench: Bench, env: dict):
-    if not args.json or RANK != 0:
+    if not args.json:
         return
     settings = {k: v for k, v in vars(args).items() if k != "selected"}
     settings.update(selected=[s.name for s in args.selected], solver="ddim", start_indices=bench.start.tolist())
@@ -960,11 +868,6 @@ def write_json(args, bench: Bench, env: dict):
 
 def main(argv=None):
     args = parse_args(argv)
-    if WORLD > 1:  # torchrun --nproc_per_node=N benchmarks/bench.py ...
-        cuda = torch.cuda.is_available() and not args.device.startswith("cpu")
-        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', RANK))}" if cuda else "cpu"
-        torch.distributed.init_process_group("nccl" if cuda else "gloo",
-                                             device_id=torch.device(args.device) if cuda else None)
     device = torch.device(args.device)
     if device.type == "cuda":
         device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
@@ -982,15 +885,9 @@ def main(argv=None):
     for spec in args.selected:
         bench.run_one(spec)
         write_json(args, bench, env)  # after every row: a run cut short keeps what it measured
-        if WORLD > 1 and bench.results[spec.name]["status"] != "ok":
-            print(f"rank {RANK}: {spec.name} failed; stopping (the JSON keeps the rows measured)", flush=True)
-            sys.exit(1)  # the other processes may wait in a collective of this row
-    if RANK == 0:
-        print_table(bench, args.selected)
+    print_table(bench, args.selected)
     write_json(args, bench, env)
     log(f"total wall time {time.perf_counter() - T0:.0f} s")
-    if WORLD > 1:
-        torch.distributed.destroy_process_group()
     # The exit status is 1 for an error, or an OOM without --memory_cap_gib.
     return int(any(r["status"] == "error" or (r["status"] == "oom" and not args.memory_cap_gib)
                    for r in bench.results.values()))
