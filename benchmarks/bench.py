@@ -203,30 +203,30 @@ class Spec:
     extra: dict | None = None
 
 
-SPECS = [
+SPECS = [  # the reference rows first: the weights change precision once (a frozen compiled graph keeps its weights)
     Spec("matmul_peak", "matmul_peak", None, "bf16 matrix product 8192^3: the card's attainable dense rate"),
     Spec("teacher_fwd_ref", "teacher_fwd", REF, "teacher forward, batch B, fp16 eager, LoRA UNet with PEFT's "
          "adapters disabled"),
+    Spec("student_step_ref", "student_step", REF, "student step alone (f_theta forward + backward through the "
+         "checkpointed UNet, clip, AdamW) against a fixed target"),
+    Spec("cm_step_ref", "cm_step", REF, "CM training step"),
+    Spec("direct_cm_calls_ref", "direct_cm_calls", REF, "one guided teacher call of the reference loop at batch B, "
+         "+ its step's prompt and VAE encode and adapter switch"),
+    Spec("direct_cm_step_ref", "direct_cm_step_ref", REF, "one Direct CM step of the reference at the seed's starts "
+         "(checks the expectation model)", default=False),
+    Spec("teacher_images_ref", "teacher_images", replace(REF, cfg="batched", switch="view"), "teacher references as "
+         "test_teacher.py runs them: one caption per call, 2 images, batched CFG, fp16, eager"),
     Spec("teacher_fwd_ours", "teacher_fwd", replace(OURS, compile=False), "teacher forward, bf16 eager, the view"),
     Spec("teacher_fwd_ours_compiled", "teacher_fwd", OURS, "teacher forward, bf16, compiled as COMPILE=1 "
          "(channels_last, freezing)"),
     Spec("teacher_fwd_ours_compiled_nchw", "teacher_fwd", OURS, "teacher forward, bf16, compiled without "
          "channels_last and freezing", default=False, extra={"channels_last": False, "freezing": False}),
-    Spec("student_step_ref", "student_step", REF, "student step alone (f_theta forward + backward through the "
-         "checkpointed UNet, clip, AdamW) against a fixed target"),
     Spec("student_step_ours", "student_step", OURS, "student step alone, ours"),
-    Spec("cm_step_ref", "cm_step", REF, "CM training step"),
     Spec("cm_step_ours", "cm_step", OURS, "CM training step"),
     Spec("cm_step_ours-merged_target", "cm_step", replace(OURS, merged_target=False), "CM training step, target "
          "pass through the LoRA UNet", default=False),
-    Spec("direct_cm_calls_ref", "direct_cm_calls", REF, "one guided teacher call of the reference loop at batch B, "
-         "+ its step's prompt and VAE encode and adapter switch"),
     Spec("direct_cm_step_ours", "direct_cm_pool", OURS, "consecutive Direct CM steps through the trajectory pool; "
          "expected step over the starts"),
-    Spec("direct_cm_step_ref", "direct_cm_step_ref", REF, "one Direct CM step of the reference at the seed's starts "
-         "(checks the expectation model)", default=False),
-    Spec("teacher_images_ref", "teacher_images", replace(REF, cfg="batched", switch="view"), "teacher references as "
-         "test_teacher.py runs them: one caption per call, 2 images, batched CFG, fp16, eager"),
     Spec("teacher_images_ours", "teacher_images", OURS, "teacher references, batch B, compiled"),
 ]
 SPEC_BY_NAME = {s.name: s for s in SPECS}

@@ -12,9 +12,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "bench.py"
-DEFAULT = ["matmul_peak", "teacher_fwd_ref", "teacher_fwd_ours", "teacher_fwd_ours_compiled", "student_step_ref",
-           "student_step_ours", "cm_step_ref", "cm_step_ours", "direct_cm_calls_ref", "direct_cm_step_ours",
-           "teacher_images_ref", "teacher_images_ours"]
+DEFAULT = ["matmul_peak", "teacher_fwd_ref", "student_step_ref", "cm_step_ref", "direct_cm_calls_ref",
+           "teacher_images_ref", "teacher_fwd_ours", "teacher_fwd_ours_compiled", "student_step_ours", "cm_step_ours",
+           "direct_cm_step_ours", "teacher_images_ours"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore",
        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
