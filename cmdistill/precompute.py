@@ -1,6 +1,7 @@
 """Precomputed VAE posteriors and text embeddings of the training set.
 
-``python -m cmdistill.precompute <the training flags>`` (or ``scripts/precompute.sh``) encodes every
+``python -m cmdistill.precompute`` (or ``scripts/precompute.sh``; the flags are the training flags that the
+cached numbers depend on) encodes every
 training image once (VAE posterior mean and std, at the crop the training run would take in its
 first epoch) and every caption (both SDXL text embeddings and time_ids). Training finds the cache
 by a key of everything the numbers depend on (teacher, VAE, revisions, resolution, crop policy and
@@ -22,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
 
 logger = logging.getLogger("cmdistill")
 CACHE_VERSION = 1
@@ -108,17 +108,18 @@ def main(argv=None):
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from .args import training_parser
+    from .args import precompute_parser, training_parser
     from .errors import exit_on_user_error
     from .train import Trainer, validate_args, write_json_atomic
 
     @exit_on_user_error
     def run():
-        args = training_parser("precompute").parse_args(argv)
+        own = precompute_parser().parse_args(argv)
+        # The loader's other settings stay at the training defaults (they do not touch the cached numbers); its
+        # run folder is the cache folder.
+        args = training_parser("cm").parse_args([])
+        vars(args).update(vars(own), output_dir=own.precomputed_dir, report_to="none", no_precomputed=True)
         validate_args(args)
-        if args.random_flip:
-            raise UserError("--random_flip cannot be precomputed (the flip is drawn per epoch); drop the flag")
-        args.no_precomputed = True
         tr = Trainer(args, "cm", for_precompute=True)
         acc: Accelerator = tr.accelerator
         data = tr.dataset

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Encode the training set once (VAE posteriors + SDXL text embeddings) so that training steps run
-# neither the VAE encoder nor the text encoders. Takes the same variables and flags as
-# scripts/train_cm.sh; training finds the cache by itself when model, data, resolution and crop match.
+# neither the VAE encoder nor the text encoders. Takes the variables of scripts/train_cm.sh that the cache
+# depends on (MODEL_NAME, VAE_PATH, TRAIN_DATA_DIR, RESOLUTION, MIXED_PRECISION, SEED; NUM_GPUS, NUM_MACHINES,
+# ...) and passes extra flags through (python -m cmdistill.precompute --help lists them); training finds the
+# cache by itself when model, data, resolution, crop, seed and precision match.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VAE_PATH=${VAE_PATH-madebyollin/sdxl-vae-fp16-fix}   # empty: the teacher's own VAE
