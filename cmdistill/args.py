@@ -42,6 +42,9 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
     g.add_argument("--checkpointing_steps", type=int, default=50, help="paper: every 50 steps")
     g.add_argument("--checkpoints_total_limit", type=int, default=None)
     g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-* folder, or 'latest'")
+    g.add_argument("--allow_config_change", type=_comma_list, default=[],
+                   help="settings that may differ from the resumed run's (comma-separated, e.g. max_train_steps,w); "
+                        "without it a resume with another value is refused (cmdistill.train.COMPARED_SETTINGS)")
     g.add_argument("--push_to_hub", action="store_true")
     g.add_argument("--hub_token", default=None)
     g.add_argument("--hub_model_id", default=None)
