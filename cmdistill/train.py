@@ -782,8 +782,8 @@ class Trainer:
         logger.info("training %s: %d samples, %d steps of global batch %d (%d per device x %d processes x %d "
                     "accumulation)", self.objective_name, len(self.dataset), args.max_train_steps, self.global_batch,
                     args.train_batch_size, acc.num_processes, args.gradient_accumulation_steps)
-        bar = tqdm(total=args.max_train_steps, initial=self.global_step, desc=f"{self.objective_name} steps",
-                   disable=not acc.is_local_main_process)
+        self.bar = bar = tqdm(total=args.max_train_steps, initial=self.global_step, desc=f"{self.objective_name} steps",
+                              disable=not acc.is_local_main_process)
         log_path = self.output_dir / LOG_NAME
         if acc.is_main_process:
             truncate_log(log_path, self.global_step)
@@ -898,6 +898,11 @@ def main(objective: str, argv=None):
     def run():
         args = training_parser(objective).parse_args(argv)
         validate_args(args)
-        Trainer(args, objective).train()
+        trainer = Trainer(args, objective)
+        try:
+            trainer.train()
+        finally:  # an error message starts on a line of its own, after the progress bar
+            if getattr(trainer, "bar", None) is not None:
+                trainer.bar.close()
 
     run()
