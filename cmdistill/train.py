@@ -167,38 +167,30 @@ def check_same_run(recorded: dict, current: dict, allowed, where: str) -> None:
 
 def check_run_inputs(args) -> None:
     """Ranges, the environment and the output folder, before anything loads: one line naming the flag and the
-    fix (what ``validate_args`` does not check)."""
-    def bad(flag, why):
-        raise UserError(f"--{flag} {getattr(args, flag)!r}: {why}")
-
-    if args.lora_rank < 1:
-        bad("lora_rank", "must be >= 1 (paper: 64)")
-    if not args.lora_alpha > 0:
-        bad("lora_alpha", "must be > 0 (paper: 64, the rank)")
-    if not 0 <= args.lora_dropout < 1:
-        bad("lora_dropout", "must be in [0, 1) (default 0)")
-    if args.resolution < 8:
-        bad("resolution", "must be a positive multiple of 8 (paper: 1024)")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        bad("max_train_steps", "must be >= 1 (paper: 250): a run of no step would save an untrained LoRA")
-    if args.num_train_epochs < 1:
-        bad("num_train_epochs", "must be >= 1")
-    if not (args.w >= 0 and math.isfinite(args.w)):
-        bad("w", "must be >= 0 (guidance scale, Imagen form: 1 = conditional only; paper: 9)")
-    if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
-        bad("learning_rate", "must be a positive number (paper: 1e-4)")
-    if not args.max_grad_norm > 0:
-        bad("max_grad_norm", "must be > 0 (paper: 1)")
-    if args.loss_type == "huber" and not args.huber_c > 0:
-        bad("huber_c", "must be > 0 (default 0.001)")
-    if args.checkpointing_steps is not None and args.checkpointing_steps < 0:
-        bad("checkpointing_steps", "must be >= 0 (0 = no checkpoints)")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        bad("checkpoints_total_limit", "must be >= 1 (leave it out to keep every checkpoint)")
-    if args.validation_steps is not None and args.validation_steps < 0:
-        bad("validation_steps", "must be >= 0 (0 = no validation)")
-    if args.mixed_precision == "fp16" and not _has_accelerator():
-        bad("mixed_precision", "fp16 needs a GPU; on a CPU use --mixed_precision bf16 or no")
+    fix (what ``validate_args`` does not check). A flag that the parser at hand lacks is not checked."""
+    rules = [  # flag, is the value valid, why
+        ("lora_rank", lambda v: v >= 1, "must be >= 1 (paper: 64)"),
+        ("lora_alpha", lambda v: v > 0, "must be > 0 (paper: 64, the rank)"),
+        ("lora_dropout", lambda v: 0 <= v < 1, "must be in [0, 1) (default 0)"),
+        ("resolution", lambda v: v >= 8, "must be a positive multiple of 8 (paper: 1024)"),
+        ("max_train_steps", lambda v: v >= 1, "must be >= 1 (paper: 250): a run of no step would save an untrained "
+                                              "LoRA"),
+        ("num_train_epochs", lambda v: v >= 1, "must be >= 1"),
+        ("w", lambda v: 0 <= v < math.inf, "must be >= 0 (guidance scale, Imagen form: 1 = conditional only; "
+                                           "paper: 9)"),
+        ("learning_rate", lambda v: 0 < v < math.inf, "must be a positive number (paper: 1e-4)"),
+        ("max_grad_norm", lambda v: v > 0, "must be > 0 (paper: 1)"),
+        ("huber_c", lambda v: v > 0 or getattr(args, "loss_type", "") != "huber", "must be > 0 (default 0.001)"),
+        ("checkpointing_steps", lambda v: v >= 0, "must be >= 0 (0 = no checkpoints)"),
+        ("checkpoints_total_limit", lambda v: v >= 1, "must be >= 1 (leave it out to keep every checkpoint)"),
+        ("validation_steps", lambda v: v >= 0, "must be >= 0 (0 = no validation)"),
+        ("mixed_precision", lambda v: v != "fp16" or _has_accelerator(),
+         "fp16 needs a GPU; on a CPU use --mixed_precision bf16 or no"),
+    ]
+    for flag, ok, why in rules:
+        value = getattr(args, flag, None)
+        if value is not None and not ok(value):
+            raise UserError(f"--{flag} {value!r}: {why}")
     unknown = [k for k in getattr(args, "allow_config_change", None) or [] if k not in COMPARED_SETTINGS]
     if unknown:
         raise UserError(f"--allow_config_change {','.join(unknown)}: not a compared setting; the compared ones are "
