@@ -547,8 +547,11 @@ def lora_is_finite(weights) -> bool:
         tensors = [p for n, p in weights.named_parameters() if "lora_" in n]
     else:
         tensors = list(weights.values()) if isinstance(weights, dict) else list(weights)
-    with torch.no_grad():
-        return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+    flags: dict = {}  # one reduction and one host sync per device, not one per tensor
+    for t in tensors:
+        if t.is_floating_point():
+            flags.setdefault(t.device, []).append(torch.isfinite(t.detach()).all())
+    return all(bool(torch.stack(f).all()) for f in flags.values())
 
 
 def require_finite_lora(unet, source) -> None:

@@ -585,7 +585,8 @@ class Trainer:
                 if i + 1 == len(candidates):
                     raise UserError(f"no readable checkpoint in --output_dir {out} (last tried: {e}): use another "
                                     "--output_dir, or remove the broken checkpoint-* folders to start over") from None
-                logger.warning("%s: resuming from the previous checkpoint, %s", e, candidates[i + 1].name)
+                if self.accelerator.is_main_process:
+                    logger.warning("%s: resuming from the previous checkpoint, %s", e, candidates[i + 1].name)
                 continue
             if recorded is not None:
                 check_same_run(recorded, current, allowed, f"checkpoint {path}")
