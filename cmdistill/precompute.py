@@ -30,7 +30,7 @@ SHARD_SIZE = 256
 META = "meta.json"
 
 
-SAMPLE_BYTES = 64 * 1024  # fingerprinted bytes at each end of an image file (the whole file when it is smaller)
+SAMPLE_BYTES = 16 * 1024  # fingerprinted bytes at each end of an image file (the whole file when it is smaller)
 
 
 def content_digest(path: str | None = None, data: bytes | None = None) -> str:
