@@ -554,15 +554,8 @@ class Trainer:
             candidates = ckpts[::-1]
             if not candidates:
                 if final:
-                    recorded = None
-                    try:
-                        recorded = json.loads((out / CONFIG_NAME).read_text())
-                    except (OSError, ValueError):
-                        pass
-                    if recorded is None:
-                        raise UserError(f"--output_dir {out} holds a final LoRA but no readable {CONFIG_NAME} to "
-                                        "tell which run it is: use another --output_dir")
-                    check_same_run(recorded, current, allowed, f"the final LoRA in --output_dir {out}")
+                    check_same_run(self.folder_settings(held), current, allowed,
+                                   f"the final LoRA in --output_dir {out}")
                     logger.info("--resume_from_checkpoint latest: no checkpoint in %s; training from the start "
                                 "(the same settings: its final LoRA is replaced when this run ends)", out)
                 else:
@@ -575,6 +568,8 @@ class Trainer:
             if not (path / STATE_NAME).is_file():
                 raise UserError(f"--resume_from_checkpoint '{resume}' is not a checkpoint folder (no {STATE_NAME}); "
                                 "use 'latest' or a checkpoint-* folder of --output_dir")
+            if held and path.resolve().parent != out.resolve():  # another folder's checkpoint into this run's folder
+                check_same_run(self.folder_settings(held), current, allowed, f"--output_dir {out}")
             candidates = [path]
         for i, path in enumerate(candidates):
             try:
@@ -592,6 +587,14 @@ class Trainer:
                 check_same_run(recorded, current, allowed, f"checkpoint {path}")
             return path, state
         return None
+
+    def folder_settings(self, held: str) -> dict:
+        """The recorded settings of the run that --output_dir holds."""
+        try:
+            return json.loads((self.output_dir / CONFIG_NAME).read_text())
+        except (OSError, ValueError):
+            raise UserError(f"--output_dir {self.output_dir} holds a run ({held}) without a readable {CONFIG_NAME} "
+                            "to tell which: use another --output_dir") from None
 
     def load_checkpoint(self, path: Path, state: dict | None = None):
         logger.info("resuming from %s", path)
