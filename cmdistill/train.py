@@ -45,8 +45,6 @@ STATE_NAME = "training_state.pt"
 STREAM_T, STREAM_NOISE, STREAM_VAE = 101, 102, 103  # noise streams of the training step (noise.per_sample_noise)
 STREAM_PAIRS = 104  # --trajectory_pairs: the grid indices of the extra pairs
 CONFIG_NAME = "training_config.json"
-
-
 LOG_NAME = "train_log.jsonl"
 
 
