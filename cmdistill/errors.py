@@ -63,6 +63,8 @@ def writing(path, fix: str = ""):
     :class:`UserError` line naming the file (``fix`` is appended); anything else propagates."""
     try:
         yield
+    except UserError:  # already one line (a nested write naming its own file)
+        raise
     except Exception as e:
         err = write_error(e, path, fix)
         if err is None:
