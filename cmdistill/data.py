@@ -24,6 +24,71 @@ from .errors import UserError
 from .noise import generator_for
 
 logger = logging.getLogger(__name__)
+MIN_IMAGE_SIDE = 8  # px: a smaller image is skipped like an unreadable one (and counted)
+METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
+
+
+def caption_text(value) -> str:
+    """The caption of a data row, one rule for training and evaluation: a missing caption (an empty field of
+    metadata.csv reads as None; NaN from pandas) is the empty string, never the text "None"."""
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    return value if isinstance(value, str) else str(value)
+
+
+def check_image_folder(train_data_dir: str) -> None:
+    """Before any model loads: ``--train_data_dir`` exists and has a metadata file, and a ``metadata.csv`` has
+    the same number of fields on every row as in its header (an unquoted comma in a caption adds one)."""
+    import csv
+
+    if not os.path.isdir(train_data_dir):
+        what = "is a file, not a folder" if os.path.exists(train_data_dir) else "does not exist"
+        raise UserError(f"--train_data_dir '{train_data_dir}' {what} (get LAION-11k with "
+                        "`bash scripts/get_laion_data.sh preprocessed_11k`)")
+    found = [os.path.join(root, f) for root, _, files in os.walk(train_data_dir) for f in files
+             if f in METADATA_FILES]
+    if not found:
+        raise UserError(f"--train_data_dir '{train_data_dir}' has no metadata.csv: write one with the header "
+                        "file_name,text and one row per image")
+    for path in found:
+        if not path.endswith(".csv"):
+            continue
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = csv.reader(f)
+                header = next(rows, None)
+                if not header or "file_name" not in header:
+                    raise UserError(f"{path}: the first line must be the header file_name,text (found "
+                                    f"{','.join(header or [])!r})")
+                for row in rows:
+                    if row and len(row) != len(header):
+                        raise UserError(f"{path} line {rows.line_num}: {len(row)} fields where the header has "
+                                        f"{len(header)}: put captions that contain commas in double quotes")
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise UserError(f"{path} is not a readable UTF-8 CSV file ({type(e).__name__}: {e})") from None
+
+
+def count_empty_captions(ds, caption_column: str) -> int:
+    """Rows whose caption is empty (``caption_text`` == "" after stripping), said once in the log."""
+    n = sum(1 for v in ds[caption_column] if not caption_text(v).strip())
+    if n:
+        logger.warning("%d of %d captions are empty: they are kept as empty prompts (\"\")", n, len(ds))
+    return n
+
+
+def count_long_captions(captions, tokenizer, at_most: int = 100_000) -> int:
+    """Captions longer than the tokenizer's window (77 tokens for CLIP), which the text encoders truncate; said
+    once in the log. Only the first ``at_most`` are tokenized (10,000 take ~1 s on a CPU core)."""
+    limit = tokenizer.model_max_length
+    captions = [caption_text(c) for _, c in zip(range(at_most), captions)]
+    n = 0
+    for i in range(0, len(captions), 1024):
+        ids = tokenizer(captions[i : i + 1024], truncation=False, verbose=False)["input_ids"]
+        n += sum(len(x) > limit for x in ids)
+    if n:
+        logger.warning("%d of %d captions are longer than %d tokens: truncated to %d, as SDXL's text encoders do",
+                       n, len(captions), limit, limit)
+    return n
 
 
 def load_caption_dataset(train_data_dir=None, dataset_name=None, dataset_config_name=None, image_column="image",
@@ -32,12 +97,7 @@ def load_caption_dataset(train_data_dir=None, dataset_name=None, dataset_config_
     import datasets
 
     if train_data_dir:
-        if not os.path.isdir(train_data_dir):
-            raise UserError(f"--train_data_dir '{train_data_dir}' does not exist (get LAION-11k with "
-                            "`bash scripts/get_laion_data.sh preprocessed_11k`)")
-        if not os.path.isfile(os.path.join(train_data_dir, "metadata.csv")) and not any(
-                f.endswith((".jsonl", ".csv", ".parquet")) for f in os.listdir(train_data_dir)):
-            logger.warning("no metadata.csv in %s: captions must come from the folder's metadata", train_data_dir)
+        check_image_folder(train_data_dir)
         try:
             ds = datasets.load_dataset("imagefolder", data_dir=train_data_dir, split="train", cache_dir=cache_dir)
         except Exception as e:  # datasets raises many kinds here; all are input problems
@@ -101,7 +161,10 @@ class SDXLImageCaptions(torch.utils.data.Dataset):
 
     def _load(self, index):
         row = self.ds[index]
-        return open_image(row[self.image_column]), str(row[self.caption_column])
+        img = open_image(row[self.image_column])
+        if min(img.size) < MIN_IMAGE_SIDE:
+            raise ValueError(f"the image is {img.width}x{img.height} px, under the {MIN_IMAGE_SIDE} px minimum")
+        return img, caption_text(row[self.caption_column])
 
     def __getitem__(self, key):
         import torchvision.transforms.functional as TF
@@ -116,7 +179,8 @@ class SDXLImageCaptions(torch.utils.data.Dataset):
                 skipped += 1
                 warnings.warn(f"skipping unreadable image #{index} ({type(e).__name__}: {e})")
                 if skipped >= len(self.ds):
-                    raise UserError("no readable image in the training data") from None
+                    raise UserError("no readable image in the training data (of at least "
+                                    f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} px)") from None
                 index = (index + 1) % len(self.ds)
         res = self.resolution
         orig = (img.height, img.width)

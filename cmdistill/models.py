@@ -567,6 +567,41 @@ def load_lora_into(unet, directory: str | Path) -> None:
     if getattr(result, "unexpected_keys", None):
         raise UserError(f"LoRA weights in '{directory}' do not fit this UNet "
                         f"(e.g. {result.unexpected_keys[0]}): wrong --lora_target_modules or teacher?")
+    require_finite_lora(unet, directory / LORA_WEIGHT_NAME)
+
+
+def lora_is_finite(weights) -> bool:
+    """Whether every LoRA weight is finite: ``weights`` is a model with adapters (its ``lora_`` parameters) or a
+    dict / iterable of tensors (e.g. a loaded LoRA file)."""
+    if isinstance(weights, torch.nn.Module):
+        tensors = [p for n, p in weights.named_parameters() if "lora_" in n]
+    else:
+        tensors = list(weights.values()) if isinstance(weights, dict) else list(weights)
+    flags: dict = {}  # one reduction and one host sync per device, not one per tensor
+    for t in tensors:
+        if t.is_floating_point():
+            flags.setdefault(t.device, []).append(torch.isfinite(t.detach()).all())
+    return all(bool(torch.stack(f).all()) for f in flags.values())
+
+
+def require_finite_lora(unet, source) -> None:
+    """A one-line error naming ``source`` when the LoRA weights loaded into ``unet`` are not all finite."""
+    if not lora_is_finite(unet):
+        raise UserError(f"the LoRA weights in {source} are not finite (NaN or inf: the run diverged): use an "
+                        "earlier checkpoint-* folder of that run")
+
+
+def _fsync(path, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # file systems without fsync on directories
+        pass
+    finally:
+        os.close(fd)
 
 
 PEFT_SUBFOLDER = "peft"
@@ -601,7 +636,10 @@ def write_peft_adapter(lora_dir: str | Path, dest: str | Path | None = None,
 
 
 def atomic_dir(final: str | Path):
-    """Context manager: write into ``final + '.tmp'``, then rename into place (never a half-written dir)."""
+    """Context manager: write into ``final + '.tmp'``, flush it to disk, then rename it into place: ``final`` is
+    either absent, the old complete folder or the new complete folder, never a half-written one, even after a
+    kill or a power loss (an old ``final`` is moved aside before the rename and removed after). A write that
+    fails removes the partial ``.tmp`` folder."""
 
     @contextlib.contextmanager
     def cm():
@@ -609,9 +647,21 @@ def atomic_dir(final: str | Path):
         tmp = final_p.with_name(final_p.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        yield tmp
+        try:
+            yield tmp
+            for root, _, files in os.walk(tmp):
+                for f in files:
+                    _fsync(os.path.join(root, f))
+                _fsync(root, directory=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = final_p.with_name(final_p.name + ".old")
         if final_p.exists():
-            shutil.rmtree(final_p)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final_p, old)
         os.replace(tmp, final_p)
+        _fsync(final_p.parent, directory=True)
+        shutil.rmtree(old, ignore_errors=True)
 
     return cm()

@@ -25,19 +25,45 @@ import torch
 
 
 logger = logging.getLogger("cmdistill")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the data key covers the images' bytes, not their paths and sizes
 SHARD_SIZE = 256
 META = "meta.json"
 
 
+SAMPLE_BYTES = 16 * 1024  # fingerprinted bytes at each end of an image file (the whole file when it is smaller)
+
+
+def content_digest(path: str | None = None, data: bytes | None = None) -> str:
+    """Size and a hash of an image's bytes: the whole file up to 2 x SAMPLE_BYTES, else its first and last
+    SAMPLE_BYTES (an edit confined to the middle of a large file is not seen)."""
+    h = hashlib.blake2b(digest_size=16)
+    if data is not None:
+        size = len(data)
+        h.update(data if size <= 2 * SAMPLE_BYTES else data[:SAMPLE_BYTES] + data[-SAMPLE_BYTES:])
+    else:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            h.update(f.read(SAMPLE_BYTES if size > 2 * SAMPLE_BYTES else 2 * SAMPLE_BYTES))
+            if size > 2 * SAMPLE_BYTES:
+                f.seek(size - SAMPLE_BYTES)
+                h.update(f.read(SAMPLE_BYTES))
+    return f"{size}:{h.hexdigest()}"
+
+
 def data_fingerprint(ds, image_column: str, caption_column: str) -> str:
-    """Hash of the captions and image identities (path + size, or bytes length) in order."""
+    """Hash of the captions and the images (their bytes: ``content_digest``) in order."""
+    from .data import caption_text
+
     h = hashlib.sha256(str(len(ds)).encode())
     for row in ds.select_columns([image_column, caption_column]):
         img = row[image_column]
-        ident = (f"{img.get('path')}:{os.path.getsize(img['path']) if img.get('path') and os.path.exists(img['path']) else ''}"
-                 f":{len(img['bytes']) if img.get('bytes') else ''}") if isinstance(img, dict) else str(img)
-        h.update(ident.encode() + b"\0" + str(row[caption_column]).encode() + b"\0")
+        if isinstance(img, dict) and img.get("bytes"):
+            ident = content_digest(data=img["bytes"])
+        elif isinstance(img, dict) and img.get("path") and os.path.isfile(img["path"]):
+            ident = content_digest(img["path"])
+        else:
+            ident = str(img.get("path") if isinstance(img, dict) else img)
+        h.update(ident.encode() + b"\0" + caption_text(row[caption_column]).encode() + b"\0")
     return h.hexdigest()
 
 

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import copy
 import importlib.util
+import io
 import json
 import logging
 import math
@@ -28,9 +29,10 @@ import torch
 
 from . import checkpointing, hub, models
 from .args import training_parser
-from .data import SDXLImageCaptions, load_caption_dataset, make_dataloader
+from .data import (MIN_IMAGE_SIDE, SDXLImageCaptions, caption_text, count_empty_captions, count_long_captions,
+                   load_caption_dataset, make_dataloader)
 from .devices import AheadOfTime, to_device
-from .errors import UserError
+from .errors import UserError, writing
 from .guidance import AdaptiveCFG, UNetEps
 from .noise import generator_for, per_sample_noise
 from .objectives import (OBJECTIVES, DistillContext, cm_target_from, cm_teacher_step, direct_cm_trajectory_pairs,
@@ -45,12 +47,14 @@ STATE_NAME = "training_state.pt"
 STREAM_T, STREAM_NOISE, STREAM_VAE = 101, 102, 103  # noise streams of the training step (noise.per_sample_noise)
 STREAM_PAIRS = 104  # --trajectory_pairs: the grid indices of the extra pairs
 CONFIG_NAME = "training_config.json"
+LOG_NAME = "train_log.jsonl"
 
 
 def write_json_atomic(path: Path, obj) -> None:
     tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    with writing(path):
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, path)
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -59,22 +63,158 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
-    if not resume:
-        return None
-    if resume == "latest":
-        ckpts = list_checkpoints(output_dir)
-        if not ckpts:
-            logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting fresh", output_dir)
-            return None
-        return ckpts[-1]
-    path = Path(resume)
-    if not path.is_absolute() and not path.exists():
-        path = output_dir / resume
-    if not (path / STATE_NAME).is_file():
-        raise UserError(f"--resume_from_checkpoint '{resume}' is not a checkpoint folder (no {STATE_NAME}); "
-                        "use 'latest' or a checkpoint-* folder of --output_dir")
-    return path
+def _why(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+
+
+def read_checkpoint(path: Path) -> tuple[dict | None, dict]:
+    """The recorded settings and the training state of a checkpoint folder, after checking that its files are
+    readable and its LoRA finite (nothing is applied yet). A one-line error names the first unreadable file."""
+    from safetensors.torch import load_file
+
+    lora = path / models.LORA_WEIGHT_NAME
+    try:
+        weights = load_file(str(lora))
+    except Exception as e:
+        raise UserError(f"{lora} is unreadable ({_why(e)})") from None
+    if not models.lora_is_finite(weights):
+        raise UserError(f"{lora} holds non-finite weights (NaN or inf)")
+    try:
+        state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or not {"global_step", "samples_seen", "optimizer"} <= state.keys():
+            raise ValueError("not a training state")
+    except Exception as e:
+        raise UserError(f"{path / STATE_NAME} is unreadable ({_why(e)})") from None
+    config = None
+    if (path / CONFIG_NAME).is_file():
+        try:
+            config = json.loads((path / CONFIG_NAME).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path / CONFIG_NAME} is unreadable ({_why(e)})") from None
+    return config, state
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """``train_log.jsonl`` holds each step once: a run resumed at ``step`` drops the lines of later steps (written
+    by the interrupted run after its last checkpoint, and a line cut by a kill); a fresh run (step 0) starts it
+    empty."""
+    if not path.exists():
+        return
+    keep = []
+    if step > 0:
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    with writing(path):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
+
+
+# --- one run per folder (README, "What survives a fault") -----------------------------------------------------
+# The settings that change what is trained. A resume whose value differs from the checkpoint's is refused with one
+# line naming them, unless --allow_config_change names them; LOCKED ones cannot change at all (the checkpoint's
+# LoRA and optimizer state would not fit). Every other flag may change on resume: the cadence of checkpoints,
+# validation and logging, the output, cache and precompute folders, data-loader workers, the number of processes
+# and the split of the global batch over them and accumulation, and the speed and memory flags (compilation,
+# checkpointing budget, teacher lookahead, guidance batching, attention kernels, tf32, --reference_loop,
+# --merged_target), which compute the same function. A new flag that changes the mathematics belongs here.
+LOCKED_SETTINGS = ("objective", "lora_rank", "lora_target_modules")
+COMPARED_SETTINGS = LOCKED_SETTINGS + (
+    "pretrained_teacher_model", "teacher_revision", "pretrained_vae_model_name_or_path", "revision",
+    "train_data_dir", "dataset_name", "dataset_config_name", "image_column", "caption_column", "max_train_samples",
+    "resolution", "center_crop", "random_flip", "interpolation_type", "seed",
+    "num_discr_timesteps", "w", "solver", "loss_type", "huber_c", "timestep_scaling_factor", "trajectory_pairs",
+    "lora_alpha", "lora_dropout", "global_batch_size", "learning_rate", "lr_scheduler", "lr_warmup_steps",
+    "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "use_8bit_adam", "max_grad_norm",
+    "mixed_precision", "max_train_steps")
+_PATH_SETTINGS = ("pretrained_teacher_model", "pretrained_vae_model_name_or_path", "train_data_dir")
+
+
+def _setting(key, value):
+    if key in _PATH_SETTINGS and isinstance(value, str) and os.path.exists(os.path.expanduser(value)):
+        return os.path.realpath(os.path.expanduser(value))
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def changed_settings(recorded: dict, current: dict) -> dict:
+    """{setting: (recorded value, current value)} for the COMPARED_SETTINGS that differ (those recorded in both)."""
+    return {k: (recorded[k], current[k]) for k in COMPARED_SETTINGS
+            if k in recorded and k in current and _setting(k, recorded[k]) != _setting(k, current[k])}
+
+
+def check_same_run(recorded: dict, current: dict, allowed, where: str) -> None:
+    """One line naming the settings in which this run differs from ``recorded`` (the run in ``where``) and the
+    fix, unless each is named in ``allowed`` (--allow_config_change) and none is locked."""
+    changed = changed_settings(recorded, current)
+    refused = [k for k in changed if k not in allowed or k in LOCKED_SETTINGS]
+    if changed and not refused:
+        logger.info("resuming with changed settings (--allow_config_change): %s",
+                    ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    if not refused:
+        return
+    what = ", ".join(f"--{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused)
+    if any(k in LOCKED_SETTINGS for k in refused):
+        fix = "these cannot change within a run: use another --output_dir"
+    else:
+        fix = (f"use another --output_dir for a new run, keep the run's values, or add --allow_config_change "
+               f"{','.join(refused)} to change them in this run")
+    raise UserError(f"{where} was trained with other settings ({what}): {fix}")
+
+
+def check_run_inputs(args) -> None:
+    """Ranges, the environment and the output folder, before anything loads: one line naming the flag and the
+    fix (what ``validate_args`` does not check). A flag that the parser at hand lacks is not checked."""
+    rules = [  # flag, is the value valid, why
+        ("lora_rank", lambda v: v >= 1, "must be >= 1 (paper: 64)"),
+        ("lora_alpha", lambda v: v > 0, "must be > 0 (paper: 64, the rank)"),
+        ("lora_dropout", lambda v: 0 <= v < 1, "must be in [0, 1) (default 0)"),
+        ("resolution", lambda v: v >= 8, "must be a positive multiple of 8 (paper: 1024)"),
+        ("max_train_steps", lambda v: v >= 1, "must be >= 1 (paper: 250): a run of no step would save an untrained "
+                                              "LoRA"),
+        ("num_train_epochs", lambda v: v >= 1, "must be >= 1"),
+        ("w", lambda v: 0 <= v < math.inf, "must be >= 0 (guidance scale, Imagen form: 1 = conditional only; "
+                                           "paper: 9)"),
+        ("learning_rate", lambda v: 0 < v < math.inf, "must be a positive number (paper: 1e-4)"),
+        ("max_grad_norm", lambda v: v > 0, "must be > 0 (paper: 1)"),
+        ("huber_c", lambda v: v > 0 or getattr(args, "loss_type", "") != "huber", "must be > 0 (default 0.001)"),
+        ("checkpointing_steps", lambda v: v >= 0, "must be >= 0 (0 = no checkpoints)"),
+        ("checkpoints_total_limit", lambda v: v >= 1, "must be >= 1 (leave it out to keep every checkpoint)"),
+        ("validation_steps", lambda v: v >= 0, "must be >= 0 (0 = no validation)"),
+        ("mixed_precision", lambda v: v != "fp16" or _has_accelerator(),
+         "fp16 needs a GPU; on a CPU use --mixed_precision bf16 or no"),
+    ]
+    for flag, ok, why in rules:
+        value = getattr(args, flag, None)
+        if value is not None and not ok(value):
+            raise UserError(f"--{flag} {value!r}: {why}")
+    unknown = [k for k in getattr(args, "allow_config_change", None) or [] if k not in COMPARED_SETTINGS]
+    if unknown:
+        raise UserError(f"--allow_config_change {','.join(unknown)}: not a compared setting; the compared ones are "
+                        f"{', '.join(COMPARED_SETTINGS)} (every other flag may change on resume anyway)")
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} is a file, not a folder: use another --output_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--output_dir {out} is not writable ({e.strerror or type(e).__name__}): make it "
+                        "writable or use another --output_dir") from None
+
+
+def _has_accelerator() -> bool:
+    """Whether accelerate will run on a GPU (fp16 autocast has no CPU kernels for much of the UNet)."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return False
+    xpu, mps = getattr(torch, "xpu", None), getattr(torch.backends, "mps", None)
+    return (torch.cuda.is_available() or bool(xpu is not None and xpu.is_available())
+            or bool(mps is not None and mps.is_available()))
 
 
 OPTIMIZER_8BIT = "bitsandbytes.optim.AdamW8bit"
@@ -221,6 +361,7 @@ class Trainer:
             raise UserError("--teacher_lookahead_stream side runs the teacher on a second CUDA stream, which "
                             "--compile_mode reduce-overhead (CUDA graphs) does not support: use "
                             "--teacher_lookahead_stream same")
+        check_run_inputs(args)
         self.output_dir = Path(args.output_dir)
         report_to = None if args.report_to in (None, "none") else args.report_to
         self.accelerator = acc = Accelerator(
@@ -239,11 +380,16 @@ class Trainer:
         if args.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        # The data and the run folder before any model loads: their errors come first.
+        self.dataset = self.load_data()
+        self.resume = None if for_precompute else self.plan_resume()
 
         # Models (SPEC §1): one UNet; its LoRA adapter disabled is the teacher.
         t = models.load_teacher(args.pretrained_teacher_model, args.pretrained_vae_model_name_or_path,
                                 args.revision, args.teacher_revision, args.cache_dir, load_unet=not for_precompute)
         self.tokenizers, self.text_encoders, self.vae, unet = t.tokenizers, t.text_encoders, t.vae, t.unet
+        if acc.is_main_process:
+            count_long_captions(self.dataset.ds[args.caption_column], self.tokenizers[0])
         self.sched = NoiseSchedule.from_scheduler(t.scheduler)
         self.grid = Grid(self.sched.T, args.num_discr_timesteps)
         self.step_fn = get_solver(args.solver)
@@ -255,7 +401,6 @@ class Trainer:
             if m is not None:
                 m.to(dev) if dtype == torch.float32 else m.to(dev, dtype=dtype)
         if for_precompute:
-            self.dataset = self.load_data()
             return
         if args.enable_xformers_memory_efficient_attention:
             try:
@@ -284,7 +429,6 @@ class Trainer:
             args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * acc.num_processes
         optimizer = make_optimizer(args, self.params)
 
-        self.dataset = self.load_data()
         self.precomputed = find_cache(args, self.dataset, self.weight_dtype)
         # The steps read cached latents and embeddings: the text encoders and the VAE wait on the CPU until
         # validation needs them (models_on_device).
@@ -328,9 +472,8 @@ class Trainer:
         self.student_unet = models.compile_unet(self.unet) if args.compile_student else self.unet
         self.global_step, self.samples_seen, self.skipped_images = 0, 0, 0
 
-        resume = resolve_resume(self.output_dir, args.resume_from_checkpoint)
-        if resume is not None:
-            self.load_checkpoint(resume)
+        if self.resume is not None:
+            self.load_checkpoint(*self.resume)
         hub.check_push_args(args)
         self.config = hub.recordable_config(args)  # secrets (--hub_token, ...) never recorded or logged
         self.config.update(objective=objective, num_processes=acc.num_processes, global_batch_size=self.global_batch,
@@ -386,6 +529,8 @@ class Trainer:
         a = self.args
         ds = load_caption_dataset(a.train_data_dir, a.dataset_name, a.dataset_config_name, a.image_column,
                                   a.caption_column, a.cache_dir, a.max_train_samples)
+        if self.accelerator.is_main_process:
+            count_empty_captions(ds, a.caption_column)
         return SDXLImageCaptions(ds, a.image_column, a.caption_column, a.resolution, a.interpolation_type,
                                  a.center_crop, a.random_flip, a.seed)
 
@@ -395,38 +540,148 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self):
+        """checkpoint-<step>: written in full to a .tmp folder, flushed to disk, renamed into place, and only then
+        are old checkpoints rotated out (--checkpoints_total_limit): a kill or a failed write at any point leaves
+        at least the complete checkpoints there were before. A non-finite LoRA is never written."""
         acc, args = self.accelerator, self.args
+        if not models.lora_is_finite(self.base_unet):  # every process decides on the same weights
+            self.stop_non_finite("LoRA weights are")
         if acc.is_main_process:
-            ckpts = list_checkpoints(self.output_dir)
-            if args.checkpoints_total_limit is not None:
-                for old in ckpts[: max(0, len(ckpts) - args.checkpoints_total_limit + 1)]:
-                    logger.info("removing old checkpoint %s", old.name)
-                    shutil.rmtree(old)
             final = self.output_dir / f"checkpoint-{self.global_step}"
-            with models.atomic_dir(final) as tmp:
-                models.save_lora(self.base_unet, tmp)
-                state = {"global_step": self.global_step, "samples_seen": self.samples_seen,
-                         "skipped_images": self.skipped_images,
-                         "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
-                         "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                         "objective": self.objective_name}
-                torch.save(state, tmp / STATE_NAME)
+            intact = f"(the earlier checkpoints in {self.output_dir} are intact)"
+            state = {"global_step": self.global_step, "samples_seen": self.samples_seen,
+                     "skipped_images": self.skipped_images,
+                     "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                     "objective": self.objective_name}
+            buf = io.BytesIO()  # serialised first: a full disk is then an OSError of the file's own write
+            torch.save(state, buf)
+            with writing(final.with_name(final.name + ".tmp"), intact), models.atomic_dir(final) as tmp:
+                with writing(tmp / models.LORA_WEIGHT_NAME, intact):
+                    models.save_lora(self.base_unet, tmp)
+                with writing(tmp / STATE_NAME, intact):
+                    (tmp / STATE_NAME).write_bytes(buf.getbuffer())
                 write_json_atomic(tmp / CONFIG_NAME, self.config)
             logger.info("saved %s", final)
+            if args.checkpoints_total_limit is not None:
+                ckpts = [c for c in list_checkpoints(self.output_dir) if c != final]
+                for old in ckpts[: max(0, len(ckpts) + 1 - args.checkpoints_total_limit)]:
+                    logger.info("removing old checkpoint %s", old.name)
+                    gone = old.with_name(old.name + ".removing")  # out of the listing at once, then deleted
+                    os.replace(old, gone)
+                    shutil.rmtree(gone, ignore_errors=True)
         acc.wait_for_everyone()
 
-    def load_checkpoint(self, path: Path):
+    def save_final_lora(self):
+        """The finished run's files (``hub.save_final``: the LoRA with its metadata, peft/, scheduler/, the model
+        card), never from non-finite weights."""
+        if not models.lora_is_finite(self.base_unet):
+            self.stop_non_finite("LoRA weights are")
+        if self.accelerator.is_main_process:
+            with writing(self.output_dir / models.LORA_WEIGHT_NAME):
+                hub.save_final(self.base_unet, self.output_dir, self.sched.betas, self.config)
+            logger.info("saved the final LoRA to %s (load with StableDiffusionXLPipeline.load_lora_weights; "
+                        "README.md shows how)", self.output_dir)
+
+    def stop_non_finite(self, what: str):
+        """The NaN guard: stop the run (every process, on the same reduced numbers) before anything of this step
+        is saved; the checkpoints on disk are the last good ones."""
+        ckpts = list_checkpoints(self.output_dir)
+        kept = f"the last checkpoint, {ckpts[-1]}, is intact" if ckpts else "no checkpoint had been written"
+        raise UserError(f"step {self.global_step}: the {what} not finite (NaN or inf); the run stopped without saving "
+                        f"this step ({kept}): lower --learning_rate or --max_grad_norm and resume with "
+                        "--resume_from_checkpoint latest --allow_config_change learning_rate,max_grad_norm, or start "
+                        "over in another --output_dir")
+
+    def current_settings(self) -> dict:
+        """This run's values of COMPARED_SETTINGS as training_config.json records them (resolved max steps, the
+        learning rate after --scale_lr, accelerate's mixed precision, the global batch)."""
+        a, acc = self.args, self.accelerator
+        batch = a.train_batch_size * acc.num_processes * a.gradient_accumulation_steps
+        steps = a.max_train_steps or math.ceil(a.num_train_epochs * len(self.dataset) / batch)
+        return {**vars(a), "objective": self.objective_name, "global_batch_size": batch, "max_train_steps": steps,
+                "mixed_precision": acc.mixed_precision,
+                "learning_rate": a.learning_rate * batch if a.scale_lr else a.learning_rate}
+
+    def plan_resume(self) -> tuple[Path, dict] | None:
+        """Before any model loads: what this run continues, as (checkpoint folder, its training state), or None for
+        a fresh start. One run per --output_dir: a folder that holds checkpoints or a final LoRA is continued only
+        with --resume_from_checkpoint and the same settings (``check_same_run``); ``latest`` takes the newest
+        readable checkpoint, saying in one line which unreadable one it skipped."""
+        args, out = self.args, self.output_dir
+        ckpts = list_checkpoints(out)
+        final = (out / models.LORA_WEIGHT_NAME).is_file()
+        current, allowed = self.current_settings(), set(getattr(args, "allow_config_change", None) or [])
+        resume = args.resume_from_checkpoint
+        held = ", ".join(([f"checkpoints up to {ckpts[-1].name}"] if ckpts else []) + (["a final LoRA"] if final else []))
+        if not resume:
+            if held:
+                raise UserError(f"--output_dir {out} already holds a run ({held}): continue it with "
+                                "--resume_from_checkpoint latest, or use another --output_dir")
+            return None
+        if resume == "latest":
+            candidates = ckpts[::-1]
+            if not candidates:
+                if final:
+                    check_same_run(self.folder_settings(held), current, allowed,
+                                   f"the final LoRA in --output_dir {out}")
+                    logger.info("--resume_from_checkpoint latest: no checkpoint in %s; training from the start "
+                                "(the same settings: its final LoRA is replaced when this run ends)", out)
+                else:
+                    logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting fresh", out)
+                return None
+        else:
+            path = Path(resume)
+            if not path.is_absolute() and not path.exists():
+                path = out / resume
+            if not (path / STATE_NAME).is_file():
+                raise UserError(f"--resume_from_checkpoint '{resume}' is not a checkpoint folder (no {STATE_NAME}); "
+                                "use 'latest' or a checkpoint-* folder of --output_dir")
+            if held and path.resolve().parent != out.resolve():  # another folder's checkpoint into this run's folder
+                check_same_run(self.folder_settings(held), current, allowed, f"--output_dir {out}")
+            candidates = [path]
+        for i, path in enumerate(candidates):
+            try:
+                recorded, state = read_checkpoint(path)
+            except UserError as e:
+                if resume != "latest":
+                    raise UserError(f"--resume_from_checkpoint {path}: {e}") from None
+                if i + 1 == len(candidates):
+                    raise UserError(f"no readable checkpoint in --output_dir {out} (last tried: {e}): use another "
+                                    "--output_dir, or remove the broken checkpoint-* folders to start over") from None
+                if self.accelerator.is_main_process:
+                    logger.warning("%s: resuming from the previous checkpoint, %s", e, candidates[i + 1].name)
+                continue
+            if recorded is not None:
+                check_same_run(recorded, current, allowed, f"checkpoint {path}")
+            return path, state
+        return None
+
+    def folder_settings(self, held: str) -> dict:
+        """The recorded settings of the run that --output_dir holds."""
+        try:
+            return json.loads((self.output_dir / CONFIG_NAME).read_text())
+        except (OSError, ValueError):
+            raise UserError(f"--output_dir {self.output_dir} holds a run ({held}) without a readable {CONFIG_NAME} "
+                            "to tell which: use another --output_dir") from None
+
+    def load_checkpoint(self, path: Path, state: dict | None = None):
         logger.info("resuming from %s", path)
+        if state is None:
+            state = read_checkpoint(path)[1]
         models.load_lora_into(self.base_unet, path)
-        state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=False)
         if state.get("objective", self.objective_name) != self.objective_name:
             raise UserError(f"checkpoint {path} was trained with objective '{state['objective']}', "
                             f"not '{self.objective_name}': use another --output_dir")
         check_resumed_optimizer(path, self.args)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if state.get("scaler") is not None and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(state["scaler"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+            if state.get("scaler") is not None and self.accelerator.scaler is not None:
+                self.accelerator.scaler.load_state_dict(state["scaler"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f"{path / STATE_NAME} does not fit this run's optimizer ({_why(e)}): resume with the "
+                            "run's own settings, or use another --output_dir") from None
         self.global_step, self.samples_seen = state["global_step"], state["samples_seen"]
         self.skipped_images = state.get("skipped_images", 0)
 
@@ -553,7 +808,7 @@ class Trainer:
 
     def _validate(self):
         acc, args = self.accelerator, self.args
-        prompts = args.validation_prompts or [self.dataset.ds[i][args.caption_column]
+        prompts = args.validation_prompts or [caption_text(self.dataset.ds[i][args.caption_column])
                                               for i in range(min(4, len(self.dataset)))]
         prompts = [p for p in prompts for _ in range(args.num_images_per_prompt)]
         res = args.resolution
@@ -594,11 +849,11 @@ class Trainer:
         logger.info("training %s: %d samples, %d steps of global batch %d (%d per device x %d processes x %d "
                     "accumulation)", self.objective_name, len(self.dataset), args.max_train_steps, self.global_batch,
                     args.train_batch_size, acc.num_processes, args.gradient_accumulation_steps)
-        bar = tqdm(total=args.max_train_steps, initial=self.global_step, desc=f"{self.objective_name} steps",
-                   disable=not acc.is_local_main_process)
-        log_path = self.output_dir / "train_log.jsonl"
-        if acc.is_main_process and self.global_step == 0 and log_path.exists():
-            log_path.unlink()
+        self.bar = bar = tqdm(total=args.max_train_steps, initial=self.global_step, desc=f"{self.objective_name} steps",
+                              disable=not acc.is_local_main_process)
+        log_path = self.output_dir / LOG_NAME
+        if acc.is_main_process:
+            truncate_log(log_path, self.global_step)
         self.unet.train()
         upcoming = self.upcoming(batches)
         while self.global_step < args.max_train_steps:
@@ -617,7 +872,10 @@ class Trainer:
             self.lr_scheduler.step()
             self.global_step += 1
             self.samples_seen += self.global_batch
-            loss_mean = acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
+            # The loss and the gradient norm reduced over processes: every process sees the same numbers (NaN guard).
+            gn = grad_norm.detach().float() if torch.is_tensor(grad_norm) else torch.tensor(float(grad_norm or 0.0))
+            loss_mean, norm_mean = acc.reduce(torch.stack([torch.stack(losses).mean().float(), gn.to(acc.device)]),
+                                              reduction="mean").tolist()
             self.skipped_images += int(acc.reduce(torch.tensor(skipped, device=acc.device), reduction="sum").item())
             logs = {"loss": loss_mean, "lr": self.lr_scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -627,8 +885,11 @@ class Trainer:
                 logs["peak_mem_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
             acc.log(logs, step=self.global_step)
             if acc.is_main_process:
-                with open(log_path, "a") as f:
+                with writing(log_path), open(log_path, "a") as f:
                     f.write(json.dumps({"step": self.global_step, **logs}) + "\n")
+            for what, value in (("loss is", loss_mean), ("gradient norm is", norm_mean)):
+                if not math.isfinite(value):
+                    self.stop_non_finite(what)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_mean:.4g}")
             if args.checkpointing_budget_gib == "auto" and "calibrated" not in self.checkpointing:
@@ -639,13 +900,11 @@ class Trainer:
                 self.validate()
         bar.close()
         acc.wait_for_everyone()
+        self.save_final_lora()
         if acc.is_main_process:
-            # At the top of --output_dir, where load_lora_weights(output_dir) looks; peft/, scheduler/, README.md.
-            hub.save_final(self.base_unet, self.output_dir, self.sched.betas, self.config)
-            logger.info("saved the final LoRA to %s (load with StableDiffusionXLPipeline.load_lora_weights; "
-                        "README.md shows how)", self.output_dir)
             if self.skipped_images:
-                logger.warning("%d unreadable images were skipped", self.skipped_images)
+                logger.warning("%d unreadable images (or under %d px) were skipped", self.skipped_images,
+                               MIN_IMAGE_SIDE)
             if args.push_to_hub:
                 self.push_to_hub()
         acc.end_training()
@@ -699,6 +958,11 @@ def main(objective: str, argv=None):
     def run():
         args = training_parser(objective).parse_args(argv)
         validate_args(args)
-        Trainer(args, objective).train()
+        trainer = Trainer(args, objective)
+        try:
+            trainer.train()
+        finally:  # an error message starts on a line of its own, after the progress bar
+            if getattr(trainer, "bar", None) is not None:
+                trainer.bar.close()
 
     run()

@@ -151,7 +151,8 @@ def test_resume_and_process_count_reproduce_the_uninterrupted_run(teacher_dir, d
     assert "2 per device" not in r.stderr and "1 per device x 2 processes" in r.stderr
     np.testing.assert_allclose(losses(part), losses(full)[:2], rtol=1e-4)
     r = run_script("train_cm.py", *common(teacher_dir, data_dir, part, "--max_train_steps", 4,
-                                          "--resume_from_checkpoint", "latest", *extra))
+                                          "--resume_from_checkpoint", "latest",
+                                          "--allow_config_change", "max_train_steps", *extra))
     assert "resuming from" in r.stderr + r.stdout
     np.testing.assert_allclose(losses(part), losses(full), rtol=1e-4)
     from safetensors.torch import load_file
