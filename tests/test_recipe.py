@@ -210,7 +210,8 @@ def test_recipe_script_keeps_the_global_batch_and_8bit_adam_across_process_count
     cfg = json.loads((out / "training_config.json").read_text())
     assert (cfg["num_processes"], cfg["train_batch_size"], cfg["global_batch_size"]) == (2, 1, 2)
     assert cfg["optimizer"] == OPTIMIZER_8BIT
-    r = recipe_script({**env, "NUM_GPUS": "1", "MAX_STEPS": "2"}, "--lora_rank", "4")
+    r = recipe_script({**env, "NUM_GPUS": "1", "MAX_STEPS": "2"}, "--lora_rank", "4",
+                      "--allow_config_change", "max_train_steps")  # extending the run is a deliberate change
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from" in r.stderr and "2 per device x 1 processes" in r.stderr
     assert len(losses(out)) == 2 and np.isfinite(losses(out)).all()
