@@ -156,7 +156,7 @@ def write_training_run(unet, pipeline, out: Path) -> Path:
     save_lora(unet, out)
     cfg = {"lora_rank": 4, "lora_alpha": 4, "lora_target_modules": list(DEFAULT_LORA_TARGETS),
            "num_discr_timesteps": N, "timestep_scaling_factor": 10.0, "pretrained_teacher_model": str(pipeline),
-           "pretrained_vae_model_name_or_path": None, "resolution": RES, "objective": "cm"}
+           "pretrained_vae_model_name_or_path": None, "resolution": RES, "objective": "cm", "w": W}
     (out / "training_config.json").write_text(json.dumps(cfg))
     return out
 
@@ -183,7 +183,7 @@ def student_out(student_unet, tiny_pipeline, teacher_out, tmp_path_factory):
 
 
 def mtimes(folder: Path) -> dict:
-    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")}
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.jpg")}
 
 
 def expect_user_error(main, argv, capsys, *fragments):
@@ -259,13 +259,22 @@ def test_student_sampler_is_deterministic_and_batch_independent(teacher_models):
 # The programs end to end
 
 
-def test_teacher_program_files(teacher_out, tiny_image_folder):
+def test_teacher_program_files(teacher_out, teacher_models):
+    """{i}.jpg, byte for byte what PIL's default save (quality 75) makes of the decoded latents, as the
+    paper's image.save(f"{i}.jpg"); no cropped copies of the real images (the raw files are the reference)."""
+    import io
+
+    from cmdistill.evaluation.generate import decode
+
     folder = teacher_out / SAMPLES
-    for i in range(5):
-        with Image.open(folder / f"{i}.png") as im:
-            assert im.size == (RES, RES)
-        with Image.open(teacher_out / "real_images" / f"{RES}px" / f"{i}.png") as im:
-            assert im.size == (RES, RES)  # the non-square real images, resized and center-cropped
+    latents = torch.load(folder / "latents.pt")
+    for i, im in enumerate(decode(teacher_models.vae, latents, 5)):
+        buf, q75 = io.BytesIO(), io.BytesIO()
+        im.save(buf, format="JPEG")
+        im.save(q75, format="JPEG", quality=75)
+        assert (folder / f"{i}.jpg").read_bytes() == buf.getvalue() == q75.getvalue()
+        assert not (folder / f"{i}.png").exists()
+    assert not (teacher_out / "real_images").exists()
     assert not (folder / "shards").exists()
     assert json.loads((folder / "captions.json").read_text()) == TINY_CAPTIONS
     cfg = json.loads((folder / "eval_config.json").read_text())
@@ -288,8 +297,8 @@ def test_student_program_files_and_scores(student_out, teacher_out):
         assert row["method"] == "cm" and row["num_inference_steps"] == k and row["num_images"] == 5
         s, t = torch.load(folder / "latents.pt").double(), torch.load(teacher / "latents.pt").double()
         assert row["ode_error"] == pytest.approx(((s - t) ** 2).flatten(1).mean(1).mean().item(), rel=1e-9)
-        px = [np.mean((np.asarray(Image.open(folder / f"{i}.png"), float) / 255 -
-                       np.asarray(Image.open(teacher / f"{i}.png"), float) / 255) ** 2) for i in range(5)]
+        px = [np.mean((np.asarray(Image.open(folder / f"{i}.jpg"), float) / 255 -
+                       np.asarray(Image.open(teacher / f"{i}.jpg"), float) / 255) ** 2) for i in range(5)]
         assert row["pixel_mse"] == pytest.approx(np.mean(px))
         assert json.loads((folder / "eval_config.json").read_text())["identity"]["num_inference_steps"] == k
     assert len((student_out / "results.csv").read_text().strip().splitlines()) == 3
@@ -325,10 +334,13 @@ def test_rerun_skips_finished_work_and_redoes_missing(tiny_pipeline, tiny_image_
     teacher_main(teacher_argv(tiny_pipeline, tiny_image_folder, teacher_out))
     assert "5 of this process's 5 captions already done" in capsys.readouterr().out
     assert mtimes(folder) == before
-    (folder / "3.png").unlink()
+    (folder / "3.jpg").unlink()
+    full = (folder / "1.jpg").read_bytes()
+    (folder / "1.jpg").write_bytes(full[:len(full) // 2])  # truncated: its header still reads
     teacher_main(teacher_argv(tiny_pipeline, tiny_image_folder, teacher_out, "--batch_size", 5))
     after = mtimes(folder)
-    assert {k for k in after if after[k] != before.get(k)} == {"3.png"}
+    assert {k for k in after if after[k] != before.get(k)} == {"1.jpg", "3.jpg"}
+    assert (folder / "1.jpg").read_bytes() == full
     assert_close(torch.load(folder / "latents.pt"), latents)
 
 
@@ -389,8 +401,8 @@ def test_two_processes_write_the_same_files_as_one(tiny_pipeline, tiny_image_fol
     assert json.loads((two / "eval_config.json").read_text())["num_processes"] == 2
     assert_close(torch.load(two / "latents.pt"), torch.load(one / "latents.pt"))
     for i in range(5):
-        a, b = (np.asarray(Image.open(d / f"{i}.png"), dtype=int) for d in (one, two))
-        assert np.abs(a - b).max() <= 1
+        a, b = (np.asarray(Image.open(d / f"{i}.jpg"), dtype=int) for d in (one, two))
+        assert np.abs(a - b).mean() <= 0.5
 
 
 def test_student_script_reruns_nothing_when_done(student_out, teacher_out):
@@ -405,34 +417,88 @@ def test_student_script_reruns_nothing_when_done(student_out, teacher_out):
     assert mtimes(student_out / "train_gen_images" / "final" / "2_steps") == before
 
 
-def test_metrics_are_recorded(tiny_pipeline, tiny_image_folder, teacher_out, student_out, monkeypatch):
-    """Through cmdistill.metrics: an FD with a small registered extractor (6-d colour statistics, so
-    that no 2048-d matrix square root runs on the CPU) and the CLIP / aesthetic scores with the metric
-    module's tiny random-weight networks."""
-    metrics = pytest.importorskip("cmdistill.metrics")
+class Colour(torch.nn.Module):
+    def forward(self, x):
+        return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+
+
+def colour_preprocess(im):
     import torchvision.transforms.functional as TF
 
-    class Colour(torch.nn.Module):
-        def forward(self, x):
-            return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+    return TF.to_tensor(im.convert("RGB").resize((16, 16)))  # squashed full frame, no crop
 
+
+@pytest.fixture
+def colour_metrics(monkeypatch):
+    """cmdistill.metrics with a small registered FD extractor (6-d colour statistics, so that no 2048-d
+    matrix square root runs on the CPU) and the tiny random-weight CLIP / aesthetic networks."""
+    metrics = pytest.importorskip("cmdistill.metrics")
     metrics.register_feature_extractor("colour", lambda *, device, weights_dir: metrics.FeatureExtractor(
-        name="colour", model=Colour(), preprocess=lambda im: TF.to_tensor(im.resize((16, 16))), dim=6,
-        identity="colour-v1", preprocess_id="16px"))
+        name="colour", model=Colour(), preprocess=colour_preprocess, dim=6, identity="colour-v1",
+        preprocess_id="16px"))
     monkeypatch.setenv("CMDISTILL_METRICS_RANDOM_WEIGHTS", "tiny")
     monkeypatch.setenv("CMDISTILL_METRICS_WORKERS", "0")
-    flags = ["--dgm_models", "colour", "--dgm_metrics", "fd", "--instance_metrics", "clip_score", "aesthetic",
-             "--dgm_metrics_batch_size", "4"]
+    return metrics, ["--dgm_models", "colour", "--dgm_metrics", "fd", "--instance_metrics", "clip_score",
+                     "aesthetic", "--dgm_metrics_batch_size", "4"]
+
+
+def colour_features(paths):
+    return np.stack([Colour()(colour_preprocess(Image.open(p))[None])[0].numpy() for p in paths])
+
+
+def test_metrics_are_recorded(tiny_pipeline, tiny_image_folder, teacher_out, student_out, colour_metrics, capsys):
+    """FD from the saved files against the raw real images; CLIP / aesthetic scores recorded (here from the
+    files, with a warning: these samples were generated without instance metrics)."""
+    from cmdistill.metrics import frechet_distance
+
+    metrics, flags = colour_metrics
     keys = {"fd_colour", "clip_score", "aesthetic_score"}
     teacher_main(teacher_argv(tiny_pipeline, tiny_image_folder, teacher_out) + flags)
+    assert "were not stored at generation" in capsys.readouterr().err
     row = results.load(teacher_out)[f"teacher/ddim/{N}_steps/{W}_gscale"]
     assert keys <= set(row) and all(math.isfinite(row[k]) for k in keys)
+    assert row["real_reference"] == "raw" and row["image_format"] == "jpg"
+    real = sorted(tiny_image_folder.glob("*.jpg"))  # the raw, non-square files
+    gen = [teacher_out / SAMPLES / f"{i}.jpg" for i in range(5)]
+    assert row["fd_colour"] == pytest.approx(frechet_distance(colour_features(real), colour_features(gen)), rel=1e-6)
     assert list((teacher_out / "metrics_cache").glob("ref_colour_*"))  # real-image features, cached
     student_main(["--output_dir", str(student_out), "--train_data_dir", str(teacher_out / SAMPLES),
                   "--num_inference_steps", "1", *flags])
     row = results.load(student_out)["student/final/1_steps"]
     assert keys | {"ode_error"} <= set(row) and all(math.isfinite(row[k]) for k in keys)
     assert list((teacher_out / SAMPLES / "metrics_cache").glob("ref_colour_*"))  # teacher-image features
+
+
+def test_instance_metrics_read_the_in_memory_images(tiny_pipeline, tiny_image_folder, teacher_models, colour_metrics,
+                                                    tmp_path, capsys):
+    """Generated with instance metrics: the CLIP features of the images before JPEG are stored with the
+    samples and score CLIP / aesthetic; FD reads the JPEG files. The crop of the real images is opt-in."""
+    from cmdistill.evaluation.generate import decode
+    from cmdistill.evaluation.store import FEATURES_NAME
+
+    metrics, flags = colour_metrics
+    out = tmp_path / "t"
+    teacher_main(teacher_argv(tiny_pipeline, tiny_image_folder, out, "--max_prompts", 2, "--real_image_crop")
+                 + flags)
+    assert "were not stored" not in capsys.readouterr().err
+    folder = out / SAMPLES
+    stored = torch.load(folder / FEATURES_NAME)["clip"]
+    assert stored["indices"].tolist() == [0, 1]
+    images = decode(teacher_models.vae, torch.load(folder / "latents.pt"), 2)
+    memory = metrics.image_features(images, ["clip"])["clip"]
+    assert stored["identity"] == memory["identity"]
+    np.testing.assert_allclose(stored["features"].numpy(), memory["features"], rtol=1e-5, atol=1e-6)
+    files = metrics.image_features([Image.open(folder / f"{i}.jpg") for i in range(2)], ["clip"])["clip"]
+    assert not np.allclose(files["features"], memory["features"], rtol=1e-5, atol=1e-6)  # JPEG changed them
+    row = results.load(out)[f"teacher/ddim/{N}_steps/{W}_gscale"]
+    expected = metrics.compute_metrics([folder / f"{i}.jpg" for i in range(2)], None, TINY_CAPTIONS[:2],
+                                       dgm_metrics=(), instance_metrics=("clip_score",),
+                                       gen_features={"clip": memory["features"]})
+    assert row["clip_score"] == pytest.approx(expected["clip_score"], rel=1e-5)
+    assert row["real_reference"] == "crop"
+    for i in range(2):
+        with Image.open(out / "real_images" / f"{RES}px" / f"{i}.png") as im:
+            assert im.size == (RES, RES)  # the non-square real images, resized and center-cropped
 
 
 # ---------------------------------------------------------------------------------------------
