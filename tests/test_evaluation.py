@@ -529,3 +529,184 @@ def test_bad_inputs_give_one_line_errors(tiny_pipeline, tiny_image_folder, teach
     expect_user_error(student_main, ["--output_dir", empty, "--train_data_dir", teacher_out], capsys,
                       "pass one of its sample folders")
     capsys.readouterr()
+
+
+def _broken_teacher(teacher_out, tmp_path, broken):
+    import shutil
+
+    folder = tmp_path / "teacher_copy"
+    shutil.copytree(teacher_out / SAMPLES, folder, ignore=shutil.ignore_patterns("metrics_cache"))
+    broken(folder)
+    return folder
+
+
+def _run_copy(student_unet, tiny_pipeline, tmp_path, **cfg):
+    out = write_training_run(student_unet, tiny_pipeline, tmp_path / "run")
+    path = out / "training_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **cfg}))
+    return out
+
+
+def _nan_lora(out):
+    from safetensors.torch import load_file, save_file
+
+    for d in (out, out / "checkpoint-2"):
+        sd = load_file(d / "pytorch_lora_weights.safetensors")
+        sd[next(iter(sd))][0] = float("nan")
+        save_file(sd, d / "pytorch_lora_weights.safetensors")
+    return out
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+ERROR_CASES = {
+    # name: (program, argv builder(ctx), fragments of the one error line)
+    "teacher: missing data folder": ("teacher", lambda c: teacher_argv(c.pipe, c.tmp / "nope", c.tmp / "t"),
+                                     ["--train_data_dir", "does not exist"]),
+    "teacher: N not dividing the timesteps": (
+        "teacher", lambda c: teacher_argv(c.pipe, c.data, c.tmp / "t") + ["--num_original_inference_steps", "7"],
+        ["--num_original_inference_steps 7", "1000 train timesteps"]),
+    "teacher: init noise of another size": (
+        "teacher", lambda c: teacher_argv(c.pipe, c.data, c.tmp / "t", "--init_noise", c.noise32),
+        ["--init_noise", "noise32.pt", "--resolution 64", "drop --resolution"]),
+    "teacher: corrupt latents.pt of a rerun": (
+        "teacher", lambda c: teacher_argv(c.pipe, c.data, c.copy_teacher_out(
+            lambda f: (f / "latents.pt").write_bytes(b"not a tensor"))),
+        ["latents.pt", "cannot be read", "delete it"]),
+    "student: corrupt latents.pt": (
+        "student", lambda c: c.student(c.teacher(lambda f: (f / "latents.pt").write_bytes(b"\x00" * 64))),
+        ["latents.pt", "cannot be read", "test_teacher.py"]),
+    "student: truncated teacher image": (
+        "student", lambda c: c.student(c.teacher(lambda f: _truncate(f / "3.jpg"))),
+        ["3.jpg", "truncated or corrupt", "test_teacher.py"]),
+    "student: corrupt eval_config.json": (
+        "student", lambda c: c.student(c.teacher(lambda f: (f / "eval_config.json").write_text("{"))),
+        ["eval_config.json", "not readable JSON"]),
+    "student: NaN LoRA": ("student", lambda c: c.student(run=_nan_lora(c.run())),
+                          ["pytorch_lora_weights.safetensors", "non-finite", "--lora_weights"]),
+    "student: unreadable LoRA": (
+        "student", lambda c: c.student(run=c.run(lambda r: (r / "pytorch_lora_weights.safetensors").write_bytes(b"x"))),
+        ["pytorch_lora_weights.safetensors", "cannot be read", "--lora_weights"]),
+    "student: references of another N and w": (
+        "student", lambda c: c.student(run=c.run(num_discr_timesteps=20, w=9.0)),
+        ["N 10 (references) vs 20", "w 3.0 (references) vs 9.0", "--guidance_scale 9.0",
+         "--allow_reference_mismatch"]),
+    "student: other noise seed": ("student", lambda c: c.student(extra=["--seed", "25"]),
+                                  ["initial noise seed 24 (references) vs seed 25", "--train_data_dir"]),
+    "student: other resolution": ("student", lambda c: c.student(extra=["--resolution", "32"]),
+                                  ["resolution 64 (references) vs 32", "--train_data_dir"]),
+    "student: N not dividing the timesteps": (
+        "student", lambda c: c.student(extra=["--num_original_inference_steps", "7", "--allow_reference_mismatch"]),
+        ["--num_original_inference_steps 7", "1000 train timesteps"]),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_error_classes_are_one_line_before_loading(case, tiny_pipeline, tiny_image_folder, teacher_out, student_unet,
+                                                   tmp_path, capsys, monkeypatch):
+    """Each bad input: exit status 2, one line naming the file or flag and the fix, no traceback, and no
+    model loaded (the loader is replaced by one that fails the test)."""
+    import cmdistill.evaluation.cli as cli
+
+    def no_load(*a, **k):
+        raise AssertionError("models loaded before the input was checked")
+
+    monkeypatch.setattr(cli, "load_models", no_load)
+    program, build, fragments = ERROR_CASES[case]
+    torch.save(torch.zeros(5, 4, 4, 4), tmp_path / "noise32.pt")
+
+    def copy_teacher_out(broken):
+        import shutil
+
+        out = tmp_path / "teacher_out"
+        shutil.copytree(teacher_out, out)
+        broken(out / SAMPLES)
+        return out
+
+    def run(broken=None, **cfg):
+        out = _run_copy(student_unet, tiny_pipeline, tmp_path, **cfg)
+        if broken:
+            broken(out)
+        return out
+
+    def student(folder=None, run=None, extra=()):
+        run = run or _run_copy(student_unet, tiny_pipeline, tmp_path)
+        return ["--output_dir", run, "--train_data_dir", folder or teacher_out / SAMPLES, "--num_inference_steps",
+                "1", *NO_METRICS, *extra]
+
+    ctx = SimpleNamespace(pipe=tiny_pipeline, data=tiny_image_folder, tmp=tmp_path, noise32=tmp_path / "noise32.pt",
+                          teacher=lambda broken: _broken_teacher(teacher_out, tmp_path, broken), run=run,
+                          student=student, copy_teacher_out=copy_teacher_out)
+    expect_user_error(teacher_main if program == "teacher" else student_main, build(ctx), capsys, *fragments)
+
+
+def test_reference_mismatch_can_be_allowed(student_unet, tiny_pipeline, teacher_out, tmp_path, capsys):
+    run = write_training_run(student_unet, tiny_pipeline, tmp_path / "run")
+    student_main(["--output_dir", str(run), "--train_data_dir", str(teacher_out / SAMPLES), "--seed", "25",
+                  "--num_inference_steps", "1", "--max_prompts", "1", "--allow_reference_mismatch", *NO_METRICS])
+    err = capsys.readouterr().err
+    assert "initial noise seed 24 (references) vs seed 25" in err and "--allow_reference_mismatch" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags, defaults, captions
+
+
+def test_every_flag_has_help_and_shows_its_default():
+    import re
+
+    from cmdistill.evaluation.cli import init_noise_parser, student_parser, teacher_parser
+
+    for parser in (teacher_parser(), student_parser(), init_noise_parser()):
+        text = parser.format_help()
+        for action in parser._actions:
+            assert action.help and action.help.strip(), action.option_strings
+            if action.default not in (None, False) and action.option_strings and action.dest != "help":
+                assert f"{action.option_strings[0]}" in text
+        assert not re.search(r"\d\s*(s|min|GiB|ms)\b|H100|H200|img/s", text), text
+        assert text.count("(default:") >= sum(a.default not in (None, "==SUPPRESS==") for a in parser._actions) - 1
+    own = {a.dest for a in student_parser()._actions} - {a.dest for a in teacher_parser()._actions}
+    assert {"lora_weights", "allow_reference_mismatch"} <= own
+    assert "real_image_crop" not in {a.dest for a in student_parser()._actions}
+    assert "compile_freezing" not in {a.dest for a in student_parser()._actions}
+
+
+def test_resolution_defaults_to_the_init_noise_file_then_the_model(tiny_pipeline, tmp_path):
+    from cmdistill.evaluation.cli import _resolve_size_and_grid
+
+    def resolved(**kw):
+        args = SimpleNamespace(pretrained_teacher_model=str(tiny_pipeline), pretrained_vae_model_name_or_path=None,
+                               revision=None, teacher_revision=None, **{"resolution": None, "init_noise": None, **kw})
+        _resolve_size_and_grid(args, N, "--num_original_inference_steps")
+        return args.resolution
+
+    assert resolved() == RES  # the tiny UNet's sample_size 8 x the VAE factor 8
+    torch.save(torch.zeros(5, 4, 4, 4), tmp_path / "noise32.pt")
+    assert resolved(init_noise=str(tmp_path / "noise32.pt")) == 32
+
+
+def test_old_png_samples_need_overwrite_or_png(tmp_path):
+    from cmdistill.errors import UserError
+    from cmdistill.evaluation.store import SampleStore
+
+    store = SampleStore(tmp_path, RES, "png")
+    store.write_config({"identity": {"seed": 24}}, ["a"])  # written before --image_format existed
+    store.write_batch([0], torch.zeros(1, *SHAPE), [Image.new("RGB", (RES, RES))])
+    store.check_config({"seed": 24, "image_format": "png"}, ["a"], False)
+    with pytest.raises(UserError, match="image_format: 'png' -> 'jpg'.*--overwrite"):
+        SampleStore(tmp_path, RES).check_config({"seed": 24, "image_format": "jpg"}, ["a"], False)
+
+
+def test_empty_captions_stay_empty_and_are_counted(tmp_path):
+    from cmdistill.evaluation.inputs import empty_caption_note, read_captions_file, read_metadata
+
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.jpg", "text": null}\n'
+                                             '{"file_name": "b.jpg", "text": "a dog"}\n')
+    captions, _ = read_metadata(tmp_path)
+    assert captions == ["", "a dog"]
+    (tmp_path / "caps.json").write_text('[null, "", "a cat"]')
+    assert read_captions_file(tmp_path / "caps.json") == ["", "", "a cat"]
+    assert empty_caption_note(["", " ", "a"], "caps") == "2 of 3 captions of caps are empty: kept as empty strings"
+    assert empty_caption_note(["a"], "caps") is None

@@ -585,7 +585,19 @@ def student_main(argv=None) -> list[dict]:
     notes.append(empty_caption_note(captions[:count], teacher_dir / CAPTIONS_NAME))
     init = InitNoise(args.seed, args.resolution, len(captions), args.init_noise)
 
-    # The teacher's samples: images are required (header read here; FD decodes them), latents.pt only for the ODE error.
+    diffs = _reference_mismatches(t_id, teacher_dir, train_cfg, args, init)
+    if diffs:
+        n = train_cfg.get("num_discr_timesteps", args.num_original_inference_steps)
+        fix = (f"test_teacher.py --num_original_inference_steps {n}"
+               + (f" --guidance_scale {float(train_cfg['w'])}" if "w" in train_cfg else "")
+               + f" --resolution {args.resolution}"
+               + (f" --init_noise {args.init_noise}" if args.init_noise else f" --seed {args.seed}"))
+        msg = f"the teacher references '{teacher_dir}' do not match this student: {'; '.join(diffs)}"
+        if not args.allow_reference_mismatch:
+            raise UserError(f"{msg}: pass references made with the student's settings ({fix}) as --train_data_dir, "
+                            "or add --allow_reference_mismatch to score anyway")
+        notes.append(f"{msg} (--allow_reference_mismatch)")
+    # The teacher's samples: images are required (each decoded once here), latents.pt only for the ODE error.
     t_fmt = _teacher_format(teacher_dir, t_id)
 
     def teacher_image(i: int) -> Path:
@@ -619,17 +631,6 @@ def student_main(argv=None) -> list[dict]:
         if not 1 <= K <= args.num_original_inference_steps:
             raise UserError(f"--num_inference_steps {K} must lie in 1..{args.num_original_inference_steps} "
                             "(the grid size N)")
-    diffs = _reference_mismatches(t_id, teacher_dir, train_cfg, args, init)
-    if diffs:
-        fix = (f"test_teacher.py --num_original_inference_steps {train_cfg.get('num_discr_timesteps', args.num_original_inference_steps)}"
-               + (f" --guidance_scale {float(train_cfg['w'])}" if "w" in train_cfg else "")
-               + f" --resolution {args.resolution}"
-               + (f" --init_noise {args.init_noise}" if args.init_noise else f" --seed {args.seed}"))
-        msg = (f"the teacher references '{teacher_dir}' do not match this student: {'; '.join(diffs)}")
-        if not args.allow_reference_mismatch:
-            raise UserError(f"{msg}: pass references made with the student's settings ({fix}) as --train_data_dir, "
-                            "or add --allow_reference_mismatch to score anyway")
-        notes.append(f"{msg} (--allow_reference_mismatch)")
     _check_lora_file(lora_dir / LORA_WEIGHT_NAME)
     state = _state()
     for note in notes if state.is_main_process else []:
