@@ -55,32 +55,37 @@ class _HelpFormatter(argparse.HelpFormatter):
         return text
 
 
-def _parser(description: str, output_help: str) -> argparse.ArgumentParser:
+def _parser(description: str, output_help: str, student: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+    run = f"{TRAINING_CONFIG}'s, else " if student else ""  # test.py's defaults come from the run and references
+    refs = "the references', else " if student else ""
     g = p.add_argument_group("models")
     g.add_argument("--pretrained_teacher_model", default=None,
-                   help="hub id or local folder of the SDXL pipeline (default: " + PAPER_TEACHER + ")")
+                   help=f"hub id or local folder of the SDXL pipeline (default: {run}{PAPER_TEACHER})")
     g.add_argument("--pretrained_vae_model_name_or_path", default=None,
                    help="a VAE to use instead of the pipeline's own (paper: madebyollin/sdxl-vae-fp16-fix; "
-                        "default: the pipeline's VAE)")
+                        f"default: {run}the pipeline's VAE)")
     g.add_argument("--revision", default=None, help="hub revision of --pretrained_vae_model_name_or_path "
                                                     "(default: the latest)")
     g.add_argument("--teacher_revision", default=None, help="hub revision of --pretrained_teacher_model "
                                                             "(default: the latest)")
     g.add_argument("--weight_dtype", default="fp32", choices=list(DTYPES),
-                   help="precision of the UNet and text encoders (paper scripts: fp16)")
+                   help="precision of the UNet and text encoders; the paper's scripts use fp16")
     g = p.add_argument_group("captions and noise")
-    g.add_argument("--captions_file", default=None, help="one caption a line, or a JSON list (default: the captions "
-                                                         "of --train_data_dir)")
+    g.add_argument("--captions_file", default=None,
+                   help="one caption a line, or a JSON list (default: the captions of --train_data_dir" +
+                        (f", its {CAPTIONS_NAME})" if student else ")"))
     g.add_argument("--max_prompts", type=int, default=None,
                    help="evaluate only the first N captions, for a quick look (default: all)")
-    g.add_argument("--seed", type=int, default=None, help="seed of the per-caption noise (default: 24, the paper's)")
+    g.add_argument("--seed", type=int, default=None,
+                   help=f"seed of the per-caption noise{' and of the fresh noise between steps' if student else ''} "
+                        f"(default: {refs}24, the paper's)")
     g.add_argument("--resolution", type=int, default=None,
-                   help="image size in pixels (default: the --init_noise file's size, else the model's own: the "
-                        "UNet's sample_size x the VAE factor, 1024 for SDXL)")
+                   help=f"image size in pixels (default: {refs}the --init_noise file's size, else the model's own: "
+                        "the UNet's sample_size x the VAE factor, 1024 for SDXL)")
     g.add_argument("--init_noise", default=None,
-                   help="[num_captions, 4, H/8, W/8] tensor of initial noise, e.g. data/init_noise.pt "
-                        "(default: per-caption noise from --seed, the values scripts/make_init_noise.py writes)")
+                   help=f"[num_captions, 4, H/8, W/8] tensor of initial noise, e.g. data/init_noise.pt (default: "
+                        f"{refs}per-caption noise from --seed, the values scripts/make_init_noise.py writes)")
     g = p.add_argument_group("generation")
     g.add_argument("--output_dir", default=None, help=output_help)
     g.add_argument("--batch_size", type=int, default=8, help="captions per sampling batch, per process")
@@ -130,8 +135,8 @@ def teacher_parser() -> argparse.ArgumentParser:
                         "network's input size (as dgm-eval reads the folder)")
     g.add_argument("--scheduler", default="ddim", choices=["ddim", "euler", "heun"], help="the ODE solver")
     g.add_argument("--num_original_inference_steps", type=int, default=100,
-                   help="N, the number of solver steps; must divide the train timesteps (paper: 100)")
-    g.add_argument("--guidance_scale", type=float, default=9.0, help="w, Imagen form (paper: 9.0)")
+                   help="N, the number of solver steps (the paper's); must divide the model's train timesteps")
+    g.add_argument("--guidance_scale", type=float, default=9.0, help="w, Imagen form (the paper's)")
     g.add_argument("--cfg_batched", action="store_true", help="conditional and unconditional passes as one batch")
     g.add_argument("--compile_freezing", action="store_true",
                    help="with --compile: inductor's freezing (the teacher's weights become constants of the "
@@ -143,7 +148,8 @@ def teacher_parser() -> argparse.ArgumentParser:
 def student_parser() -> argparse.ArgumentParser:
     p = _parser("Student samples: multistep consistency sampling with the LoRA of a training run, from the "
                 "teacher's noise, scored against the teacher's samples.",
-                "the training run's folder (required): it holds the LoRA; the samples and results go there too")
+                "the training run's folder (required): it holds the LoRA; the samples and results go there too",
+                student=True)
     g = p.add_argument_group("student sampling")
     g.add_argument("--train_data_dir", default=None,
                    help="the teacher reference folder, .../train_gen_images/{N}_steps/{w}_gscale of "
@@ -713,7 +719,7 @@ def init_noise_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained_teacher_model", default=None,
                    help="a pipeline whose own size (UNet sample_size x VAE factor) is the resolution when "
                         "--resolution is not given")
-    g.add_argument("--seed", type=int, default=24, help="noise seed (the paper's)")
+    g.add_argument("--seed", type=int, default=24, help="noise seed, the paper's")
     g.add_argument("--output", default="data/init_noise.pt", help="the file to write")
     return p
 
