@@ -695,7 +695,7 @@ def test_old_png_samples_need_overwrite_or_png(tmp_path):
     store.write_config({"identity": {"seed": 24}}, ["a"])  # written before --image_format existed
     store.write_batch([0], torch.zeros(1, *SHAPE), [Image.new("RGB", (RES, RES))])
     store.check_config({"seed": 24, "image_format": "png"}, ["a"], False)
-    with pytest.raises(UserError, match="image_format: 'png' -> 'jpg'.*--overwrite"):
+    with pytest.raises(UserError, match="image_format: .png. -> .jpg.*--overwrite.*--image_format png"):
         SampleStore(tmp_path, RES).check_config({"seed": 24, "image_format": "jpg"}, ["a"], False)
 
 

@@ -110,8 +110,10 @@ class SampleStore:
         if changed is not None:
             diff.append(f"caption {changed}: {old_caps[changed][:40]!r} -> {captions[changed][:40]!r}")
         if diff:
+            keep = f" (or --image_format {old['image_format']} to keep them)" if old.get("image_format") != \
+                new.get("image_format") else ""
             raise UserError(f"'{self.folder}' holds samples made with other settings ({'; '.join(diff[:3])}): pass "
-                            "--overwrite to regenerate them, or choose another --output_dir")
+                            f"--overwrite to regenerate them{keep}, or choose another --output_dir")
         return False
 
     def has_samples(self) -> bool:
@@ -141,9 +143,14 @@ class SampleStore:
 
     def done(self, indices) -> set[int]:
         """Of ``indices``, those whose latent row AND image (complete, at the right size) are written."""
+        from concurrent.futures import ThreadPoolExecutor
+
         stored = self.stored_indices()
         res = (self.resolution, self.resolution)
-        return {i for i in indices if i in stored and image_complete(self.image_path(i), res)}
+        candidates = [i for i in indices if i in stored]
+        with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # PIL decodes outside the GIL
+            ok = pool.map(lambda i: image_complete(self.image_path(i), res), candidates)
+            return {i for i, good in zip(candidates, ok) if good}
 
     # -- writing ---------------------------------------------------------------------------------
 
