@@ -597,6 +597,8 @@ ERROR_CASES = {
                                   ["initial noise seed 24 (references) vs seed 25", "--train_data_dir"]),
     "student: other resolution": ("student", lambda c: c.student(extra=["--resolution", "32"]),
                                   ["resolution 64 (references) vs 32", "--train_data_dir"]),
+    "student: init noise of another size": ("student", lambda c: c.student(extra=["--init_noise", c.noise32]),
+                                            ["resolution 64 (references) vs 32", "--init_noise"]),
     "student: N not dividing the timesteps": (
         "student", lambda c: c.student(extra=["--num_original_inference_steps", "7", "--allow_reference_mismatch"]),
         ["--num_original_inference_steps 7", "1000 train timesteps"]),

@@ -572,8 +572,11 @@ def student_main(argv=None) -> list[dict]:
     args.lora_rank = int(pick(args.lora_rank, "lora_rank", None, 64))
     args.lora_alpha = float(pick(args.lora_alpha, "lora_alpha", None, 64))
     args.lora_target_modules = list(pick(args.lora_target_modules, "lora_target_modules", None, DEFAULT_LORA_TARGETS))
-    # The noise and the resolution default to the references' (a one-to-one comparison needs the same).
-    for key in ("seed", "init_noise", "resolution"):
+    # The noise and the resolution default to the references' (a one-to-one comparison needs the same);
+    # a noise file given here fixes the resolution itself.
+    if args.resolution is None and args.init_noise is None:
+        args.resolution = t_id.get("resolution", t_args.get("resolution"))
+    for key in ("seed", "init_noise"):
         if getattr(args, key) is None:
             setattr(args, key, t_id.get(key, t_args.get(key)))
     args.seed = 24 if args.seed is None else args.seed
