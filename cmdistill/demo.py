@@ -141,7 +141,10 @@ def picture(out: Path, teacher_dir: Path, runs: dict, steps_list: list[int], n: 
             sub = list((folder / "train_gen_images").glob(f"*/{k}_steps"))
             if sub:
                 rows.append((f"{name} {k}", sub[0]))
-    first = Image.open(teacher_dir / "0.png")
+    def sample(folder: Path, i: int) -> Path:
+        return next((p for p in (folder / f"{i}.jpg", folder / f"{i}.png") if p.is_file()), folder / f"{i}.jpg")
+
+    first = Image.open(sample(teacher_dir, 0))
     s = first.width
     label_w = 110
     canvas = Image.new("RGB", (label_w + n * s, len(rows) * s), "white")
@@ -149,7 +152,7 @@ def picture(out: Path, teacher_dir: Path, runs: dict, steps_list: list[int], n: 
     for r, (label, folder) in enumerate(rows):
         draw.text((4, r * s + s // 2 - 6), label, fill="black")
         for c in range(n):
-            p = folder / f"{c}.png"
+            p = sample(folder, c)
             if p.is_file():
                 canvas.paste(Image.open(p).convert("RGB"), (label_w + c * s, r * s))
     path = out / "comparison.png"

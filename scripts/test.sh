@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Student samples with the paper's settings (SPEC §8-§9): the LoRA of a training run, 1, 2, 4 and 8
 # consistency steps on the N = 100 grid, from the teacher's noise, scored against the teacher's samples
-# (FID, FD-DINO, CLIP, aesthetic, ODE solving error). Resumable: rerun to continue.
+# (FID, FD-DINO, CLIP, aesthetic, ODE solving error). The references must match the run (N, w, resolution,
+# noise: test.py checks). Resumable: rerun to continue.
 #
 #   OUTPUT_DIR=runs/direct_cm bash scripts/test.sh [more test.py flags, e.g. --lora_weights checkpoint-100]
 #
@@ -18,6 +19,7 @@ TEACHER_DIR=${TEACHER_DIR:-results/teacher-ddim/train_gen_images/100_steps/9.0_g
 MODEL_NAME=${MODEL_NAME:-}                                  # empty: training_config.json's teacher
 VAE_PATH=${VAE_PATH:-}                                      # empty: training_config.json's VAE
 INIT_NOISE=${INIT_NOISE:-}                                  # empty: the teacher folder's noise
+IMAGE_FORMAT=${IMAGE_FORMAT:-jpg}                           # jpg (the paper's) or png
 NUM_INFERENCE_STEPS=${NUM_INFERENCE_STEPS:-1 2 4 8}
 LORA_WEIGHTS=${LORA_WEIGHTS:-auto}
 LORA_SCALE=${LORA_SCALE:-1.0}
@@ -39,6 +41,7 @@ python -m cmdistill.launch test.py \
     --lora_scale="$LORA_SCALE" \
     --weight_dtype="$WEIGHT_DTYPE" \
     --batch_size="$BATCH_SIZE" \
+    --image_format="$IMAGE_FORMAT" \
     $([ "${COMPILE:-0}" != 0 ] && echo --compile) \
     $([ "${COMPILE:-0}" != 0 ] && [ "${CHANNELS_LAST:-1}" != 0 ] && echo --compile_channels_last) \
     --dgm_metrics $DGM_METRICS \

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Teacher reference samples with the paper's settings (SPEC §8-§9): DDIM, N = 100, w = 9, one image per
-# training caption at 1024 px, scored against the real training images. Resumable: rerun to continue.
+# training caption at the model's own size (1024 px for SDXL), saved as {i}.jpg (JPEG quality 75) and scored
+# against the raw real training images. Resumable: rerun to continue.
 #
 #   bash scripts/test_teacher.sh [more test_teacher.py flags, e.g. --max_prompts 64]
 #
@@ -19,7 +20,8 @@ INIT_NOISE=${INIT_NOISE:-}                                  # e.g. data/init_noi
 SCHEDULER=${SCHEDULER:-ddim}
 NUM_ORIGINAL_INFERENCE_STEPS=${NUM_ORIGINAL_INFERENCE_STEPS:-100}
 GUIDANCE_SCALE=${GUIDANCE_SCALE:-9.0}
-RESOLUTION=${RESOLUTION:-1024}
+RESOLUTION=${RESOLUTION:-}                                  # empty: the init-noise file's size, else the model's
+IMAGE_FORMAT=${IMAGE_FORMAT:-jpg}                           # jpg (the paper's) or png
 WEIGHT_DTYPE=${WEIGHT_DTYPE:-fp16}
 BATCH_SIZE=${BATCH_SIZE:-16}
 SEED=${SEED:-24}
@@ -37,7 +39,8 @@ python -m cmdistill.launch test_teacher.py \
     --scheduler="$SCHEDULER" \
     --num_original_inference_steps="$NUM_ORIGINAL_INFERENCE_STEPS" \
     --guidance_scale="$GUIDANCE_SCALE" \
-    --resolution="$RESOLUTION" \
+    ${RESOLUTION:+--resolution="$RESOLUTION"} \
+    --image_format="$IMAGE_FORMAT" \
     --weight_dtype="$WEIGHT_DTYPE" \
     --batch_size="$BATCH_SIZE" \
     $([ "${COMPILE:-0}" != 0 ] && echo --compile) \

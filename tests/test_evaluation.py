@@ -156,7 +156,7 @@ def write_training_run(unet, pipeline, out: Path) -> Path:
     save_lora(unet, out)
     cfg = {"lora_rank": 4, "lora_alpha": 4, "lora_target_modules": list(DEFAULT_LORA_TARGETS),
            "num_discr_timesteps": N, "timestep_scaling_factor": 10.0, "pretrained_teacher_model": str(pipeline),
-           "pretrained_vae_model_name_or_path": None, "resolution": RES, "objective": "cm"}
+           "pretrained_vae_model_name_or_path": None, "resolution": RES, "objective": "cm", "w": W}
     (out / "training_config.json").write_text(json.dumps(cfg))
     return out
 
@@ -183,7 +183,7 @@ def student_out(student_unet, tiny_pipeline, teacher_out, tmp_path_factory):
 
 
 def mtimes(folder: Path) -> dict:
-    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")}
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.jpg")}
 
 
 def expect_user_error(main, argv, capsys, *fragments):
@@ -259,13 +259,22 @@ def test_student_sampler_is_deterministic_and_batch_independent(teacher_models):
 # The programs end to end
 
 
-def test_teacher_program_files(teacher_out, tiny_image_folder):
+def test_teacher_program_files(teacher_out, teacher_models):
+    """{i}.jpg, byte for byte what PIL's default save (quality 75) makes of the decoded latents, as the
+    paper's image.save(f"{i}.jpg"); no cropped copies of the real images (the raw files are the reference)."""
+    import io
+
+    from cmdistill.evaluation.generate import decode
+
     folder = teacher_out / SAMPLES
-    for i in range(5):
-        with Image.open(folder / f"{i}.png") as im:
-            assert im.size == (RES, RES)
-        with Image.open(teacher_out / "real_images" / f"{RES}px" / f"{i}.png") as im:
-            assert im.size == (RES, RES)  # the non-square real images, resized and center-cropped
+    latents = torch.load(folder / "latents.pt")
+    for i, im in enumerate(decode(teacher_models.vae, latents, 5)):
+        buf, q75 = io.BytesIO(), io.BytesIO()
+        im.save(buf, format="JPEG")
+        im.save(q75, format="JPEG", quality=75)
+        assert (folder / f"{i}.jpg").read_bytes() == buf.getvalue() == q75.getvalue()
+        assert not (folder / f"{i}.png").exists()
+    assert not (teacher_out / "real_images").exists()
     assert not (folder / "shards").exists()
     assert json.loads((folder / "captions.json").read_text()) == TINY_CAPTIONS
     cfg = json.loads((folder / "eval_config.json").read_text())
@@ -288,8 +297,8 @@ def test_student_program_files_and_scores(student_out, teacher_out):
         assert row["method"] == "cm" and row["num_inference_steps"] == k and row["num_images"] == 5
         s, t = torch.load(folder / "latents.pt").double(), torch.load(teacher / "latents.pt").double()
         assert row["ode_error"] == pytest.approx(((s - t) ** 2).flatten(1).mean(1).mean().item(), rel=1e-9)
-        px = [np.mean((np.asarray(Image.open(folder / f"{i}.png"), float) / 255 -
-                       np.asarray(Image.open(teacher / f"{i}.png"), float) / 255) ** 2) for i in range(5)]
+        px = [np.mean((np.asarray(Image.open(folder / f"{i}.jpg"), float) / 255 -
+                       np.asarray(Image.open(teacher / f"{i}.jpg"), float) / 255) ** 2) for i in range(5)]
         assert row["pixel_mse"] == pytest.approx(np.mean(px))
         assert json.loads((folder / "eval_config.json").read_text())["identity"]["num_inference_steps"] == k
     assert len((student_out / "results.csv").read_text().strip().splitlines()) == 3
@@ -325,10 +334,13 @@ def test_rerun_skips_finished_work_and_redoes_missing(tiny_pipeline, tiny_image_
     teacher_main(teacher_argv(tiny_pipeline, tiny_image_folder, teacher_out))
     assert "5 of this process's 5 captions already done" in capsys.readouterr().out
     assert mtimes(folder) == before
-    (folder / "3.png").unlink()
+    (folder / "3.jpg").unlink()
+    full = (folder / "1.jpg").read_bytes()
+    (folder / "1.jpg").write_bytes(full[:len(full) // 2])  # truncated: its header still reads
     teacher_main(teacher_argv(tiny_pipeline, tiny_image_folder, teacher_out, "--batch_size", 5))
     after = mtimes(folder)
-    assert {k for k in after if after[k] != before.get(k)} == {"3.png"}
+    assert {k for k in after if after[k] != before.get(k)} == {"1.jpg", "3.jpg"}
+    assert (folder / "1.jpg").read_bytes() == full
     assert_close(torch.load(folder / "latents.pt"), latents)
 
 
@@ -389,8 +401,8 @@ def test_two_processes_write_the_same_files_as_one(tiny_pipeline, tiny_image_fol
     assert json.loads((two / "eval_config.json").read_text())["num_processes"] == 2
     assert_close(torch.load(two / "latents.pt"), torch.load(one / "latents.pt"))
     for i in range(5):
-        a, b = (np.asarray(Image.open(d / f"{i}.png"), dtype=int) for d in (one, two))
-        assert np.abs(a - b).max() <= 1
+        a, b = (np.asarray(Image.open(d / f"{i}.jpg"), dtype=int) for d in (one, two))
+        assert np.abs(a - b).mean() <= 0.5
 
 
 def test_student_script_reruns_nothing_when_done(student_out, teacher_out):
@@ -405,34 +417,88 @@ def test_student_script_reruns_nothing_when_done(student_out, teacher_out):
     assert mtimes(student_out / "train_gen_images" / "final" / "2_steps") == before
 
 
-def test_metrics_are_recorded(tiny_pipeline, tiny_image_folder, teacher_out, student_out, monkeypatch):
-    """Through cmdistill.metrics: an FD with a small registered extractor (6-d colour statistics, so
-    that no 2048-d matrix square root runs on the CPU) and the CLIP / aesthetic scores with the metric
-    module's tiny random-weight networks."""
-    metrics = pytest.importorskip("cmdistill.metrics")
+class Colour(torch.nn.Module):
+    def forward(self, x):
+        return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+
+
+def colour_preprocess(im):
     import torchvision.transforms.functional as TF
 
-    class Colour(torch.nn.Module):
-        def forward(self, x):
-            return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+    return TF.to_tensor(im.convert("RGB").resize((16, 16)))  # squashed full frame, no crop
 
+
+@pytest.fixture
+def colour_metrics(monkeypatch):
+    """cmdistill.metrics with a small registered FD extractor (6-d colour statistics, so that no 2048-d
+    matrix square root runs on the CPU) and the tiny random-weight CLIP / aesthetic networks."""
+    metrics = pytest.importorskip("cmdistill.metrics")
     metrics.register_feature_extractor("colour", lambda *, device, weights_dir: metrics.FeatureExtractor(
-        name="colour", model=Colour(), preprocess=lambda im: TF.to_tensor(im.resize((16, 16))), dim=6,
-        identity="colour-v1", preprocess_id="16px"))
+        name="colour", model=Colour(), preprocess=colour_preprocess, dim=6, identity="colour-v1",
+        preprocess_id="16px"))
     monkeypatch.setenv("CMDISTILL_METRICS_RANDOM_WEIGHTS", "tiny")
     monkeypatch.setenv("CMDISTILL_METRICS_WORKERS", "0")
-    flags = ["--dgm_models", "colour", "--dgm_metrics", "fd", "--instance_metrics", "clip_score", "aesthetic",
-             "--dgm_metrics_batch_size", "4"]
+    return metrics, ["--dgm_models", "colour", "--dgm_metrics", "fd", "--instance_metrics", "clip_score",
+                     "aesthetic", "--dgm_metrics_batch_size", "4"]
+
+
+def colour_features(paths):
+    return np.stack([Colour()(colour_preprocess(Image.open(p))[None])[0].numpy() for p in paths])
+
+
+def test_metrics_are_recorded(tiny_pipeline, tiny_image_folder, teacher_out, student_out, colour_metrics, capsys):
+    """FD from the saved files against the raw real images; CLIP / aesthetic scores recorded (here from the
+    files, with a warning: these samples were generated without instance metrics)."""
+    from cmdistill.metrics import frechet_distance
+
+    metrics, flags = colour_metrics
     keys = {"fd_colour", "clip_score", "aesthetic_score"}
     teacher_main(teacher_argv(tiny_pipeline, tiny_image_folder, teacher_out) + flags)
+    assert "were not stored at generation" in capsys.readouterr().err
     row = results.load(teacher_out)[f"teacher/ddim/{N}_steps/{W}_gscale"]
     assert keys <= set(row) and all(math.isfinite(row[k]) for k in keys)
+    assert row["real_reference"] == "raw" and row["image_format"] == "jpg"
+    real = sorted(tiny_image_folder.glob("*.jpg"))  # the raw, non-square files
+    gen = [teacher_out / SAMPLES / f"{i}.jpg" for i in range(5)]
+    assert row["fd_colour"] == pytest.approx(frechet_distance(colour_features(real), colour_features(gen)), rel=1e-6)
     assert list((teacher_out / "metrics_cache").glob("ref_colour_*"))  # real-image features, cached
     student_main(["--output_dir", str(student_out), "--train_data_dir", str(teacher_out / SAMPLES),
                   "--num_inference_steps", "1", *flags])
     row = results.load(student_out)["student/final/1_steps"]
     assert keys | {"ode_error"} <= set(row) and all(math.isfinite(row[k]) for k in keys)
     assert list((teacher_out / SAMPLES / "metrics_cache").glob("ref_colour_*"))  # teacher-image features
+
+
+def test_instance_metrics_read_the_in_memory_images(tiny_pipeline, tiny_image_folder, teacher_models, colour_metrics,
+                                                    tmp_path, capsys):
+    """Generated with instance metrics: the CLIP features of the images before JPEG are stored with the
+    samples and score CLIP / aesthetic; FD reads the JPEG files. The crop of the real images is opt-in."""
+    from cmdistill.evaluation.generate import decode
+    from cmdistill.evaluation.store import FEATURES_NAME
+
+    metrics, flags = colour_metrics
+    out = tmp_path / "t"
+    teacher_main(teacher_argv(tiny_pipeline, tiny_image_folder, out, "--max_prompts", 2, "--real_image_crop")
+                 + flags)
+    assert "were not stored" not in capsys.readouterr().err
+    folder = out / SAMPLES
+    stored = torch.load(folder / FEATURES_NAME)["clip"]
+    assert stored["indices"].tolist() == [0, 1]
+    images = decode(teacher_models.vae, torch.load(folder / "latents.pt"), 2)
+    memory = metrics.image_features(images, ["clip"])["clip"]
+    assert stored["identity"] == memory["identity"]
+    np.testing.assert_allclose(stored["features"].numpy(), memory["features"], rtol=1e-5, atol=1e-6)
+    files = metrics.image_features([Image.open(folder / f"{i}.jpg") for i in range(2)], ["clip"])["clip"]
+    assert not np.allclose(files["features"], memory["features"], rtol=1e-5, atol=1e-6)  # JPEG changed them
+    row = results.load(out)[f"teacher/ddim/{N}_steps/{W}_gscale"]
+    expected = metrics.compute_metrics([folder / f"{i}.jpg" for i in range(2)], None, TINY_CAPTIONS[:2],
+                                       dgm_metrics=(), instance_metrics=("clip_score",),
+                                       gen_features={"clip": memory["features"]})
+    assert row["clip_score"] == pytest.approx(expected["clip_score"], rel=1e-5)
+    assert row["real_reference"] == "crop"
+    for i in range(2):
+        with Image.open(out / "real_images" / f"{RES}px" / f"{i}.png") as im:
+            assert im.size == (RES, RES)  # the non-square real images, resized and center-cropped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,3 +529,186 @@ def test_bad_inputs_give_one_line_errors(tiny_pipeline, tiny_image_folder, teach
     expect_user_error(student_main, ["--output_dir", empty, "--train_data_dir", teacher_out], capsys,
                       "pass one of its sample folders")
     capsys.readouterr()
+
+
+def _broken_teacher(teacher_out, tmp_path, broken):
+    import shutil
+
+    folder = tmp_path / "teacher_copy"
+    shutil.copytree(teacher_out / SAMPLES, folder, ignore=shutil.ignore_patterns("metrics_cache"))
+    broken(folder)
+    return folder
+
+
+def _run_copy(student_unet, tiny_pipeline, tmp_path, **cfg):
+    out = write_training_run(student_unet, tiny_pipeline, tmp_path / "run")
+    path = out / "training_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **cfg}))
+    return out
+
+
+def _nan_lora(out):
+    from safetensors.torch import load_file, save_file
+
+    for d in (out, out / "checkpoint-2"):
+        sd = load_file(d / "pytorch_lora_weights.safetensors")
+        sd[next(iter(sd))][0] = float("nan")
+        save_file(sd, d / "pytorch_lora_weights.safetensors")
+    return out
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+ERROR_CASES = {
+    # name: (program, argv builder(ctx), fragments of the one error line)
+    "teacher: missing data folder": ("teacher", lambda c: teacher_argv(c.pipe, c.tmp / "nope", c.tmp / "t"),
+                                     ["--train_data_dir", "does not exist"]),
+    "teacher: N not dividing the timesteps": (
+        "teacher", lambda c: teacher_argv(c.pipe, c.data, c.tmp / "t") + ["--num_original_inference_steps", "7"],
+        ["--num_original_inference_steps 7", "1000 train timesteps"]),
+    "teacher: init noise of another size": (
+        "teacher", lambda c: teacher_argv(c.pipe, c.data, c.tmp / "t", "--init_noise", c.noise32),
+        ["--init_noise", "noise32.pt", "--resolution 64", "drop --resolution"]),
+    "teacher: corrupt latents.pt of a rerun": (
+        "teacher", lambda c: teacher_argv(c.pipe, c.data, c.copy_teacher_out(
+            lambda f: (f / "latents.pt").write_bytes(b"not a tensor"))),
+        ["latents.pt", "cannot be read", "delete it"]),
+    "student: corrupt latents.pt": (
+        "student", lambda c: c.student(c.teacher(lambda f: (f / "latents.pt").write_bytes(b"\x00" * 64))),
+        ["latents.pt", "cannot be read", "test_teacher.py"]),
+    "student: truncated teacher image": (
+        "student", lambda c: c.student(c.teacher(lambda f: _truncate(f / "3.jpg"))),
+        ["3.jpg", "truncated or corrupt", "test_teacher.py"]),
+    "student: corrupt eval_config.json": (
+        "student", lambda c: c.student(c.teacher(lambda f: (f / "eval_config.json").write_text("{"))),
+        ["eval_config.json", "not readable JSON"]),
+    "student: NaN LoRA": ("student", lambda c: c.student(run=_nan_lora(c.run())),
+                          ["pytorch_lora_weights.safetensors", "non-finite", "--lora_weights"]),
+    "student: unreadable LoRA": (
+        "student", lambda c: c.student(run=c.run(lambda r: (r / "pytorch_lora_weights.safetensors").write_bytes(b"x"))),
+        ["pytorch_lora_weights.safetensors", "cannot be read", "--lora_weights"]),
+    "student: references of another N and w": (
+        "student", lambda c: c.student(run=c.run(num_discr_timesteps=20, w=9.0)),
+        ["N 10 (references) vs 20", "w 3.0 (references) vs 9.0", "--guidance_scale 9.0",
+         "--allow_reference_mismatch"]),
+    "student: other noise seed": ("student", lambda c: c.student(extra=["--seed", "25"]),
+                                  ["initial noise seed 24 (references) vs seed 25", "--train_data_dir"]),
+    "student: other resolution": ("student", lambda c: c.student(extra=["--resolution", "32"]),
+                                  ["resolution 64 (references) vs 32", "--train_data_dir"]),
+    "student: init noise of another size": ("student", lambda c: c.student(extra=["--init_noise", c.noise32]),
+                                            ["resolution 64 (references) vs 32", "--init_noise"]),
+    "student: N not dividing the timesteps": (
+        "student", lambda c: c.student(extra=["--num_original_inference_steps", "7", "--allow_reference_mismatch"]),
+        ["--num_original_inference_steps 7", "1000 train timesteps"]),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_error_classes_are_one_line_before_loading(case, tiny_pipeline, tiny_image_folder, teacher_out, student_unet,
+                                                   tmp_path, capsys, monkeypatch):
+    """Each bad input: exit status 2, one line naming the file or flag and the fix, no traceback, and no
+    model loaded (the loader is replaced by one that fails the test)."""
+    import cmdistill.evaluation.cli as cli
+
+    def no_load(*a, **k):
+        raise AssertionError("models loaded before the input was checked")
+
+    monkeypatch.setattr(cli, "load_models", no_load)
+    program, build, fragments = ERROR_CASES[case]
+    torch.save(torch.zeros(5, 4, 4, 4), tmp_path / "noise32.pt")
+
+    def copy_teacher_out(broken):
+        import shutil
+
+        out = tmp_path / "teacher_out"
+        shutil.copytree(teacher_out, out)
+        broken(out / SAMPLES)
+        return out
+
+    def run(broken=None, **cfg):
+        out = _run_copy(student_unet, tiny_pipeline, tmp_path, **cfg)
+        if broken:
+            broken(out)
+        return out
+
+    def student(folder=None, run=None, extra=()):
+        run = run or _run_copy(student_unet, tiny_pipeline, tmp_path)
+        return ["--output_dir", run, "--train_data_dir", folder or teacher_out / SAMPLES, "--num_inference_steps",
+                "1", *NO_METRICS, *extra]
+
+    ctx = SimpleNamespace(pipe=tiny_pipeline, data=tiny_image_folder, tmp=tmp_path, noise32=tmp_path / "noise32.pt",
+                          teacher=lambda broken: _broken_teacher(teacher_out, tmp_path, broken), run=run,
+                          student=student, copy_teacher_out=copy_teacher_out)
+    expect_user_error(teacher_main if program == "teacher" else student_main, build(ctx), capsys, *fragments)
+
+
+def test_reference_mismatch_can_be_allowed(student_unet, tiny_pipeline, teacher_out, tmp_path, capsys):
+    run = write_training_run(student_unet, tiny_pipeline, tmp_path / "run")
+    student_main(["--output_dir", str(run), "--train_data_dir", str(teacher_out / SAMPLES), "--seed", "25",
+                  "--num_inference_steps", "1", "--max_prompts", "1", "--allow_reference_mismatch", *NO_METRICS])
+    err = capsys.readouterr().err
+    assert "initial noise seed 24 (references) vs seed 25" in err and "--allow_reference_mismatch" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags, defaults, captions
+
+
+def test_every_flag_has_help_and_shows_its_default():
+    import re
+
+    from cmdistill.evaluation.cli import init_noise_parser, student_parser, teacher_parser
+
+    for parser in (teacher_parser(), student_parser(), init_noise_parser()):
+        text = parser.format_help()
+        for action in parser._actions:
+            assert action.help and action.help.strip(), action.option_strings
+            if action.default not in (None, False) and action.option_strings and action.dest != "help":
+                assert f"{action.option_strings[0]}" in text
+        assert not re.search(r"\d\s*(s|min|GiB|ms)\b|H100|H200|img/s", text), text
+        assert text.count("(default:") >= sum(a.default not in (None, "==SUPPRESS==") for a in parser._actions) - 1
+    own = {a.dest for a in student_parser()._actions} - {a.dest for a in teacher_parser()._actions}
+    assert {"lora_weights", "allow_reference_mismatch"} <= own
+    assert "real_image_crop" not in {a.dest for a in student_parser()._actions}
+    assert "compile_freezing" not in {a.dest for a in student_parser()._actions}
+
+
+def test_resolution_defaults_to_the_init_noise_file_then_the_model(tiny_pipeline, tmp_path):
+    from cmdistill.evaluation.cli import _resolve_size_and_grid
+
+    def resolved(**kw):
+        args = SimpleNamespace(pretrained_teacher_model=str(tiny_pipeline), pretrained_vae_model_name_or_path=None,
+                               revision=None, teacher_revision=None, **{"resolution": None, "init_noise": None, **kw})
+        _resolve_size_and_grid(args, N, "--num_original_inference_steps")
+        return args.resolution
+
+    assert resolved() == RES  # the tiny UNet's sample_size 8 x the VAE factor 8
+    torch.save(torch.zeros(5, 4, 4, 4), tmp_path / "noise32.pt")
+    assert resolved(init_noise=str(tmp_path / "noise32.pt")) == 32
+
+
+def test_old_png_samples_need_overwrite_or_png(tmp_path):
+    from cmdistill.errors import UserError
+    from cmdistill.evaluation.store import SampleStore
+
+    store = SampleStore(tmp_path, RES, "png")
+    store.write_config({"identity": {"seed": 24}}, ["a"])  # written before --image_format existed
+    store.write_batch([0], torch.zeros(1, *SHAPE), [Image.new("RGB", (RES, RES))])
+    store.check_config({"seed": 24, "image_format": "png"}, ["a"], False)
+    with pytest.raises(UserError, match="image_format: .png. -> .jpg.*--overwrite.*--image_format png"):
+        SampleStore(tmp_path, RES).check_config({"seed": 24, "image_format": "jpg"}, ["a"], False)
+
+
+def test_empty_captions_stay_empty_and_are_counted(tmp_path):
+    from cmdistill.evaluation.inputs import empty_caption_note, read_captions_file, read_metadata
+
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.jpg", "text": null}\n'
+                                             '{"file_name": "b.jpg", "text": "a dog"}\n')
+    captions, _ = read_metadata(tmp_path)
+    assert captions == ["", "a dog"]
+    (tmp_path / "caps.json").write_text('[null, "", "a cat"]')
+    assert read_captions_file(tmp_path / "caps.json") == ["", "", "a cat"]
+    assert empty_caption_note(["", " ", "a"], "caps") == "2 of 3 captions of caps are empty: kept as empty strings"
+    assert empty_caption_note(["a"], "caps") is None

@@ -559,3 +559,37 @@ def test_compute_metrics_input_errors(tmp_path):
     with pytest.raises(UserError, match="not found"):
         compute_metrics(gen + [str(tmp_path / "missing.png")], None, ["a"] * 3, dgm_metrics=(),
                         instance_metrics=("clip_score",))
+
+
+def test_given_features_score_instance_metrics_and_files_the_fd(toy_encoder, tmp_path, monkeypatch):
+    """``gen_features`` (the in-memory images' features) feed the instance metrics only; the FD with the
+    same extractor still reads the files."""
+    monkeypatch.setenv("CMDISTILL_METRICS_WORKERS", "0")
+    net, _, _ = toy_encoder
+    seen = {}
+    inst.register_instance_metric("toy_mean", lambda ctx: seen.setdefault("f", ctx.features["toy"]).mean(),
+                                  requires=("toy",))
+    try:
+        rng = np.random.default_rng(13)
+        gen, ref = _write_pngs(rng, tmp_path / "gen", 4), _write_pngs(rng, tmp_path / "ref", 5)
+        given = np.full((4, 6), 7.0, np.float32)
+        out = compute_metrics(gen, ref, ["a"] * 4, dgm_models=("toy",), instance_metrics=("toy_mean",),
+                              gen_features={"toy": given})
+        assert out["toy_mean"] == pytest.approx(7.0) and seen["f"] is not None
+        files = compute_metrics(gen, ref, ["a"] * 4, dgm_models=("toy",), instance_metrics=("none",))
+        assert out["fd_toy"] == pytest.approx(files["fd_toy"], rel=1e-6)
+        with pytest.raises(UserError, match="3 stored toy features for 4 generated images"):
+            compute_metrics(gen, ref, ["a"] * 4, dgm_models=("toy",), instance_metrics=("toy_mean",),
+                            gen_features={"toy": given[:3]})
+    finally:
+        inst._METRICS.pop("toy_mean", None)
+
+
+def test_image_that_does_not_decode_is_one_line_error(toy_encoder, tmp_path, monkeypatch):
+    monkeypatch.setenv("CMDISTILL_METRICS_WORKERS", "0")
+    rng = np.random.default_rng(14)
+    gen = _write_pngs(rng, tmp_path / "gen", 3)
+    bad = tmp_path / "gen" / "001.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated: the header reads, the pixels do not
+    with pytest.raises(UserError, match=r"001\.png' does not decode"):
+        compute_metrics(gen, gen[:1] * 2, [], dgm_models=("toy",), instance_metrics=("none",))

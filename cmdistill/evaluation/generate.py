@@ -125,8 +125,10 @@ def student_sampler(models: Models, num_discr: int, num_steps: int, seed: int, t
 
 @torch.inference_mode()
 def generate(store: SampleStore, todo: list[int], captions: list[str], init_noise, sample: Sampler, models: Models,
-             batch_size: int, vae_batch_size: int, desc: str, show_progress: bool) -> None:
-    """Generate the captions ``todo`` in batches; each batch's images and latents are committed at once."""
+             batch_size: int, vae_batch_size: int, desc: str, show_progress: bool,
+             featurize: Callable | None = None) -> None:
+    """Generate the captions ``todo`` in batches; each batch's images and latents are committed at once,
+    with ``featurize(images)`` (the instance metrics' features of the in-memory images) if given."""
     bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not show_progress, dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}, {rate_fmt}]")
     for b in range(0, len(todo), batch_size):
@@ -134,7 +136,8 @@ def generate(store: SampleStore, todo: list[int], captions: list[str], init_nois
         cond = conditioning(models, [captions[i] for i in idx], store.resolution)
         x_T = init_noise(idx).to(models.device)
         latents = sample(x_T, cond, idx, lambda f: bar.update(f * len(idx)))
-        store.write_batch(idx, latents, decode(models.vae, latents, vae_batch_size))
+        images = decode(models.vae, latents, vae_batch_size)
+        store.write_batch(idx, latents, images, featurize(images) if featurize else None)
         bar.n = b + len(idx)
         bar.refresh()
     bar.close()

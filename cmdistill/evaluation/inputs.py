@@ -20,6 +20,18 @@ METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 # Captions
 
 
+def caption_text(value) -> str:
+    """A caption as text: a missing or empty one is the empty string (never "None"), as in training.
+    Switch to ``cmdistill.data.caption_text`` once it exists there (the same rule)."""
+    return "" if value is None or (isinstance(value, float) and value != value) else str(value)
+
+
+def empty_caption_note(captions: list[str], source) -> str | None:
+    """One line counting the empty captions of ``source``, or None."""
+    n = sum(not c.strip() for c in captions)
+    return f"{n} of {len(captions)} captions of {source} are empty: kept as empty strings" if n else None
+
+
 def _read_table(path: Path) -> list[dict]:
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
@@ -46,7 +58,7 @@ def read_metadata(data_dir: str | Path, caption_column: str = "text", image_colu
     for col, name in ((caption_column, "--caption_column"), (image_column, "--image_column")):
         if col is not None and col not in columns:
             raise UserError(f"{name} '{col}' is not a column of {meta} (columns: {', '.join(columns) or 'none'})")
-    captions = [str(r[caption_column]) for r in rows]
+    captions = [caption_text(r[caption_column]) for r in rows]
     images = [data_dir / r[image_column] for r in rows] if image_column else None
     return captions, images
 
@@ -60,7 +72,7 @@ def read_captions_file(path: str | Path) -> list[str]:
         captions = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(captions, list):
             raise UserError(f"--captions_file {path}: a JSON file must hold a list of captions")
-        return [str(c) for c in captions]
+        return [caption_text(c) for c in captions]
     return path.read_text(encoding="utf-8").splitlines()
 
 
@@ -70,6 +82,31 @@ def captions_digest(captions: list[str]) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Initial noise (SPEC §8: teacher and student start from the same noise per caption)
+
+
+def model_defaults(model: str, vae: str | None = None, revision: str | None = None,
+                   teacher_revision: str | None = None) -> tuple[int, int]:
+    """(image size, number of train timesteps) of a pipeline, from its config files only. The size is
+    the pipeline's default: the UNet's ``sample_size`` times the VAE's downsampling factor
+    (2 ** (number of VAE blocks - 1)), what ``StableDiffusionXLPipeline`` samples without ``height``."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from ..models import resolve_model_path
+
+    path = resolve_model_path(model, teacher_revision)
+    vae_path = resolve_model_path(vae, revision, flag="--pretrained_vae_model_name_or_path") if vae else None
+    try:
+        unet = UNet2DConditionModel.load_config(path, subfolder="unet", revision=teacher_revision)
+        vae_cfg = (AutoencoderKL.load_config(vae_path, revision=revision) if vae_path else
+                   AutoencoderKL.load_config(path, subfolder="vae", revision=teacher_revision))
+        sched = DDPMScheduler.load_config(path, subfolder="scheduler", revision=teacher_revision)
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"--pretrained_teacher_model '{model}': cannot read its unet / vae / scheduler config "
+                        f"({first[:200]}): is it an SDXL pipeline folder or hub id?") from None
+    size = unet.get("sample_size")
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    return int(size) * 2 ** (len(vae_cfg["block_out_channels"]) - 1), int(sched.get("num_train_timesteps", 1000))
 
 
 def latent_shape(resolution: int) -> tuple[int, int, int]:
@@ -90,22 +127,21 @@ class InitNoise:
         self.table = None
         if path is None:
             return
-        if not os.path.isfile(path):
-            raise UserError(f"--init_noise: '{path}' does not exist (make it with scripts/make_init_noise.py)")
-        try:
-            table = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
-            table = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(table, torch.Tensor) or table.ndim != 4:
-            raise UserError(f"--init_noise {path}: expected a tensor [num_captions, 4, H/8, W/8]")
+        table = read_noise_file(path)
         if table.shape[0] != num_captions:
             raise UserError(f"--init_noise {path} has {table.shape[0]} rows but there are {num_captions} captions: "
                             f"make a matching file (scripts/make_init_noise.py --num_captions {num_captions}) "
                             "or evaluate the captions it was made for")
         if tuple(table.shape[1:]) != self.shape:
-            raise UserError(f"--init_noise {path} holds noise of shape {tuple(table.shape[1:])} but --resolution "
-                            f"{resolution} needs {self.shape}")
+            raise UserError(f"--init_noise {path} holds noise of shape {tuple(table.shape[1:])} ("
+                            f"{noise_resolution(table)} px) but --resolution {resolution} needs {self.shape}: drop "
+                            f"--resolution (the file fixes the size) or make the file with scripts/make_init_noise.py "
+                            f"--resolution {resolution}")
         self.table = table
+
+    def digest(self) -> float:
+        """Sum of |x_T| of caption 0: the same number for a file and the seeded noise it holds."""
+        return round(float(self([0])[0].double().abs().sum()), 6)
 
     def __call__(self, indices) -> torch.Tensor:
         if self.table is None:
@@ -119,6 +155,28 @@ class InitNoise:
         # The first row only: a file made for more captions (same seed) keeps earlier samples valid.
         return {"seed": self.seed, "init_noise": os.path.abspath(self.path),
                 "init_noise_row0": round(float(self.table[0].double().abs().sum()), 6)}
+
+
+def read_noise_file(path: str) -> torch.Tensor:
+    """The tensor of an ``--init_noise`` file (memory-mapped when possible); a one-line error otherwise."""
+    if not os.path.isfile(path):
+        raise UserError(f"--init_noise: '{path}' does not exist (make it with scripts/make_init_noise.py)")
+    try:
+        try:
+            table = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
+            table = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- any unreadable file is the same user error
+        raise UserError(f"--init_noise {path} cannot be read ({type(e).__name__}): make it again with "
+                        "scripts/make_init_noise.py") from None
+    if not isinstance(table, torch.Tensor) or table.ndim != 4:
+        raise UserError(f"--init_noise {path}: expected a tensor [num_captions, 4, H/8, W/8]")
+    return table
+
+
+def noise_resolution(table: torch.Tensor) -> int:
+    """The image size that noise ``[n, 4, h, w]`` is for (square images, VAE factor 8)."""
+    return int(table.shape[-1]) * 8
 
 
 def make_init_noise(path: str | Path, num_captions: int, resolution: int, seed: int, chunk: int = 256) -> Path:

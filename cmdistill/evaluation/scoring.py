@@ -20,8 +20,12 @@ def ode_error(student: torch.Tensor, teacher: torch.Tensor) -> float:
 def _pixels(path) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"image file '{path}' does not decode ({type(e).__name__}: truncated or corrupt): delete it "
+                        "and rerun the program that wrote it to regenerate it") from None
 
 
 def pixel_errors(gen_paths, ref_paths) -> dict:
@@ -35,20 +39,65 @@ def metric_names(names) -> list[str]:
     return [n for n in names if n.lower() != "none"]
 
 
-def quality_metrics(args, gen_paths, ref_paths, captions, device, cache_dir) -> dict:
-    """FID, FD-DINOv2, CLIP and aesthetic scores from ``cmdistill.metrics`` (imported only when asked)."""
-    dgm, instance = metric_names(args.dgm_metrics), metric_names(args.instance_metrics)
-    if not dgm and not instance:
-        return {}
+def _metrics():
     try:
-        from ..metrics import compute_metrics
+        from .. import metrics
     except ImportError as e:
         raise UserError(f"metrics need cmdistill.metrics ({e}); pass --dgm_metrics none --instance_metrics none "
                         "to skip them") from None
-    return compute_metrics([str(p) for p in gen_paths], [str(p) for p in ref_paths] if ref_paths else None,
-                           list(captions), dgm_metrics=dgm, dgm_models=args.dgm_models, instance_metrics=instance,
-                           batch_size=args.dgm_metrics_batch_size, device=device,
-                           weights_dir=args.metrics_weights_dir, cache_dir=str(cache_dir) if cache_dir else None)
+    return metrics
+
+
+def instance_featurizer(args, device):
+    """``images -> {extractor: {"identity", "features"}}`` for the instance metrics (CLIP and aesthetic
+    scores read the in-memory image, as the paper's scripts do), or None without instance metrics.
+    Loads the networks now, so that missing weights fail before the generator loads."""
+    instance = metric_names(args.instance_metrics)
+    if not instance:
+        return None
+    m = _metrics()
+    names = m.instance_extractor_names(instance)
+    for n in names:
+        m.load_feature_extractor(n, device=device, weights_dir=args.metrics_weights_dir)
+    return lambda images: m.image_features(images, names, device=device, weights_dir=args.metrics_weights_dir,
+                                           batch_size=args.dgm_metrics_batch_size)
+
+
+def stored_features(args, store, n: int, device) -> tuple[dict, list[str]]:
+    """The stored in-memory-image features of samples 0..n-1 that the instance metrics need, and notes
+    on the extractors whose features are missing for some sample (those are read from the files)."""
+    instance = metric_names(args.instance_metrics)
+    if not instance:
+        return {}, []
+    m = _metrics()
+    from ..metrics.compute import extractor_identity
+
+    stored, out, notes = store.instance_features(), {}, []
+    for name in m.instance_extractor_names(instance):
+        ex = m.load_feature_extractor(name, device=device, weights_dir=args.metrics_weights_dir)
+        entry = stored.get(name, {})
+        rows = entry.get("rows", {}) if entry.get("identity") == extractor_identity(ex) else {}
+        missing = sum(i not in rows for i in range(n))
+        if missing:
+            notes.append(f"{name} features of {missing} of {n} samples in '{store.folder}' were not stored at generation "
+                         "(generated without these instance metrics, or with other weights): read from the saved "
+                         "image files instead of the in-memory images")
+        else:
+            out[name] = torch.stack([rows[i] for i in range(n)]).numpy()
+    return out, notes
+
+
+def quality_metrics(args, gen_paths, ref_paths, captions, device, cache_dir, gen_features=None) -> dict:
+    """FID, FD-DINOv2, CLIP and aesthetic scores from ``cmdistill.metrics`` (imported only when asked):
+    FDs from the saved files, instance metrics from ``gen_features`` (the in-memory images) where given."""
+    dgm, instance = metric_names(args.dgm_metrics), metric_names(args.instance_metrics)
+    if not dgm and not instance:
+        return {}
+    return _metrics().compute_metrics(
+        [str(p) for p in gen_paths], [str(p) for p in ref_paths] if ref_paths else None, list(captions),
+        dgm_metrics=dgm, dgm_models=args.dgm_models, instance_metrics=instance, batch_size=args.dgm_metrics_batch_size,
+        device=device, weights_dir=args.metrics_weights_dir, cache_dir=str(cache_dir) if cache_dir else None,
+        gen_features=gen_features)
 
 
 def comparison_grid(rows: list[list[Path]], size: int = 256) -> torch.Tensor:

@@ -1,9 +1,12 @@
-"""A resumable folder of generated samples: ``{i}.png`` and ``latents.pt`` (row i = caption i).
+"""A resumable folder of generated samples: ``{i}.jpg`` (or ``{i}.png``) and ``latents.pt`` (row i = caption i).
 
-Every batch is written atomically: its images first, then one shard file with its latent rows,
-which commits the batch. A caption counts as done when its latent row exists and its image is
-there at the right size, so a rerun after a crash or with more captions does only what is left.
-At the end the main process merges the shards into ``latents.pt``.
+Images are saved as the paper's scripts save them: ``PIL.Image.save("{i}.jpg")``, i.e. JPEG at PIL's
+default quality 75; PNG on request. Every batch is written atomically: its images first, then one
+shard file with its latent rows (and the features of the in-memory images that the instance metrics
+need), which commits the batch. A caption counts as done when its latent row exists and its image
+decodes completely at the right size, so a rerun after a crash, a truncated file or with more
+captions does only what is left. At the end the main process merges the shards into ``latents.pt``
+(and ``instance_features.pt``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from ..errors import UserError
 CONFIG_NAME = "eval_config.json"
 LATENTS_NAME = "latents.pt"
 CAPTIONS_NAME = "captions.json"
+FEATURES_NAME = "instance_features.pt"
+IMAGE_FORMATS = ("jpg", "png")
+# Identity keys added after samples were first written, with the value those older samples had.
+LEGACY_IDENTITY = {"image_format": "png"}
 
 
 def _tmp(path: Path) -> Path:
@@ -37,6 +44,7 @@ def atomic_save_image(image, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
+    # No options: JPEG at PIL's defaults (quality 75, 4:2:0), byte for byte the paper's image.save(f"{i}.jpg").
     image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG"))
     os.replace(tmp, path)
 
@@ -48,17 +56,38 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def _load(path: Path):
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- any unreadable file is the same user error
+        raise UserError(f"'{path}' cannot be read ({type(e).__name__}: truncated or corrupt): delete it and rerun "
+                        "to regenerate its samples (or pass --overwrite)") from None
+
+
+def image_complete(path: Path, size: tuple[int, int] | None = None) -> bool:
+    """Whether ``path`` decodes completely (a truncated or corrupt file does not), at ``size`` if given."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if size is not None and im.size != tuple(size):
+                return False
+            im.load()  # decodes every byte: PIL raises on a truncated file (LOAD_TRUNCATED_IMAGES is off)
+        return True
+    except (OSError, ValueError, SyntaxError):
+        return False
 
 
 class SampleStore:
-    def __init__(self, folder: str | Path, resolution: int):
+    def __init__(self, folder: str | Path, resolution: int, image_format: str = "jpg"):
+        if image_format not in IMAGE_FORMATS:
+            raise UserError(f"--image_format {image_format!r}: choose one of {', '.join(IMAGE_FORMATS)}")
         self.folder = Path(folder)
         self.shard_dir = self.folder / "shards"
         self.resolution = resolution
+        self.image_format = image_format
 
     def image_path(self, i: int) -> Path:
-        return self.folder / f"{i}.png"
+        return self.folder / f"{i}.{self.image_format}"
 
     # -- the resume check ----------------------------------------------------------------------
 
@@ -72,6 +101,7 @@ class SampleStore:
             return True
         path = self.folder / CONFIG_NAME
         old = json.loads(path.read_text())["identity"] if path.is_file() else {}
+        old = {**{k: v for k, v in LEGACY_IDENTITY.items() if old}, **old}
         new = json.loads(json.dumps(identity))
         diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         cpath = self.folder / CAPTIONS_NAME
@@ -80,8 +110,10 @@ class SampleStore:
         if changed is not None:
             diff.append(f"caption {changed}: {old_caps[changed][:40]!r} -> {captions[changed][:40]!r}")
         if diff:
+            keep = f" (or --image_format {old['image_format']} to keep them)" if old.get("image_format") != \
+                new.get("image_format") else ""
             raise UserError(f"'{self.folder}' holds samples made with other settings ({'; '.join(diff[:3])}): pass "
-                            "--overwrite to regenerate them, or choose another --output_dir")
+                            f"--overwrite to regenerate them{keep}, or choose another --output_dir")
         return False
 
     def has_samples(self) -> bool:
@@ -91,7 +123,7 @@ class SampleStore:
         """Main process: delete the samples (images, latents, shards)."""
         shutil.rmtree(self.shard_dir, ignore_errors=True)
         for p in self.folder.iterdir():
-            if p.suffix in (".png", ".pt") or p.name.endswith(".tmp"):
+            if p.suffix in (".png", ".jpg", ".pt") or p.name.endswith(".tmp"):
                 p.unlink()
 
     def write_config(self, config: dict, captions: list[str]) -> None:
@@ -110,22 +142,29 @@ class SampleStore:
         return done
 
     def done(self, indices) -> set[int]:
-        """Of ``indices``, those whose latent row AND image (at the right size) are written."""
-        from .inputs import image_size
+        """Of ``indices``, those whose latent row AND image (complete, at the right size) are written."""
+        from concurrent.futures import ThreadPoolExecutor
 
         stored = self.stored_indices()
         res = (self.resolution, self.resolution)
-        return {i for i in indices if i in stored and image_size(self.image_path(i)) == res}
+        candidates = [i for i in indices if i in stored]
+        with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # PIL decodes outside the GIL
+            ok = pool.map(lambda i: image_complete(self.image_path(i), res), candidates)
+            return {i for i, good in zip(candidates, ok) if good}
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def write_batch(self, indices: list[int], latents: torch.Tensor, images) -> None:
-        """Images first, then the shard that commits them (each file written atomically)."""
+    def write_batch(self, indices: list[int], latents: torch.Tensor, images, features: dict | None = None) -> None:
+        """Images first, then the shard that commits them (each file written atomically). ``features``:
+        ``{extractor: {"identity": str, "features": [B, D]}}`` of the in-memory images."""
         for i, im in zip(indices, images):
             atomic_save_image(im, self.image_path(i))
         self.shard_dir.mkdir(parents=True, exist_ok=True)
         shard = self.shard_dir / f"{indices[0]:07d}-{uuid.uuid4().hex[:8]}.pt"
-        atomic_torch_save({"indices": torch.tensor(indices), "latents": latents.detach().float().cpu()}, shard)
+        feats = {k: {"identity": v["identity"], "features": torch.as_tensor(v["features"]).float()}
+                 for k, v in (features or {}).items()}
+        atomic_torch_save({"indices": torch.tensor(indices), "latents": latents.detach().float().cpu(),
+                           "features": feats}, shard)
 
     def merge(self) -> int:
         """Main process: fold the shards into ``latents.pt`` (its longest complete prefix of rows);
@@ -136,20 +175,37 @@ class SampleStore:
             old = _load(path)
             rows.update(enumerate(old))
         shards = sorted(self.shard_dir.glob("*.pt"))
+        feats = self.instance_features() if shards else {}
         for f in shards:
             d = _load(f)
             rows.update(zip(d["indices"].tolist(), d["latents"]))
+            for name, v in d.get("features", {}).items():
+                if feats.get(name, {}).get("identity") != v["identity"]:
+                    feats[name] = {"identity": v["identity"], "rows": {}}
+                feats[name]["rows"].update(zip(d["indices"].tolist(), v["features"]))
         n = 0
         while n in rows:
             n += 1
         if shards and n:
             atomic_torch_save(torch.stack([rows[i] for i in range(n)]).float().contiguous(), path)
+        if feats:
+            atomic_torch_save({name: {"identity": v["identity"], "indices": torch.tensor(sorted(v["rows"])),
+                                      "features": torch.stack([v["rows"][i] for i in sorted(v["rows"])])}
+                               for name, v in feats.items() if v["rows"]}, self.folder / FEATURES_NAME)
         for f in shards:
             if max(_load(f)["indices"].tolist()) < n:
                 f.unlink()
         if self.shard_dir.is_dir() and not any(self.shard_dir.iterdir()):
             self.shard_dir.rmdir()
         return n
+
+    def instance_features(self) -> dict:
+        """``{extractor: {"identity": str, "rows": {index: features}}}`` of the merged ``instance_features.pt``."""
+        path = self.folder / FEATURES_NAME
+        if not path.is_file():
+            return {}
+        return {name: {"identity": v["identity"], "rows": dict(zip(v["indices"].tolist(), v["features"]))}
+                for name, v in _load(path).items()}
 
     def latents(self, count: int) -> torch.Tensor:
         """Rows 0..count-1 of the merged ``latents.pt``."""

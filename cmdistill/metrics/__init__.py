@@ -11,7 +11,8 @@ Weights are looked up in ``weights_dir`` (``--metrics_weights_dir``), ``$CMDISTI
 and the usual caches before being downloaded from their public sources; see ``weights.py``.
 """
 
-from .compute import compute_metrics, extract_features, fd_key, reference_cache_key
+from .compute import (compute_metrics, extract_features, fd_key, image_features, instance_extractor_names,
+                      reference_cache_key)
 from .extractors import (
     FeatureExtractor,
     clear_loaded_extractors,
@@ -26,7 +27,8 @@ from .frechet import feature_statistics, frechet_distance
 from .instance import MetricContext, instance_metric_names, register_instance_metric
 
 __all__ = [
-    "compute_metrics", "extract_features", "fd_key", "reference_cache_key",
+    "compute_metrics", "extract_features", "fd_key", "image_features", "instance_extractor_names",
+    "reference_cache_key",
     "FeatureExtractor", "clear_loaded_extractors", "feature_extractor_names", "load_feature_extractor",
     "register_feature_extractor", "inception_preprocess", "dinov2_preprocess", "clip_preprocess",
     "feature_statistics", "frechet_distance",

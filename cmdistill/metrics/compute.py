@@ -42,7 +42,11 @@ def default_num_workers() -> int:
 
 
 class _ImageFiles(Dataset):
-    """Image files -> ``{extractor name: preprocessed tensor}`` (PIL ``convert('RGB')`` as dgm-eval)."""
+    """Image files -> ``{extractor name: preprocessed tensor}`` (PIL ``convert('RGB')`` as dgm-eval).
+
+    A file that does not decode (truncated, corrupt) yields a black image and ``ok = False``: the
+    main process then names it in a one-line error (an exception raised in a worker would reach
+    the user as a traceback)."""
 
     def __init__(self, paths: Sequence[str], preprocessors: dict):
         self.paths, self.preprocessors = list(paths), preprocessors
@@ -51,9 +55,13 @@ class _ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        with Image.open(self.paths[i]) as im:
-            im = im.convert("RGB")
-        return {k: f(im) for k, f in self.preprocessors.items()}
+        try:
+            with Image.open(self.paths[i]) as im:
+                im = im.convert("RGB")
+            ok = True
+        except (OSError, ValueError, SyntaxError):
+            im, ok = Image.new("RGB", (64, 64)), False
+        return {"index": i, "ok": ok, **{k: f(im) for k, f in self.preprocessors.items()}}
 
 
 def extract_features(paths: Sequence[str], extractors: dict[str, FeatureExtractor], *, batch_size: int = 64,
@@ -69,10 +77,44 @@ def extract_features(paths: Sequence[str], extractors: dict[str, FeatureExtracto
     out: dict[str, list[np.ndarray]] = {k: [] for k in extractors}
     with torch.inference_mode():
         for batch in tqdm(loader, desc=f"{desc} ({', '.join(extractors)})", unit="batch"):
+            bad = batch["index"][~batch["ok"]]
+            if len(bad):
+                raise UserError(f"image file '{paths[int(bad[0])]}' does not decode (truncated or corrupt): delete "
+                                "it and rerun the program that wrote it to regenerate it (a real image: replace it)")
             for k, ex in extractors.items():
                 f = ex.model(batch[k].to(device, non_blocking=True))
                 out[k].append(f.float().reshape(f.shape[0], -1).cpu().numpy())
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def image_features(images: Sequence[Image.Image], names: Sequence[str], *, device="cpu",
+                   weights_dir: str | None = None, batch_size: int = 64) -> dict[str, dict]:
+    """Features of in-memory PIL images: ``{name: {"identity": str, "features": float32 [N, D]}}``.
+
+    The instance metrics read the image a generator produced before it is saved (the paper computes
+    CLIP and aesthetic scores on the in-memory image, FD on the saved JPEG files); ``identity``
+    names the weights and preprocessing, so that stored features are reused only with the same network."""
+    device = torch.device(device)
+    out = {}
+    with torch.inference_mode():
+        for n in names:
+            ex = load_feature_extractor(n, device=device, weights_dir=weights_dir)
+            feats = []
+            for a in range(0, len(images), batch_size):
+                x = torch.stack([ex.preprocess(im.convert("RGB")) for im in images[a:a + batch_size]])
+                f = ex.model(x.to(device))
+                feats.append(f.float().reshape(f.shape[0], -1).cpu().numpy())
+            out[n] = {"identity": extractor_identity(ex), "features": np.concatenate(feats)}
+    return out
+
+
+def extractor_identity(ex: FeatureExtractor) -> str:
+    return f"{ex.name}|{ex.identity}|{ex.preprocess_id}"
+
+
+def instance_extractor_names(instance_metrics) -> list[str]:
+    """The feature extractors that the instance metrics ``instance_metrics`` read."""
+    return list(dict.fromkeys(r for n in _names(instance_metrics) for r in get_instance_metric(n).requires))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,13 +186,15 @@ def _check_files(paths: Sequence[str], what: str) -> None:
 def compute_metrics(gen_paths: list[str], ref_paths: list[str] | None, captions: list[str], *,
                     dgm_metrics=("fd",), dgm_models=("inception", "dinov2"),
                     instance_metrics=("clip_score", "aesthetic"), batch_size: int = 64,
-                    device="cpu", weights_dir: str | None = None, cache_dir: str | None = None) -> dict[str, float]:
+                    device="cpu", weights_dir: str | None = None, cache_dir: str | None = None,
+                    gen_features: dict[str, np.ndarray] | None = None) -> dict[str, float]:
     """Metrics of the generated images ``gen_paths`` (SPEC §9).
 
     - ``dgm_metrics`` ("fd", or empty / ("none",)) with each extractor of ``dgm_models`` against
-      ``ref_paths``: keys ``fid`` (inception), ``fd_dinov2``, ``fd_<name>``.
+      ``ref_paths``: keys ``fid`` (inception), ``fd_dinov2``, ``fd_<name>``; features of the files.
     - ``instance_metrics`` on the generated images and their ``captions`` (one per image):
-      ``clip_score``, ``aesthetic_score``.
+      ``clip_score``, ``aesthetic_score``. ``gen_features`` ``{extractor: [N, D]}``: features of the
+      in-memory images (see :func:`image_features`) to use instead of reading the files.
     Reference features are cached under ``cache_dir`` (no cache when None).
     """
     dgm = _names(dgm_metrics)
@@ -185,12 +229,19 @@ def compute_metrics(gen_paths: list[str], ref_paths: list[str] | None, captions:
                                      desc="reference").items():
             ref_feats[n] = f
             save_cached_reference(cache_dir, ref_paths, extractors[n], f)
-    gen_feats = extract_features(gen_paths, extractors, batch_size=batch_size, device=device, desc="generated")
+    given = {n: np.asarray(f) for n, f in (gen_features or {}).items() if n in extractors}
+    for n, f in given.items():
+        if len(f) != len(gen_paths):
+            raise UserError(f"{len(f)} stored {n} features for {len(gen_paths)} generated images")
+    file_names = [n for n in extractors if n in models or n not in given]
+    file_feats = extract_features(gen_paths, {n: extractors[n] for n in file_names}, batch_size=batch_size,
+                                  device=device, desc="generated") if file_names else {}
+    gen_feats = {**file_feats, **given}  # instance metrics: the in-memory images' features where given
 
     results: dict[str, float] = {}
     for n in models:
         # dgm-eval: compute_FD_with_reps(reps_real, reps_gen)
-        results[fd_key(n)] = frechet_distance(ref_feats[n], gen_feats[n])
+        results[fd_key(n)] = frechet_distance(ref_feats[n], file_feats[n])
     ctx = MetricContext(gen_paths, list(captions), gen_feats, extractors, resources, device, batch_size)
     for m in instance:
         results[m.key] = float(m.fn(ctx))
