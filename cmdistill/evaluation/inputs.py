@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..data import caption_text  # one rule for training and evaluation: a missing caption is ""
 from ..errors import UserError
 from ..noise import per_sample_noise
 
@@ -18,12 +19,6 @@ METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 
 # ---------------------------------------------------------------------------------------------
 # Captions
-
-
-def caption_text(value) -> str:
-    """A caption as text: a missing or empty one is the empty string (never "None"), as in training.
-    Switch to ``cmdistill.data.caption_text`` once it exists there (the same rule)."""
-    return "" if value is None or (isinstance(value, float) and value != value) else str(value)
 
 
 def empty_caption_note(captions: list[str], source) -> str | None:
