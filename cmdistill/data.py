@@ -240,3 +240,14 @@ def make_dataloader(dataset, batch_size, num_processes, rank, seed, start_positi
     sampler = StreamBatchSampler(len(dataset), batch_size, num_processes, rank, seed, start_position)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
                                        persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
+def training_dataset(args, main_process: bool = True) -> SDXLImageCaptions:
+    """The training data of the flags (``--train_data_dir`` / ``--dataset_name``, columns, resolution, crop, flip,
+    seed); the main process counts the empty captions in the log."""
+    ds = load_caption_dataset(args.train_data_dir, args.dataset_name, args.dataset_config_name, args.image_column,
+                              args.caption_column, args.cache_dir, args.max_train_samples)
+    if main_process:
+        count_empty_captions(ds, args.caption_column)
+    return SDXLImageCaptions(ds, args.image_column, args.caption_column, args.resolution, args.interpolation_type,
+                             args.center_crop, args.random_flip, args.seed)

@@ -10,7 +10,6 @@ from typing import Callable
 
 import torch
 
-from .devices import to_device
 from .schedule import Grid, NoiseSchedule, boundary_scalings
 from .solvers import solve_to_zero
 
@@ -20,7 +19,7 @@ def consistency_fn(eps_fn, x: torch.Tensor, t, cond: dict, sched: NoiseSchedule,
     """f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t), x0_hat from the student's eps as in DDIM (SPEC §5)."""
     x = x.float()
     eps = eps_fn(x, t, cond)
-    c_skip, c_out = boundary_scalings(t, x, timestep_scaling, sigma_data)
+    c_skip, c_out = boundary_scalings(t, x, timestep_scaling, sigma_data, sched.copy)
     return c_skip * x + c_out * sched.x0_from_eps(x, eps, t)
 
 
@@ -49,5 +48,5 @@ def student_sample(student_eps, x_T: torch.Tensor, cond: dict, sched: NoiseSched
         if j + 1 < len(timesteps):
             s = timesteps[j + 1]
             z = fresh_noise(j) if fresh_noise is not None else torch.randn_like(x0)
-            x = sched.add_noise(x0, to_device(z, x0.device), torch.full((x.shape[0],), s))
+            x = sched.add_noise(x0, sched.copy(z, x0.device), torch.full((x.shape[0],), s))
     return (x0, outs) if return_all else x0

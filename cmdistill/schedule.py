@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .devices import to_device
 from .errors import UserError
 
 
@@ -21,8 +20,15 @@ def scaled_linear_betas(num_train_timesteps: int = 1000, beta_start: float = 0.0
     return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
 
 
-def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return to_device(v, like.device, torch.float32).view(-1, *([1] * (like.ndim - 1)))
+def host_to(t, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.as_tensor(t).to(device, dtype)``: the plain host-to-device copy. The tables live on the host and small
+    per-sample values are copied to the latents' device; a caller that wants another copy (e.g. one that does not
+    make the CPU wait for a GPU, ``cmdistill.fast.to_device``) injects it (``NoiseSchedule(copy=...)``)."""
+    return torch.as_tensor(t).to(device, dtype)
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor, copy=host_to) -> torch.Tensor:
+    return copy(v, like.device, torch.float32).view(-1, *([1] * (like.ndim - 1)))
 
 
 class NoiseSchedule:
@@ -32,8 +38,9 @@ class NoiseSchedule:
     (alpha = 1, sigma = 0). beta(t) = T * betas[t-1] is the continuous-time VP rate used by Euler/Heun.
     """
 
-    def __init__(self, betas: torch.Tensor):
+    def __init__(self, betas: torch.Tensor, copy=host_to):
         betas = torch.as_tensor(betas, dtype=torch.float64)
+        self.copy = copy  # copy(t, device, dtype=None): the host-to-device copy of every small per-sample tensor
         self.T = int(betas.numel())
         self.betas = betas
         acp = torch.cumprod(1.0 - betas, 0)
@@ -45,23 +52,23 @@ class NoiseSchedule:
         self._beta = torch.cat([torch.full((1,), float("nan"), dtype=torch.float64), self.T * betas])
 
     @classmethod
-    def from_scheduler(cls, scheduler) -> "NoiseSchedule":
+    def from_scheduler(cls, scheduler, copy=host_to) -> "NoiseSchedule":
         """Build from a diffusers scheduler (its ``betas``), e.g. the teacher's ``scheduler`` folder."""
         cfg = scheduler.config
         if getattr(cfg, "prediction_type", "epsilon") != "epsilon":
             raise UserError(f"the teacher's scheduler predicts '{cfg.prediction_type}'; only epsilon "
                             "prediction (SDXL base) is supported")
-        return cls(scheduler.betas.to(torch.float64))
+        return cls(scheduler.betas.to(torch.float64), copy)
 
     @classmethod
-    def sdxl(cls) -> "NoiseSchedule":
-        return cls(scaled_linear_betas())
+    def sdxl(cls, copy=host_to) -> "NoiseSchedule":
+        return cls(scaled_linear_betas(), copy)
 
     def _lookup(self, table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, device="cpu").long().reshape(-1)
         if t.numel() == 1 and like.shape[0] != 1:
             t = t.expand(like.shape[0])
-        return _bcast(table[t], like)
+        return _bcast(table[t], like, self.copy)
 
     def alpha(self, t, like):
         return self._lookup(self._alpha, t, like)
@@ -118,7 +125,7 @@ class Grid:
         return [self.T - self.k * i for i in self.sampling_indices(num_steps)]
 
 
-def boundary_scalings(t, like: torch.Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5):
+def boundary_scalings(t, like: torch.Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5, copy=host_to):
     """LCM-style c_skip, c_out (SPEC §5): c_skip(0) = 1, c_out(0) = 0, so f(x, 0) = x exactly."""
     t = torch.as_tensor(t, device="cpu").to(torch.float64).reshape(-1)
     if t.numel() == 1 and like.shape[0] != 1:
@@ -126,4 +133,4 @@ def boundary_scalings(t, like: torch.Tensor, timestep_scaling: float = 10.0, sig
     ct = timestep_scaling * t
     c_skip = sigma_data**2 / (ct**2 + sigma_data**2)
     c_out = ct / (ct**2 + sigma_data**2).sqrt()
-    return _bcast(c_skip, like), _bcast(c_out, like)
+    return _bcast(c_skip, like, copy), _bcast(c_out, like, copy)
