@@ -1,6 +1,6 @@
 """Training data: LAION-Aesthetics image folders (``metadata.csv`` with ``file_name,text``), any
 ``datasets`` image folder or hub dataset with image/caption columns, and SDXL size/crop
-conditioning (SPEC §1, §7).
+conditioning (docs/method.md §1, §7).
 
 The data stream is a pure function of (seed, position): position p is sample
 ``perm_{p // n}[p % n]`` of the epoch permutation seeded by (seed, epoch). Process r of P takes

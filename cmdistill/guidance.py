@@ -1,4 +1,4 @@
-"""The UNet as an epsilon function, and the teacher's classifier-free guidance (SPEC §3).
+"""The UNet as an epsilon function, and the teacher's classifier-free guidance (docs/method.md §3).
 
 ``cond`` dicts hold per-sample SDXL conditioning: ``prompt_embeds`` [B, 77, 2048],
 ``text_embeds`` (pooled, [B, 1280]) and ``time_ids`` [B, 6].
@@ -13,7 +13,7 @@ from .schedule import host_to
 
 class UNetEps:
     """``eps_fn(x, t, cond)`` for an SDXL UNet: casts the float32 state to the UNet's dtype and the
-    prediction back to float32. ``t`` holds timestep values, passed to the UNet as they are (SPEC §2).
+    prediction back to float32. ``t`` holds timestep values, passed to the UNet as they are (docs/method.md §2).
 
     ``dynamic_batch=True`` (for a ``torch.compile``d UNet, ``cmdistill.fast.compile_unet``) marks the
     batch dimension of every input as dynamic, so one compiled graph serves every batch size.
@@ -39,7 +39,7 @@ class UNetEps:
 
 
 def unconditional(cond: dict) -> dict:
-    """SPEC §3: the unconditional branch has ZERO prompt and pooled embeddings and the same time_ids
+    """docs/method.md §3: the unconditional branch has ZERO prompt and pooled embeddings and the same time_ids
     (SDXL's ``force_zeros_for_empty_prompt``), not an encoded empty prompt."""
     return {"prompt_embeds": torch.zeros_like(cond["prompt_embeds"]),
             "text_embeds": torch.zeros_like(cond["text_embeds"]),
@@ -47,7 +47,7 @@ def unconditional(cond: dict) -> dict:
 
 
 class GuidedEps:
-    """Imagen-form CFG (SPEC §3): eps = eps_u + w (eps_c - eps_u).
+    """Imagen-form CFG (docs/method.md §3): eps = eps_u + w (eps_c - eps_u).
 
     ``batched=False`` runs the conditional and unconditional passes separately (the reference);
     ``batched=True`` runs them as one call of batch 2B (same values up to kernel rounding; faster

@@ -81,7 +81,7 @@ class Teacher:
 
 def load_teacher(model: str, vae_path: str | None = None, revision: str | None = None,
                  teacher_revision: str | None = None, cache_dir: str | None = None, load_unet: bool = True) -> Teacher:
-    """Load the SDXL components from a hub id or a local pipeline folder (SPEC §1)."""
+    """Load the SDXL components from a hub id or a local pipeline folder (docs/method.md §1)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -113,7 +113,7 @@ def load_teacher(model: str, vae_path: str | None = None, revision: str | None =
 
 @torch.no_grad()
 def encode_prompts(captions: list[str], tokenizers, text_encoders) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDXL text conditioning (SPEC §1): penultimate hidden states of both encoders concatenated,
+    """SDXL text conditioning (docs/method.md §1): penultimate hidden states of both encoders concatenated,
     and the pooled (projected) output of the second encoder."""
     hidden, pooled = [], None
     for tok, enc in zip(tokenizers, text_encoders):
@@ -126,13 +126,13 @@ def encode_prompts(captions: list[str], tokenizers, text_encoders) -> tuple[torc
 
 
 def time_ids(original_sizes, crop_top_lefts, target_size) -> torch.Tensor:
-    """SDXL micro-conditioning (SPEC §1): original (h, w) + crop top-left (y, x) + target (h, w)."""
+    """SDXL micro-conditioning (docs/method.md §1): original (h, w) + crop top-left (y, x) + target (h, w)."""
     rows = [list(o) + list(c) + list(target_size) for o, c in zip(original_sizes, crop_top_lefts)]
     return torch.tensor(rows, dtype=torch.float32)
 
 
 def add_lora(unet, rank: int = 64, alpha: float = 64, dropout: float = 0.0, targets=DEFAULT_LORA_TARGETS):
-    """Attach the student's LoRA adapter (SPEC §1). B is initialised to zero, so the student starts
+    """Attach the student's LoRA adapter (docs/method.md §1). B is initialised to zero, so the student starts
     as the teacher."""
     from peft import LoraConfig
 

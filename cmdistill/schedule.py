@@ -1,6 +1,6 @@
 """The teacher's discrete VP noise schedule, the N-step grid and the boundary scalings.
 
-SPEC §1 (schedule), §2 (grid and timestep-value convention), §5 (consistency boundary condition).
+docs/method.md §1 (schedule), §2 (grid and timestep-value convention), §5 (consistency boundary condition).
 All tables are float64; values are returned as float32 tensors shaped for broadcasting over
 latents, so the ODE state stays in float32 whatever the UNet's dtype.
 """
@@ -16,7 +16,7 @@ from .errors import UserError
 
 def scaled_linear_betas(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
                         beta_end: float = 0.012) -> torch.Tensor:
-    """SDXL's ``scaled_linear`` betas (SPEC §1), in float64."""
+    """SDXL's ``scaled_linear`` betas (docs/method.md §1), in float64."""
     return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
 
 
@@ -32,7 +32,7 @@ def _bcast(v: torch.Tensor, like: torch.Tensor, copy=host_to) -> torch.Tensor:
 
 
 class NoiseSchedule:
-    """Noise levels indexed by timestep *value* t in 0..T (SPEC §2).
+    """Noise levels indexed by timestep *value* t in 0..T (docs/method.md §2).
 
     alpha_t = sqrt(alphas_cumprod[t-1]), sigma_t = sqrt(1 - alphas_cumprod[t-1]); t = 0 is clean data
     (alpha = 1, sigma = 0). beta(t) = T * betas[t-1] is the continuous-time VP rate used by Euler/Heun.
@@ -48,7 +48,7 @@ class NoiseSchedule:
         one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
         self._alpha = torch.cat([one, acp.sqrt()])
         self._sigma = torch.cat([zero, (1.0 - acp).sqrt()])
-        # beta(0) is undefined (SPEC §4); the table holds NaN there so that misuse is loud.
+        # beta(0) is undefined (docs/method.md §4); the table holds NaN there so that misuse is loud.
         self._beta = torch.cat([torch.full((1,), float("nan"), dtype=torch.float64), self.T * betas])
 
     @classmethod
@@ -85,13 +85,13 @@ class NoiseSchedule:
         return self.alpha(t, x0) * x0 + self.sigma(t, x0) * noise
 
     def x0_from_eps(self, x: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
-        """The DDIM data estimate (x - sigma_t eps) / alpha_t (SPEC §4, §5)."""
+        """The DDIM data estimate (x - sigma_t eps) / alpha_t (docs/method.md §4, §5)."""
         return (x - self.sigma(t, x) * eps) / self.alpha(t, x)
 
 
 @dataclass(frozen=True)
 class Grid:
-    """The N-interval discretisation of SPEC §2: start timesteps T, T-k, ..., k; next(t) = t - k."""
+    """The N-interval discretisation of docs/method.md §2: start timesteps T, T-k, ..., k; next(t) = t - k."""
 
     T: int
     N: int
@@ -114,7 +114,7 @@ class Grid:
         return self.timestep(torch.arange(self.N))
 
     def sampling_indices(self, num_steps: int) -> list[int]:
-        """SPEC §8: grid indices round(linspace(0, N, K, endpoint=False)) (NumPy's round-half-even)."""
+        """docs/method.md §8: grid indices round(linspace(0, N, K, endpoint=False)) (NumPy's round-half-even)."""
         import numpy as np
 
         if not 1 <= num_steps <= self.N:
@@ -126,7 +126,7 @@ class Grid:
 
 
 def boundary_scalings(t, like: torch.Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5, copy=host_to):
-    """LCM-style c_skip, c_out (SPEC §5): c_skip(0) = 1, c_out(0) = 0, so f(x, 0) = x exactly."""
+    """LCM-style c_skip, c_out (docs/method.md §5): c_skip(0) = 1, c_out(0) = 0, so f(x, 0) = x exactly."""
     t = torch.as_tensor(t, device="cpu").to(torch.float64).reshape(-1)
     if t.numel() == 1 and like.shape[0] != 1:
         t = t.expand(like.shape[0])

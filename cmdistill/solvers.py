@@ -1,4 +1,4 @@
-"""Teacher ODE solvers on the N-step grid (SPEC §4) and the solve-to-zero loops (SPEC §6, §8).
+"""Teacher ODE solvers on the N-step grid (docs/method.md §4) and the solve-to-zero loops (docs/method.md §6, §8).
 
 Every solver step has the same signature ``step(eps_fn, x, t, s, cond, sched) -> x_s``:
 ``eps_fn(x, t, cond)`` returns the (guided) teacher noise estimate in float32, ``t`` and ``s`` are
@@ -23,7 +23,7 @@ def index_cond(cond: dict, idx: torch.Tensor, copy=host_to) -> dict:
 
 
 def ddim_step(eps_fn: EpsFn, x, t, s, cond, sched: NoiseSchedule):
-    """DDIM (SPEC §4): x0_hat = (x - sigma_t eps) / alpha_t; x_s = alpha_s x0_hat + sigma_s eps."""
+    """DDIM (docs/method.md §4): x0_hat = (x - sigma_t eps) / alpha_t; x_s = alpha_s x0_hat + sigma_s eps."""
     eps = eps_fn(x, t, cond)
     x0 = sched.x0_from_eps(x, eps, t)
     return sched.alpha(s, x) * x0 + sched.sigma(s, x) * eps
@@ -35,7 +35,7 @@ def _vp_drift(x, eps, beta, sigma):
 
 
 def euler_step(eps_fn: EpsFn, x, t, s, cond, sched: NoiseSchedule):
-    """Euler on the VP probability-flow ODE (SPEC §4): x_s = x + ((s - t) / T) f(x, t)."""
+    """Euler on the VP probability-flow ODE (docs/method.md §4): x_s = x + ((s - t) / T) f(x, t)."""
     eps = eps_fn(x, t, cond)
     f = _vp_drift(x, eps, sched.beta(t, x), sched.sigma(t, x))
     dt = sched.copy((torch.as_tensor(s) - torch.as_tensor(t)).float(), x.device).view(-1, *([1] * (x.ndim - 1)))
@@ -43,7 +43,7 @@ def euler_step(eps_fn: EpsFn, x, t, s, cond, sched: NoiseSchedule):
 
 
 def heun_step(eps_fn: EpsFn, x, t, s, cond, sched: NoiseSchedule):
-    """Heun (SPEC §4): Euler predictor, then the trapezoid of the drifts at t and at the predictor.
+    """Heun (docs/method.md §4): Euler predictor, then the trapezoid of the drifts at t and at the predictor.
 
     At s = 0 the reference substitutes beta and sigma of index 0 (timestep value 1) into the
     corrector's drift to avoid dividing by sigma_0 = 0; the teacher is still evaluated at s = 0.
@@ -75,7 +75,7 @@ def solve_to_zero(step, eps_fn: EpsFn, x: torch.Tensor, start_index: torch.Tenso
                   callback: Callable | None = None, record: torch.Tensor | None = None):
     """Solve the teacher ODE from grid index ``start_index[i]`` down to timestep 0, per sample.
 
-    Deliberate improvement over the reference (SPEC §6): the reference loops from the batch's
+    Deliberate improvement over the reference (docs/method.md §6): the reference loops from the batch's
     noisiest start to 0 over the whole batch and freezes samples that have not started yet; here
     every sample starts at once from its own timestep, so sample i costs exactly N - n_i steps and
     the active set shrinks as samples reach 0. The per-sample trajectories, hence the targets, are
@@ -115,7 +115,7 @@ def solve_to_zero(step, eps_fn: EpsFn, x: torch.Tensor, start_index: torch.Tenso
 
 def solve_to_zero_reference(step, eps_fn: EpsFn, x: torch.Tensor, start_index: torch.Tensor, cond: dict,
                             sched: NoiseSchedule, grid: Grid) -> torch.Tensor:
-    """The reference's masked full-batch loop (SPEC §6): from min(n) to N, every step on the whole
+    """The reference's masked full-batch loop (docs/method.md §6): from min(n) to N, every step on the whole
     batch at one shared timestep, samples that have not started yet kept frozen."""
     x = x.float().clone()
     start = torch.as_tensor(start_index, device="cpu").long()

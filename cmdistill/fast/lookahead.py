@@ -24,8 +24,8 @@ from .copies import to_device
 class PooledTargets:
     """Target source (``cmdistill.step``): Direct CM targets through a ``TrajectoryPool`` of ``capacity``."""
 
-    def __init__(self, ctx: DistillContext, capacity: int, ahead: int):
-        self.pool = TrajectoryPool(ctx.step, ctx.teacher_eps, ctx.sched, ctx.grid, capacity)
+    def __init__(self, ctx: DistillContext, capacity: int, ahead: int, callback: Callable | None = None):
+        self.pool = TrajectoryPool(ctx.step, ctx.teacher_eps, ctx.sched, ctx.grid, capacity, callback)
         self.ahead = ahead
 
     def submit(self, prep: dict) -> None:
