@@ -193,36 +193,12 @@ class Trainer:
             logger.info(checkpointing.describe(self.checkpointing))
 
     def size_checkpointing(self):
-        """``--checkpointing_budget_gib auto``. After the first (fully checkpointed) step of this run: keep as
-        many activations as the memory left on the card allows, assuming they cost OVERSHOOT x the dry run's
-        estimate (``checkpointing.auto_budget_gib``). After the second step, the first with that plan: re-size
-        once at the cost per estimated byte measured from the rise of the peak
-        (``checkpointing.calibrated_budget_gib``), when that keeps >10% more or the peak passed the headroom."""
-        dev, info = self.accelerator.device, self.checkpointing
-        if dev.type != "cuda":
-            logger.info("--checkpointing_budget_gib auto: no CUDA device, every block stays checkpointed")
-            self.set_checkpointing(self.base_unet, 0.0)
-            self.checkpointing.update(auto_budget_gib=0.0, first_step_peak_gib=None, calibrated=False)
-        elif "auto_budget_gib" not in info:
-            total, peak = torch.cuda.get_device_properties(dev).total_memory, torch.cuda.max_memory_allocated(dev)
-            budget = checkpointing.auto_budget_gib(peak, total)
-            logger.info("--checkpointing_budget_gib auto: first step peaked at %.1f GiB; budget %.1f GiB",
-                        peak / 2**30, budget)
+        """``--checkpointing_budget_gib auto`` after the first and the second step (``checkpointing.size_auto``)."""
+        def replan(budget):
             self.set_checkpointing(self.base_unet, budget)
-            self.checkpointing.update(auto_budget_gib=budget, first_step_peak_gib=peak / 2**30)
-            torch.cuda.reset_peak_memory_stats(dev)
-        else:
-            total, peak = torch.cuda.get_device_properties(dev).total_memory, torch.cuda.max_memory_allocated(dev)
-            peak0, first = info["first_step_peak_gib"] * 2**30, info["auto_budget_gib"]
-            ratio = checkpointing.measured_ratio(peak0, peak, info.get("kept_gib", 0.0))
-            budget = checkpointing.calibrated_budget_gib(peak0, peak, info.get("kept_gib", 0.0), total)
-            if budget is not None and (budget > 1.1 * first or peak > checkpointing.HEADROOM * total):
-                logger.info("--checkpointing_budget_gib auto: the plan's step peaked at %.1f GiB, %.2f x the "
-                            "estimate; budget %.1f -> %.1f GiB", peak / 2**30, ratio, first, budget)
-                self.set_checkpointing(self.base_unet, budget)
-                self.checkpointing.update(auto_budget_gib=budget, first_plan_budget_gib=first,
-                                          first_step_peak_gib=peak0 / 2**30)
-            self.checkpointing.update(calibrated=True, measured_ratio=ratio, second_step_peak_gib=peak / 2**30)
+            return self.checkpointing
+
+        self.checkpointing = checkpointing.size_auto(self.checkpointing, self.accelerator.device, replan)
         self.config["selective_checkpointing"] = self.checkpointing
         if self.accelerator.is_main_process:
             write_json_atomic(self.output_dir / CONFIG_NAME, self.config)
