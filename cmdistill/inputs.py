@@ -24,6 +24,17 @@ class Encoders:
         self.device, self.dtype, self.resolution = torch.device(device), dtype, resolution
         self.vae_encode_batch_size, self.seed = vae_encode_batch_size, seed
 
+    @classmethod
+    def on_device(cls, teacher, args, device, dtype: torch.dtype) -> "Encoders":
+        """``teacher``'s text encoders and VAE (``models.load_teacher``) moved to ``device`` in ``dtype``, with the
+        flags' resolution, VAE batch and seed: the stock SDXL VAE overflows in fp16, so it stays fp32 unless an
+        fp16-safe VAE was given (as the reference)."""
+        vae_dtype = torch.float32 if args.pretrained_vae_model_name_or_path is None else dtype
+        for m, d in [(teacher.vae, vae_dtype)] + [(te, dtype) for te in teacher.text_encoders]:
+            m.to(device) if d == torch.float32 else m.to(device, dtype=d)
+        return cls(teacher.tokenizers, teacher.text_encoders, teacher.vae, device, dtype, args.resolution,
+                   args.vae_encode_batch_size, args.seed)
+
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)

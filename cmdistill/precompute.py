@@ -160,12 +160,7 @@ def main(argv=None):
                                       args.revision, args.teacher_revision, args.cache_dir, load_unet=False)
         if acc.is_main_process:
             count_long_captions(data.ds[args.caption_column], teacher.tokenizers[0])
-        # The stock SDXL VAE overflows in fp16: fp32 unless an fp16-safe VAE was given (as training).
-        vae_dtype = torch.float32 if args.pretrained_vae_model_name_or_path is None else dtype
-        for m, d in [(teacher.vae, vae_dtype)] + [(te, dtype) for te in teacher.text_encoders]:
-            m.to(acc.device) if d == torch.float32 else m.to(acc.device, dtype=d)
-        enc = Encoders(teacher.tokenizers, teacher.text_encoders, teacher.vae, acc.device, dtype, args.resolution,
-                       args.vae_encode_batch_size, args.seed)
+        enc = Encoders.on_device(teacher, args, acc.device, dtype)  # as training places them
         key = cache_key(args, data_fingerprint(data.ds, args.image_column, args.caption_column), dtype)
         d = cache_dir_for(args, key)
         d.mkdir(parents=True, exist_ok=True)

@@ -101,7 +101,7 @@ class Trainer:
         # Host-to-device copies of the science functions without a host sync (fast.to_device).
         self.sched = NoiseSchedule.from_scheduler(teacher.scheduler, copy=fast.to_device)
         self.grid = Grid(self.sched.T, args.num_discr_timesteps)
-        self.encoders = place_encoders(teacher, args, dev, self.weight_dtype)
+        self.encoders = Encoders.on_device(teacher, args, dev, self.weight_dtype)
         unet.to(dev) if self.weight_dtype == torch.float32 else unet.to(dev, dtype=self.weight_dtype)
         if args.enable_xformers_memory_efficient_attention:
             try:
@@ -398,16 +398,6 @@ class Trainer:
         args = self.args
         hub.push_run(self.output_dir, args.hub_model_id, args.hub_token, public=args.hub_public,
                      include_logs=args.push_logs, logging_dir=args.logging_dir)
-
-
-def place_encoders(teacher, args, device, dtype) -> Encoders:
-    """The text encoders and the VAE on ``device`` in ``dtype``: the stock SDXL VAE overflows in fp16, so it stays fp32
-    unless an fp16-safe VAE was given (as the reference)."""
-    vae_dtype = torch.float32 if args.pretrained_vae_model_name_or_path is None else dtype
-    for m, d in [(teacher.vae, vae_dtype)] + [(te, dtype) for te in teacher.text_encoders]:
-        m.to(device) if d == torch.float32 else m.to(device, dtype=d)
-    return Encoders(teacher.tokenizers, teacher.text_encoders, teacher.vae, device, dtype, args.resolution,
-                    args.vae_encode_batch_size, args.seed)
 
 
 def main(objective: str, argv=None):
