@@ -148,7 +148,7 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
     g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-* folder, or 'latest'")
     g.add_argument("--allow_config_change", type=_comma_list, default=[],
                    help="settings that may differ from the resumed run's (comma-separated, e.g. max_train_steps); "
-                        "without it a resume with another value is refused (cmdistill.train.COMPARED_SETTINGS)")
+                        "without it a resume with another value is refused (cmdistill.run_folder.COMPARED_SETTINGS)")
     g.add_argument("--push_to_hub", action="store_true",
                    help="upload the final LoRA, its PEFT adapter, scheduler and model card (not checkpoints or config)")
     g.add_argument("--hub_token", default=None, help="hub token for --push_to_hub, never recorded; None: HF_TOKEN or "
