@@ -339,8 +339,8 @@ def test_base_view_under_accelerate_mixed_precision():
     code = """
 import torch
 from accelerate import Accelerator
-from test_speed import student_unet, inputs
-from cmdistill import models
+from test_speed import adapters_disabled, student_unet, inputs
+from cmdistill import fast
 from cmdistill.guidance import UNetEps
 acc = Accelerator(mixed_precision="bf16", cpu=True)
 unet = acc.unwrap_model(acc.prepare(student_unet(torch.float32)))
