@@ -78,7 +78,7 @@ def count_empty_captions(ds, caption_column: str) -> int:
 
 def count_long_captions(captions, tokenizer, at_most: int = 100_000) -> int:
     """Captions longer than the tokenizer's window (77 tokens for CLIP), which the text encoders truncate; said
-    once in the log. Only the first ``at_most`` are tokenized (10,000 take ~1 s on a CPU core)."""
+    once in the log. Only the first ``at_most`` are tokenized."""
     limit = tokenizer.model_max_length
     captions = [caption_text(c) for _, c in zip(range(at_most), captions)]
     n = 0
