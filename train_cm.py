@@ -1,4 +1,4 @@
-"""Consistency-model (CM) distillation of SDXL into a LoRA student (SPEC §6). See README.md."""
+"""Consistency-model (CM) distillation of SDXL into a LoRA student (docs/method.md §6). See README.md."""
 
 from cmdistill.train import main
 

@@ -1,4 +1,4 @@
-"""Direct consistency-model distillation of SDXL into a LoRA student (SPEC §6). See README.md."""
+"""Direct consistency-model distillation of SDXL into a LoRA student (docs/method.md §6). See README.md."""
 
 from cmdistill.train import main
 

@@ -34,13 +34,15 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing the pack
 
 import torch  # noqa: E402
 
-from cmdistill import checkpointing, devices, models  # noqa: E402
-from cmdistill.guidance import AdaptiveCFG, UNetEps  # noqa: E402
-from cmdistill.objectives import DistillContext, cm_target, distance  # noqa: E402
-from cmdistill.sampling import consistency_fn, teacher_sample  # noqa: E402
-from cmdistill.schedule import Grid, NoiseSchedule  # noqa: E402
-from cmdistill.solvers import TrajectoryPool, get_solver, solve_to_zero_reference  # noqa: E402
-from cmdistill.train import make_optimizer  # noqa: E402
+from cmdistill import fast, models  # noqa: E402
+from cmdistill.fast import AdaptiveCFG, PooledTargets, checkpointing  # noqa: E402
+from cmdistill.guidance import UNetEps  # noqa: E402
+from cmdistill.objectives import DistillContext, cm_target  # noqa: E402
+from cmdistill.optimizer import make_optimizer  # noqa: E402
+from cmdistill.sampling import teacher_sample  # noqa: E402
+from cmdistill.schedule import Grid, NoiseSchedule, host_to  # noqa: E402
+from cmdistill.solvers import get_solver, solve_to_zero_reference  # noqa: E402
+from cmdistill.step import LossConfig, ObjectiveTargets, distill_loss  # noqa: E402
 
 T0 = time.perf_counter()
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -178,8 +180,8 @@ class Knobs:
     compile: bool = False       # COMPILE=1: teacher compiled in channels_last with freezing, student blocks compiled
     merged_target: bool = False  # CM: the target pass on weight copies with the LoRA update folded in
     offload: bool = False       # text encoders + VAE on the CPU during steps on precomputed inputs
-    switch: str = "peft"        # peft: the LoRA UNet under PEFT's disable/enable_adapters | view: models.base_view
-    h2d: str = "sync"           # small host-to-GPU copies: sync (plain .to()) | async (devices.to_device)
+    switch: str = "peft"        # peft: the LoRA UNet under PEFT's disable/enable_adapters | view: fast.base_view
+    h2d: str = "sync"           # small host-to-GPU copies: sync (schedule.host_to) | async (fast.to_device)
 
     def describe(self) -> str:
         return (f"{self.precision}, {self.inputs}, cfg {self.cfg}" + (", compiled (COMPILE=1)" if self.compile else "")
@@ -273,13 +275,14 @@ class Bench:
                 p.data = p.data.float()
         unet.enable_gradient_checkpointing()
         unet.train()
-        self.view = models.base_view(unet)  # ours' teacher: the UNet without its adapter layers, same weights
+        self.view = fast.base_view(unet)  # ours' teacher: the UNet without its adapter layers, same weights
         self.params = [p for p in unet.parameters() if p.requires_grad]
         self.param_counts["lora"] = sum(p.numel() for p in self.params)
         self.optimizer = make_optimizer(SimpleNamespace(
             use_8bit_adam=False, learning_rate=1e-4, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2,
             adam_epsilon=1e-8), self.params)
         self.sched, self.grid, self.solver = NoiseSchedule.sdxl(), Grid(1000, self.N), get_solver("ddim")
+        self.copy = host_to  # the host-to-device copy of the science functions and the UNet's timesteps (configure)
         self.sf = vae.config.scaling_factor
         self.h = self.res // (2 ** (len(vae.config.block_out_channels) - 1))
         g = torch.Generator().manual_seed(args.seed)
@@ -308,7 +311,7 @@ class Bench:
         """Precision, compiled blocks, checkpointing plan, LoRA-input copy and host copies for ``knobs``."""
         self.set_precision(knobs.precision)
         if knobs.compile != self._blocks:  # COMPILE=1 compiles every block of the student (the teacher: whole)
-            models.compile_blocks(self.unet, knobs.compile, backend=self.args.compile_backend)
+            fast.compile_blocks(self.unet, knobs.compile, backend=self.args.compile_backend)
             self._blocks = knobs.compile
         budget = self.args.checkpointing_budget_gib if knobs.switch == "view" else 0.0
         if student and (budget, self._precision) != self._budget:  # the plan's dry run: the frozen weights' dtype
@@ -317,7 +320,8 @@ class Bench:
                 log("  " + checkpointing.describe(info))
             self._budget = (budget, self._precision)
         models.set_lora_input_casting(self.unet, knobs.lora_cast)
-        devices.ASYNC_COPIES = knobs.h2d == "async"
+        self.copy = fast.to_device if knobs.h2d == "async" else host_to  # injected, as the trainer does
+        self.sched.copy = self.copy
 
     def autocast(self, precision: str):
         dtype = DTYPES[precision]
@@ -376,16 +380,16 @@ class Bench:
         freezing = freezing and self.args.compile_backend == "inductor"
         key = (channels_last, freezing, self._precision)
         if key not in self._compiled:
-            self._compiled[key] = models.compile_unet(self.view, backend=self.args.compile_backend,
+            self._compiled[key] = fast.compile_unet(self.view, backend=self.args.compile_backend,
                                                       freezing=freezing, channels_last=channels_last)
         return self._compiled[key]
 
     def teacher_eps(self, knobs: Knobs, **compile_kw) -> UNetEps:
         if knobs.switch == "peft":
-            return UNetEps(self.unet)  # under the caller's peft_switch
+            return UNetEps(self.unet, copy=self.copy)  # under the caller's peft_switch
         if knobs.compile:
-            return UNetEps(self.compiled_teacher(**compile_kw), dynamic_batch=True)
-        return UNetEps(self.view)
+            return UNetEps(self.compiled_teacher(**compile_kw), dynamic_batch=True, copy=self.copy)
+        return UNetEps(self.view, copy=self.copy)
 
     def guided(self, knobs: Knobs, batch: int):
         """The guided teacher: separate passes, one call of 2b, or batched when b <= B/2 (ours)."""
@@ -393,17 +397,17 @@ class Bench:
         return AdaptiveCFG(self.teacher_eps(knobs), self.w, threshold)
 
     def target_eps(self, knobs: Knobs):
-        """The CM target pass (student, no grad): the LoRA UNet, or (``merged_target``) ``models.MergedAdapters``'
+        """The CM target pass (student, no grad): the LoRA UNet, or (``merged_target``) ``fast.MergedAdapters``'
         tree compiled like the teacher without freezing, refreshed before every pass (one per step)."""
         if not knobs.merged_target:
-            return UNetEps(self.unet)
+            return UNetEps(self.unet, copy=self.copy)
         key = (self._precision, knobs.compile)
         if self._merged is None or self._merged[0] != key:
             self._merged = None
-            merged = models.MergedAdapters(self.unet)
-            tree = models.compile_unet(merged.tree, backend=self.args.compile_backend,
-                                       channels_last=True) if knobs.compile else merged.tree
-            self._merged = (key, merged, UNetEps(tree, dynamic_batch=knobs.compile))
+            merged = fast.MergedAdapters(self.unet)
+            tree = fast.compile_unet(merged.tree, backend=self.args.compile_backend,
+                                     channels_last=True) if knobs.compile else merged.tree
+            self._merged = (key, merged, UNetEps(tree, dynamic_batch=knobs.compile, copy=self.copy))
         _, merged, eps = self._merged
         return merged.refreshing(eps)
 
@@ -418,45 +422,44 @@ class Bench:
                               sched=self.sched, grid=self.grid)
 
     # ==============================================================================================
-    # THE TRAINING STEP: every timed step of the training rows, reference and ours, is `train_step`. It is
-    # assembled from the package's objective and solver functions (cmdistill.objectives.cm_target and distance,
-    # cmdistill.solvers.TrajectoryPool / solve_to_zero_reference, cmdistill.sampling.consistency_fn) in the
-    # order cmdistill.train.Trainer runs them: (encode,) noise to t_n, the target under autocast and no_grad,
-    # f_theta with grad, distance, backward, clip 1.0, AdamW.
+    # THE TRAINING STEP: every timed step of the training rows, reference and ours, is the product's step,
+    # cmdistill.step.distill_loss, with a target source (cmdistill.step.ObjectiveTargets for CM, ours' Direct CM
+    # through cmdistill.fast.PooledTargets, the reference's through Bench.reference_direct_cm below), then backward,
+    # clip 1.0 and AdamW as the trainer runs them (with the reference's GradScaler in fp16).
     # ==============================================================================================
-    def train_step(self, objective: str, knobs: Knobs, ctx: DistillContext, start: torch.Tensor, scaler,
-                   pool: TrajectoryPool | None = None, key=None, phases: dict | None = None) -> torch.Tensor:
-        """One optimisation step; ``pool`` / ``key``: Direct CM through the trajectory pool, batch ``key`` already
-        submitted. ``phases``: also time the teacher and the student parts (each after a synchronize)."""
-        @contextlib.contextmanager
-        def phase(name):
-            if phases is None:
-                yield
-                return
+    def train_step(self, knobs: Knobs, targets, start: torch.Tensor, scaler, key=None,
+                   phases: dict | None = None) -> torch.Tensor:
+        """One optimisation step on the bench's batch at grid indices ``start``; ``key``: the batch's key in a pooled
+        source (submitted already). ``phases``: also time the teacher part (inputs and targets) and the student part
+        (the rest), each after a synchronize."""
+        if phases is None:
+            return self.student_update(knobs, self.prepared(knobs, start, key), targets, scaler)
+        with Timer(self.device) as inputs:
+            prep = self.prepared(knobs, start, key)
+        target_s = []
+
+        def timed_targets(p):
             with Timer(self.device) as tm:
-                yield
-            phases[name] = tm.seconds
+                out = targets(p)
+            target_s.append(tm.seconds)
+            return out
 
-        with phase("teacher"):
-            latents, cond = self.inputs(knobs)
-            t = self.grid.timestep(start)
-            x_t = self.sched.add_noise(latents, self.noise, t)
-            with torch.no_grad(), self.autocast(knobs.precision):
-                if objective == "cm":
-                    target = cm_target(ctx, x_t, start, cond)
-                elif pool is not None:
-                    target = pool.result(key)
-                else:  # the reference: one switch around the masked full-batch loop
-                    with self.peft_switch(knobs):
-                        target = solve_to_zero_reference(ctx.step, ctx.teacher_eps, x_t, start, cond, ctx.sched,
-                                                         ctx.grid)
-        with phase("student"):
-            return self.student_update(knobs, x_t, t, cond, target, scaler)
+        with Timer(self.device) as whole:
+            loss = self.student_update(knobs, prep, timed_targets, scaler)
+        phases.update(teacher=inputs.seconds + target_s[0], student=whole.seconds - target_s[0])
+        return loss
 
-    def student_update(self, knobs: Knobs, x_t, t, cond, target, scaler) -> torch.Tensor:
-        """f_theta with grad, distance, backward, clip 1.0, AdamW (GradScaler in fp16)."""
-        with self.autocast(knobs.precision):
-            loss = distance(consistency_fn(UNetEps(self.unet), x_t, t, cond, self.sched, 10.0), target)
+    def prepared(self, knobs: Knobs, start: torch.Tensor, key=None) -> dict:
+        """The step's prepared batch (``cmdistill.step``): (encoded or precomputed) inputs, noised to t_n."""
+        latents, cond = self.inputs(knobs)
+        t = self.grid.timestep(start)
+        return {"x_t": self.sched.add_noise(latents, self.noise, t), "t": t, "start": start, "cond": cond, "key": key}
+
+    def student_update(self, knobs: Knobs, prep: dict, targets, scaler) -> torch.Tensor:
+        """``step.distill_loss`` (targets, f_theta with grad, distance), backward, clip 1.0, AdamW (GradScaler in
+        fp16)."""
+        loss = distill_loss(prep, targets, UNetEps(self.unet, copy=self.copy), self.sched, LossConfig(),
+                            lambda: self.autocast(knobs.precision))
         (scaler.scale(loss) if scaler is not None else loss).backward()
         if scaler is not None:
             scaler.unscale_(self.optimizer)
@@ -468,6 +471,17 @@ class Bench:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
+
+    def reference_direct_cm(self, knobs: Knobs, ctx: DistillContext):
+        """The reference's Direct CM target source: one PEFT adapter switch around the masked full-batch loop
+        (``solvers.solve_to_zero_reference``, the reference's behaviour; no flag of the product runs it)."""
+        def targets(prep):
+            with torch.no_grad(), self.peft_switch(knobs):
+                target = solve_to_zero_reference(ctx.step, ctx.teacher_eps, prep["x_t"], prep["start"], prep["cond"],
+                                                 ctx.sched, ctx.grid)
+            return prep["x_t"], prep["t"], prep["cond"], target
+
+        return targets
     # ==============================================================================================
 
     def scaler_for(self, knobs: Knobs):
@@ -541,11 +555,11 @@ class Bench:
         scaler = self.scaler_for(knobs)
         latents, cond = self.inputs(replace(knobs, inputs="precomputed"))
         t = self.grid.timestep(self.start)
-        x_t = self.sched.add_noise(latents, self.noise, t)
+        prep = {"x_t": self.sched.add_noise(latents, self.noise, t), "t": t, "start": self.start, "cond": cond}
         target = latents.clone()
 
         def step():
-            return self.student_update(knobs, x_t, t, cond, target, scaler)
+            return self.student_update(knobs, prep, lambda p: (p["x_t"], p["t"], p["cond"], target), scaler)
 
         step()
         times, _ = timed(self.device, step, self.args.repeats)
@@ -561,10 +575,11 @@ class Bench:
         knobs = spec.knobs
         self.configure(knobs)
         scaler, ctx = self.scaler_for(knobs), self.context(knobs, "cm")
+        targets = ObjectiveTargets(cm_target, ctx)
         self.inputs(knobs)  # a precomputation happens here, untimed
 
         def step():
-            return self.train_step("cm", knobs, ctx, self.start, scaler)
+            return self.train_step(knobs, targets, self.start, scaler)
 
         step()
         times, loss = timed(self.device, step, self.args.repeats, "step")
@@ -618,7 +633,8 @@ class Bench:
         scaler, ctx = self.scaler_for(knobs), self.context(knobs, "direct_cm")
         latents, cond = self.inputs(knobs)
         sizes: list[int] = []
-        pool = TrajectoryPool(ctx.step, ctx.teacher_eps, ctx.sched, ctx.grid, B, callback=sizes.append)
+        targets = PooledTargets(ctx, B, K, callback=sizes.append)
+        pool = targets.pool
         g = torch.Generator().manual_seed(self.args.seed)
         warm, n_timed = 1, self.args.repeats_direct_cm
         starts = [torch.randint(0, N, (B,), generator=g) for _ in range(warm + n_timed + K)]  # K past the last
@@ -630,7 +646,7 @@ class Bench:
             pool.submit(nxt, self.sched.add_noise(latents, self.noise, self.grid.timestep(starts[nxt])), starts[nxt],
                         cond)
             n0, phases = len(sizes), {}
-            self.train_step("direct_cm", knobs, ctx, starts[k], scaler, pool=pool, key=k, phases=phases)
+            self.train_step(knobs, targets, starts[k], scaler, key=k, phases=phases)
             parts.append((phases["teacher"], phases["student"], len(sizes) - n0, sum(sizes[n0:])))
             log(f"  step {k}: teacher {phases['teacher']:.2f} s in {parts[-1][2]} calls ({parts[-1][3]} sample-steps),"
                 f" student {phases['student']:.3f} s")
@@ -657,10 +673,9 @@ class Bench:
         knobs = spec.knobs
         self.configure(knobs)
         scaler, ctx = self.scaler_for(knobs), self.context(knobs, "direct_cm")
-        warm = torch.full((self.B,), self.N - 2)
-        self.train_step("direct_cm", knobs, ctx, warm, scaler)
-        times, loss = timed(self.device, lambda: self.train_step("direct_cm", knobs, ctx, self.start, scaler), 1,
-                            "step")
+        warm, targets = torch.full((self.B,), self.N - 2), self.reference_direct_cm(knobs, ctx)
+        self.train_step(knobs, targets, warm, scaler)
+        times, loss = timed(self.device, lambda: self.train_step(knobs, targets, self.start, scaler), 1, "step")
         steps = int(self.N - self.start.min())
         out = dict(value=times[0], unit="s/step", seconds=times, median_s=times[0], loss=float(loss),
                    reference_loop_steps=steps, notes=f"{knobs.describe()}; {steps} full-batch steps")

@@ -2,7 +2,7 @@
 
 Re-implements and extends "Inconsistencies In Consistency Models: Better ODE Solving Does Not
 Imply Better Samples" (Vouitsis et al., arXiv 2411.08954). The mathematics follows
-``SPEC.md`` of the project; each module cites the section it implements.
+``docs/method.md`` of the project; each module cites the section it implements.
 """
 
 __version__ = "0.1.0"

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import argparse
 
-from .models import COMPILE_MODES, DEFAULT_LORA_TARGETS
+import copy
+import importlib.util
+
+from .errors import UserError
+from .fast.compile import COMPILE_MODES
+from .models import DEFAULT_LORA_TARGETS
 
 OBJECTIVE_NAMES = {"cm": "CM", "direct_cm": "Direct CM"}
 OPTIMIZER_FALLBACKS = ("none", "adamw")
@@ -143,7 +148,7 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
     g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-* folder, or 'latest'")
     g.add_argument("--allow_config_change", type=_comma_list, default=[],
                    help="settings that may differ from the resumed run's (comma-separated, e.g. max_train_steps); "
-                        "without it a resume with another value is refused (cmdistill.train.COMPARED_SETTINGS)")
+                        "without it a resume with another value is refused (cmdistill.run_folder.COMPARED_SETTINGS)")
     g.add_argument("--push_to_hub", action="store_true",
                    help="upload the final LoRA, its PEFT adapter, scheduler and model card (not checkpoints or config)")
     g.add_argument("--hub_token", default=None, help="hub token for --push_to_hub, never recorded; None: HF_TOKEN or "
@@ -173,15 +178,13 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
     g.add_argument("--teacher_max_batch", type=int, default=None,
                    help="most samples per teacher call in the Direct CM loop; None: the batch")
     g.add_argument("--compile_teacher", action="store_true",
-                   help="torch.compile the teacher's passes (dynamic batch); minutes of compiling on first use")
+                   help="torch.compile the teacher's passes (dynamic batch); compiles on first use")
     g.add_argument("--compile_mode", default="default", choices=COMPILE_MODES,
-                   help="torch.compile mode of --compile_teacher")
+                   help="torch.compile mode of --compile_teacher (none that replays CUDA graphs)")
     g.add_argument("--teacher_freezing", action="store_true",
                    help="with --compile_teacher: inductor's freezing (weights become graph constants)")
     g.add_argument("--teacher_channels_last", action="store_true",
                    help="with --compile_teacher: the compiled teacher in channels_last, with per-channel group norms")
-    g.add_argument("--compile_student", action="store_true",
-                   help="torch.compile the whole student forward and backward (slow to compile: prefer --compile_blocks)")
     g.add_argument("--compile_blocks", action="store_true",
                    help="torch.compile each ResNet and transformer block of the UNet (regional compilation)")
     g.add_argument("--merged_target", action="store_true",
@@ -190,15 +193,6 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
     g.add_argument("--teacher_lookahead", type=int, default=None,
                    help="prepare the next K batches ahead: Direct CM fills each teacher call with their "
                         "trajectories, CM issues their teacher steps early; None: 2 for Direct CM, 0 for CM")
-    g.add_argument("--teacher_lookahead_stream", choices=["same", "side"], default="same",
-                   help="CM with --teacher_lookahead: issue the teacher steps on the current CUDA stream or a second one")
-    g.add_argument("--cfg_batched", action="store_true",
-                   help="always run the conditional and unconditional teacher passes as one batch")
-    g.add_argument("--cfg_separate", action="store_true",
-                   help="always run the two guidance passes separately (the reference's way); default: one batch "
-                        "for calls of at most half the batch")
-    g.add_argument("--reference_loop", action="store_true",
-                   help="Direct CM: the reference's masked full-batch loop instead of per-sample steps (same targets)")
     return p
 
 
@@ -218,3 +212,36 @@ def precompute_parser() -> argparse.ArgumentParser:
                    help="dtype of the encoders and of the cache (the training run's --mixed_precision)")
     g.add_argument("--vae_encode_batch_size", type=int, default=8, help="images per VAE encoder call")
     return p
+
+
+def validate_args(args):
+    """The checks of the training flags that need no model (one line naming the flag and the fix)."""
+    if args.checkpointing_budget_gib not in (None, "auto") and args.checkpointing_budget_gib < 0:
+        raise UserError(f"--checkpointing_budget_gib {args.checkpointing_budget_gib:g} must be >= 0 (GiB of "
+                        "activations kept un-checkpointed; 0 = checkpoint every block)")
+    from .optimizer import resolve_batch_size
+    from .schedule import Grid
+
+    Grid(1000, args.num_discr_timesteps)  # raises a one-line error when N does not divide T
+    for flag in ("teacher_freezing", "teacher_channels_last"):
+        if getattr(args, flag, False) and not args.compile_teacher:
+            raise UserError(f"--{flag} applies to the compiled teacher: add --compile_teacher (COMPILE=1)")
+    if getattr(args, "teacher_freezing", False) and args.compile_mode not in (None, "default"):
+        raise UserError(f"--teacher_freezing applies to torch.compile's default mode: drop --compile_mode "
+                        f"{args.compile_mode} or --teacher_freezing (FREEZING=0 with COMPILE=1)")
+    if args.resolution % 8:
+        raise UserError(f"--resolution {args.resolution} must be a multiple of 8 (the VAE downsamples 8x)")
+    # The batch arithmetic before any model loads, for the number of processes the launcher started
+    # (the Trainer resolves it again from the accelerator's).
+    from accelerate.utils import get_int_from_env
+
+    resolve_batch_size(copy.copy(args), get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"], 1))
+    if args.use_8bit_adam and getattr(args, "optimizer_fallback", "none") == "none" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("--use_8bit_adam: bitsandbytes is not installed; install the pinned version (pip install -r "
+                        "requirements.txt), or add --optimizer_fallback adamw to train with torch.optim.AdamW")
+    if not args.train_data_dir and not args.dataset_name:
+        raise UserError("give --train_data_dir (an image folder with metadata.csv) or --dataset_name")
+    if (getattr(args, "teacher_lookahead", 0) or 0) < 0:
+        raise UserError(f"--teacher_lookahead {args.teacher_lookahead}: must be >= 0 (0 = off)")
+    if getattr(args, "trajectory_pairs", 1) < 1:
+        raise UserError(f"--trajectory_pairs {args.trajectory_pairs}: must be >= 1 (1 = off)")

@@ -1,6 +1,6 @@
 """Training data: LAION-Aesthetics image folders (``metadata.csv`` with ``file_name,text``), any
 ``datasets`` image folder or hub dataset with image/caption columns, and SDXL size/crop
-conditioning (SPEC §1, §7).
+conditioning (docs/method.md §1, §7).
 
 The data stream is a pure function of (seed, position): position p is sample
 ``perm_{p // n}[p % n]`` of the epoch permutation seeded by (seed, epoch). Process r of P takes
@@ -78,7 +78,7 @@ def count_empty_captions(ds, caption_column: str) -> int:
 
 def count_long_captions(captions, tokenizer, at_most: int = 100_000) -> int:
     """Captions longer than the tokenizer's window (77 tokens for CLIP), which the text encoders truncate; said
-    once in the log. Only the first ``at_most`` are tokenized (10,000 take ~1 s on a CPU core)."""
+    once in the log. Only the first ``at_most`` are tokenized."""
     limit = tokenizer.model_max_length
     captions = [caption_text(c) for _, c in zip(range(at_most), captions)]
     n = 0
@@ -240,3 +240,14 @@ def make_dataloader(dataset, batch_size, num_processes, rank, seed, start_positi
     sampler = StreamBatchSampler(len(dataset), batch_size, num_processes, rank, seed, start_position)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
                                        persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
+def training_dataset(args, main_process: bool = True) -> SDXLImageCaptions:
+    """The training data of the flags (``--train_data_dir`` / ``--dataset_name``, columns, resolution, crop, flip,
+    seed); the main process counts the empty captions in the log."""
+    ds = load_caption_dataset(args.train_data_dir, args.dataset_name, args.dataset_config_name, args.image_column,
+                              args.caption_column, args.cache_dir, args.max_train_samples)
+    if main_process:
+        count_empty_captions(ds, args.caption_column)
+    return SDXLImageCaptions(ds, args.image_column, args.caption_column, args.resolution, args.interpolation_type,
+                             args.center_crop, args.random_flip, args.seed)

@@ -1,4 +1,4 @@
-"""The UNet as an epsilon function, and the teacher's classifier-free guidance (SPEC §3).
+"""The UNet as an epsilon function, and the teacher's classifier-free guidance (docs/method.md §3).
 
 ``cond`` dicts hold per-sample SDXL conditioning: ``prompt_embeds`` [B, 77, 2048],
 ``text_embeds`` (pooled, [B, 1280]) and ``time_ids`` [B, 6].
@@ -8,28 +8,26 @@ from __future__ import annotations
 
 import torch
 
-from .devices import to_device
+from .schedule import host_to
 
 
 class UNetEps:
     """``eps_fn(x, t, cond)`` for an SDXL UNet: casts the float32 state to the UNet's dtype and the
-    prediction back to float32. ``t`` holds timestep values, passed to the UNet as they are (SPEC §2).
+    prediction back to float32. ``t`` holds timestep values, passed to the UNet as they are (docs/method.md §2).
 
-    ``dynamic_batch=True`` (for a ``torch.compile``d UNet, ``cmdistill.models.compile_unet``) marks the
+    ``dynamic_batch=True`` (for a ``torch.compile``d UNet, ``cmdistill.fast.compile_unet``) marks the
     batch dimension of every input as dynamic, so one compiled graph serves every batch size.
-    ``fresh_output=True`` (a UNet compiled to replay CUDA graphs) starts a new graph step before each call
-    and never returns the graph's own output buffer, which the next replay would overwrite."""
+    ``copy(t, device)`` copies the host timesteps to the UNet's device (``schedule.host_to`` by default)."""
 
-    def __init__(self, unet, dtype: torch.dtype | None = None, dynamic_batch: bool = False,
-                 fresh_output: bool = False):
+    def __init__(self, unet, dtype: torch.dtype | None = None, dynamic_batch: bool = False, copy=host_to):
         self.unet = unet
         self.dtype = dtype
         self.dynamic_batch = dynamic_batch
-        self.fresh_output = fresh_output
+        self.copy = copy
 
     def __call__(self, x: torch.Tensor, t, cond: dict) -> torch.Tensor:
         dtype = self.dtype or cond["prompt_embeds"].dtype
-        t = to_device(torch.as_tensor(t).reshape(-1), x.device)
+        t = self.copy(torch.as_tensor(t).reshape(-1), x.device)
         if t.numel() == 1:
             t = t.expand(x.shape[0]).contiguous()
         x, emb = x.to(dtype), cond["prompt_embeds"].to(dtype)
@@ -37,15 +35,11 @@ class UNetEps:
         if self.dynamic_batch:
             for v in (x, t, emb, *added.values()):
                 torch._dynamo.maybe_mark_dynamic(v, 0)
-        if self.fresh_output:
-            torch.compiler.cudagraph_mark_step_begin()
-        out = self.unet(x, t, encoder_hidden_states=emb, added_cond_kwargs=added, return_dict=False)[0]
-        res = out.float()
-        return res.clone() if self.fresh_output and res is out else res
+        return self.unet(x, t, encoder_hidden_states=emb, added_cond_kwargs=added, return_dict=False)[0].float()
 
 
 def unconditional(cond: dict) -> dict:
-    """SPEC §3: the unconditional branch has ZERO prompt and pooled embeddings and the same time_ids
+    """docs/method.md §3: the unconditional branch has ZERO prompt and pooled embeddings and the same time_ids
     (SDXL's ``force_zeros_for_empty_prompt``), not an encoded empty prompt."""
     return {"prompt_embeds": torch.zeros_like(cond["prompt_embeds"]),
             "text_embeds": torch.zeros_like(cond["text_embeds"]),
@@ -53,7 +47,7 @@ def unconditional(cond: dict) -> dict:
 
 
 class GuidedEps:
-    """Imagen-form CFG (SPEC §3): eps = eps_u + w (eps_c - eps_u).
+    """Imagen-form CFG (docs/method.md §3): eps = eps_u + w (eps_c - eps_u).
 
     ``batched=False`` runs the conditional and unconditional passes separately (the reference);
     ``batched=True`` runs them as one call of batch 2B (same values up to kernel rounding; faster
@@ -78,24 +72,3 @@ class GuidedEps:
             eps_c = self.eps_fn(x, t, cond)
             eps_u = self.eps_fn(x, t, uncond)
         return eps_u + self.w * (eps_c - eps_u)
-
-
-class AdaptiveCFG:
-    """Classifier-free guidance with the conditional and unconditional passes as one call of 2a when the
-    call has a <= ``threshold`` samples, as separate passes otherwise (``GuidedEps`` either way: the same
-    values up to kernel rounding). The training default uses threshold B/2: batching gains nothing once the
-    GPU is full (PERF.md: batch 16 at 1024 px), but the per-sample Direct CM loop's active set shrinks to 1.
-    threshold 0 = always separate (the reference), B = always batched. Counts the calls of each kind."""
-
-    def __init__(self, eps_fn, w: float, threshold: int):
-        self.separate = GuidedEps(eps_fn, w, batched=False)
-        self.batched = GuidedEps(eps_fn, w, batched=True)
-        self.threshold = threshold
-        self.batched_calls = self.separate_calls = 0
-
-    def __call__(self, x, t, cond):
-        if x.shape[0] <= self.threshold:
-            self.batched_calls += 1
-            return self.batched(x, t, cond)
-        self.separate_calls += 1
-        return self.separate(x, t, cond)

@@ -1,4 +1,4 @@
-"""The two distillation objectives (SPEC §6), one signature: ``target(ctx, x_t, start_index, cond)``.
+"""The two distillation objectives (docs/method.md §6), one signature: ``target(ctx, x_t, start_index, cond)``.
 
 The training loop computes ``pred = f_theta(x_t, t_n)`` and ``loss = distance(pred, target)`` and
 never branches on which objective it runs.
@@ -21,7 +21,7 @@ class DistillContext:
     """What an objective may use: the guided teacher, the student under no_grad, solver and grid."""
 
     teacher_eps: Callable          # guided teacher eps_fn (adapter disabled, no grad)
-    student_eps_nograd: Callable   # student eps_fn under no_grad (the CM target network, SPEC §6)
+    student_eps_nograd: Callable   # student eps_fn under no_grad (the CM target network, docs/method.md §6)
     step: Callable                 # solver step (solvers.SOLVERS)
     sched: NoiseSchedule
     grid: Grid
@@ -81,7 +81,7 @@ OBJECTIVES = {"cm": cm_target, "direct_cm": direct_cm_target}
 
 
 def distance(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2", huber_c: float = 0.001) -> torch.Tensor:
-    """Mean squared error (paper) or pseudo-Huber sqrt(d^2 + c^2) - c, averaged (SPEC §6)."""
+    """Mean squared error (paper) or pseudo-Huber sqrt(d^2 + c^2) - c, averaged (docs/method.md §6)."""
     pred, target = pred.float(), target.float()
     if loss_type == "l2":
         return torch.mean((pred - target) ** 2)

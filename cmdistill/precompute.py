@@ -132,11 +132,15 @@ def find_cache(args, dataset, dtype: torch.dtype):
 
 def main(argv=None):
     from accelerate import Accelerator
+    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from .args import precompute_parser, training_parser
+    from . import models
+    from .args import precompute_parser, training_parser, validate_args
+    from .data import collate, count_long_captions, training_dataset
     from .errors import exit_on_user_error
-    from .train import Trainer, validate_args, write_json_atomic
+    from .inputs import Encoders
+    from .run_folder import check_run_inputs, write_json_atomic
 
     @exit_on_user_error
     def run():
@@ -146,17 +150,23 @@ def main(argv=None):
         args = training_parser("cm").parse_args([])
         vars(args).update(vars(own), output_dir=own.precomputed_dir, report_to="none", no_precomputed=True)
         validate_args(args)
-        tr = Trainer(args, "cm", for_precompute=True)
-        acc: Accelerator = tr.accelerator
-        data = tr.dataset
-        key = cache_key(args, data_fingerprint(data.ds, args.image_column, args.caption_column), tr.weight_dtype)
+        check_run_inputs(args)
+        acc = Accelerator(mixed_precision=args.mixed_precision)
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        set_seed(args.seed)
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
+        data = training_dataset(args, acc.is_main_process)
+        teacher = models.load_teacher(args.pretrained_teacher_model, args.pretrained_vae_model_name_or_path,
+                                      args.revision, args.teacher_revision, args.cache_dir, load_unet=False)
+        if acc.is_main_process:
+            count_long_captions(data.ds[args.caption_column], teacher.tokenizers[0])
+        enc = Encoders.on_device(teacher, args, acc.device, dtype)  # as training places them
+        key = cache_key(args, data_fingerprint(data.ds, args.image_column, args.caption_column), dtype)
         d = cache_dir_for(args, key)
         d.mkdir(parents=True, exist_ok=True)
         n = len(data)
         shards = [s for s in range(math.ceil(n / SHARD_SIZE)) if s % acc.num_processes == acc.process_index]
         todo = [s for s in shards if not shard_path(d, s).is_file()]
-        from .data import collate
-
         for s in tqdm(todo, desc="precompute shards", disable=not acc.is_local_main_process):
             keys = [(0, i, i) for i in range(s * SHARD_SIZE, min(n, (s + 1) * SHARD_SIZE))]
             loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, keys), collate_fn=collate,
@@ -164,10 +174,10 @@ def main(argv=None):
                                                  num_workers=args.dataloader_num_workers)
             parts = {"mean": [], "std": [], "prompt_embeds": [], "text_embeds": [], "time_ids": []}
             for batch in loader:
-                mean, std = tr.posterior(batch["pixel_values"])
-                cond = tr.conditioning(batch)
+                mean, std = enc.posterior(batch["pixel_values"])
+                cond = enc.conditioning(batch)
                 for k, v in (("mean", mean), ("std", std), *cond.items()):
-                    parts[k].append(v.to("cpu", tr.weight_dtype))
+                    parts[k].append(v.to("cpu", dtype))
             from safetensors.torch import save_file
 
             tmp = shard_path(d, s).with_suffix(".tmp")

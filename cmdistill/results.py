@@ -1,4 +1,4 @@
-"""Accumulated evaluation results and the paper-style table (SPEC §9, §10).
+"""Accumulated evaluation results and the paper-style table (docs/method.md §9, §10).
 
 Every evaluated setting is one entry of ``OUTPUT_DIR/metrics.json`` and one line of
 ``OUTPUT_DIR/results.csv``; a rerun of a setting replaces its entry, other settings stay. Both files

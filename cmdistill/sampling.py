@@ -1,4 +1,4 @@
-"""The consistency function (SPEC §5) and the two samplers of the evaluation (SPEC §8).
+"""The consistency function (docs/method.md §5) and the two samplers of the evaluation (docs/method.md §8).
 
 The teacher reference sampler IS the Direct CM target code (``solvers.solve_to_zero`` from grid
 index 0); the student sampler is LCM-style multistep consistency sampling on the N-grid.
@@ -10,23 +10,22 @@ from typing import Callable
 
 import torch
 
-from .devices import to_device
 from .schedule import Grid, NoiseSchedule, boundary_scalings
 from .solvers import solve_to_zero
 
 
 def consistency_fn(eps_fn, x: torch.Tensor, t, cond: dict, sched: NoiseSchedule,
                    timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> torch.Tensor:
-    """f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t), x0_hat from the student's eps as in DDIM (SPEC §5)."""
+    """f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t), x0_hat from the student's eps as in DDIM (docs/method.md §5)."""
     x = x.float()
     eps = eps_fn(x, t, cond)
-    c_skip, c_out = boundary_scalings(t, x, timestep_scaling, sigma_data)
+    c_skip, c_out = boundary_scalings(t, x, timestep_scaling, sigma_data, sched.copy)
     return c_skip * x + c_out * sched.x0_from_eps(x, eps, t)
 
 
 def teacher_sample(step, guided_eps, x_T: torch.Tensor, cond: dict, sched: NoiseSchedule, grid: Grid,
                    max_batch: int | None = None, callback=None) -> torch.Tensor:
-    """Deterministic teacher ODE sampling from pure noise at t = T down to 0 (SPEC §8)."""
+    """Deterministic teacher ODE sampling from pure noise at t = T down to 0 (docs/method.md §8)."""
     start = torch.zeros(x_T.shape[0], dtype=torch.long)
     return solve_to_zero(step, guided_eps, x_T, start, cond, sched, grid, max_batch=max_batch, callback=callback)
 
@@ -34,7 +33,7 @@ def teacher_sample(step, guided_eps, x_T: torch.Tensor, cond: dict, sched: Noise
 def student_sample(student_eps, x_T: torch.Tensor, cond: dict, sched: NoiseSchedule, grid: Grid, num_steps: int,
                    fresh_noise: Callable[[int], torch.Tensor] | None = None, timestep_scaling: float = 10.0,
                    return_all: bool = False):
-    """Multistep consistency sampling (SPEC §8), guidance scale 0.
+    """Multistep consistency sampling (docs/method.md §8), guidance scale 0.
 
     At each sampling timestep x0 = f(x, t); if a step follows, x = alpha_s x0 + sigma_s z with
     fresh noise z = ``fresh_noise(j)`` for the j-th renoising (per-sample deterministic noise when
@@ -49,5 +48,5 @@ def student_sample(student_eps, x_T: torch.Tensor, cond: dict, sched: NoiseSched
         if j + 1 < len(timesteps):
             s = timesteps[j + 1]
             z = fresh_noise(j) if fresh_noise is not None else torch.randn_like(x0)
-            x = sched.add_noise(x0, to_device(z, x0.device), torch.full((x.shape[0],), s))
+            x = sched.add_noise(x0, sched.copy(z, x0.device), torch.full((x.shape[0],), s))
     return (x0, outs) if return_all else x0

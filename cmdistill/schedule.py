@@ -1,6 +1,6 @@
 """The teacher's discrete VP noise schedule, the N-step grid and the boundary scalings.
 
-SPEC §1 (schedule), §2 (grid and timestep-value convention), §5 (consistency boundary condition).
+docs/method.md §1 (schedule), §2 (grid and timestep-value convention), §5 (consistency boundary condition).
 All tables are float64; values are returned as float32 tensors shaped for broadcasting over
 latents, so the ODE state stays in float32 whatever the UNet's dtype.
 """
@@ -11,29 +11,36 @@ from dataclasses import dataclass
 
 import torch
 
-from .devices import to_device
 from .errors import UserError
 
 
 def scaled_linear_betas(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
                         beta_end: float = 0.012) -> torch.Tensor:
-    """SDXL's ``scaled_linear`` betas (SPEC §1), in float64."""
+    """SDXL's ``scaled_linear`` betas (docs/method.md §1), in float64."""
     return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
 
 
-def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return to_device(v, like.device, torch.float32).view(-1, *([1] * (like.ndim - 1)))
+def host_to(t, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.as_tensor(t).to(device, dtype)``: the plain host-to-device copy. The tables live on the host and small
+    per-sample values are copied to the latents' device; a caller that wants another copy (e.g. one that does not
+    make the CPU wait for a GPU, ``cmdistill.fast.to_device``) injects it (``NoiseSchedule(copy=...)``)."""
+    return torch.as_tensor(t).to(device, dtype)
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor, copy=host_to) -> torch.Tensor:
+    return copy(v, like.device, torch.float32).view(-1, *([1] * (like.ndim - 1)))
 
 
 class NoiseSchedule:
-    """Noise levels indexed by timestep *value* t in 0..T (SPEC §2).
+    """Noise levels indexed by timestep *value* t in 0..T (docs/method.md §2).
 
     alpha_t = sqrt(alphas_cumprod[t-1]), sigma_t = sqrt(1 - alphas_cumprod[t-1]); t = 0 is clean data
     (alpha = 1, sigma = 0). beta(t) = T * betas[t-1] is the continuous-time VP rate used by Euler/Heun.
     """
 
-    def __init__(self, betas: torch.Tensor):
+    def __init__(self, betas: torch.Tensor, copy=host_to):
         betas = torch.as_tensor(betas, dtype=torch.float64)
+        self.copy = copy  # copy(t, device, dtype=None): the host-to-device copy of every small per-sample tensor
         self.T = int(betas.numel())
         self.betas = betas
         acp = torch.cumprod(1.0 - betas, 0)
@@ -41,27 +48,27 @@ class NoiseSchedule:
         one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
         self._alpha = torch.cat([one, acp.sqrt()])
         self._sigma = torch.cat([zero, (1.0 - acp).sqrt()])
-        # beta(0) is undefined (SPEC §4); the table holds NaN there so that misuse is loud.
+        # beta(0) is undefined (docs/method.md §4); the table holds NaN there so that misuse is loud.
         self._beta = torch.cat([torch.full((1,), float("nan"), dtype=torch.float64), self.T * betas])
 
     @classmethod
-    def from_scheduler(cls, scheduler) -> "NoiseSchedule":
+    def from_scheduler(cls, scheduler, copy=host_to) -> "NoiseSchedule":
         """Build from a diffusers scheduler (its ``betas``), e.g. the teacher's ``scheduler`` folder."""
         cfg = scheduler.config
         if getattr(cfg, "prediction_type", "epsilon") != "epsilon":
             raise UserError(f"the teacher's scheduler predicts '{cfg.prediction_type}'; only epsilon "
                             "prediction (SDXL base) is supported")
-        return cls(scheduler.betas.to(torch.float64))
+        return cls(scheduler.betas.to(torch.float64), copy)
 
     @classmethod
-    def sdxl(cls) -> "NoiseSchedule":
-        return cls(scaled_linear_betas())
+    def sdxl(cls, copy=host_to) -> "NoiseSchedule":
+        return cls(scaled_linear_betas(), copy)
 
     def _lookup(self, table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, device="cpu").long().reshape(-1)
         if t.numel() == 1 and like.shape[0] != 1:
             t = t.expand(like.shape[0])
-        return _bcast(table[t], like)
+        return _bcast(table[t], like, self.copy)
 
     def alpha(self, t, like):
         return self._lookup(self._alpha, t, like)
@@ -78,13 +85,13 @@ class NoiseSchedule:
         return self.alpha(t, x0) * x0 + self.sigma(t, x0) * noise
 
     def x0_from_eps(self, x: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
-        """The DDIM data estimate (x - sigma_t eps) / alpha_t (SPEC §4, §5)."""
+        """The DDIM data estimate (x - sigma_t eps) / alpha_t (docs/method.md §4, §5)."""
         return (x - self.sigma(t, x) * eps) / self.alpha(t, x)
 
 
 @dataclass(frozen=True)
 class Grid:
-    """The N-interval discretisation of SPEC §2: start timesteps T, T-k, ..., k; next(t) = t - k."""
+    """The N-interval discretisation of docs/method.md §2: start timesteps T, T-k, ..., k; next(t) = t - k."""
 
     T: int
     N: int
@@ -107,7 +114,7 @@ class Grid:
         return self.timestep(torch.arange(self.N))
 
     def sampling_indices(self, num_steps: int) -> list[int]:
-        """SPEC §8: grid indices round(linspace(0, N, K, endpoint=False)) (NumPy's round-half-even)."""
+        """docs/method.md §8: grid indices round(linspace(0, N, K, endpoint=False)) (NumPy's round-half-even)."""
         import numpy as np
 
         if not 1 <= num_steps <= self.N:
@@ -118,12 +125,12 @@ class Grid:
         return [self.T - self.k * i for i in self.sampling_indices(num_steps)]
 
 
-def boundary_scalings(t, like: torch.Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5):
-    """LCM-style c_skip, c_out (SPEC §5): c_skip(0) = 1, c_out(0) = 0, so f(x, 0) = x exactly."""
+def boundary_scalings(t, like: torch.Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5, copy=host_to):
+    """LCM-style c_skip, c_out (docs/method.md §5): c_skip(0) = 1, c_out(0) = 0, so f(x, 0) = x exactly."""
     t = torch.as_tensor(t, device="cpu").to(torch.float64).reshape(-1)
     if t.numel() == 1 and like.shape[0] != 1:
         t = t.expand(like.shape[0])
     ct = timestep_scaling * t
     c_skip = sigma_data**2 / (ct**2 + sigma_data**2)
     c_out = ct / (ct**2 + sigma_data**2).sqrt()
-    return _bcast(c_skip, like), _bcast(c_out, like)
+    return _bcast(c_skip, like, copy), _bcast(c_out, like, copy)

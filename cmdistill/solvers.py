@@ -1,4 +1,4 @@
-"""Teacher ODE solvers on the N-step grid (SPEC §4) and the solve-to-zero loops (SPEC §6, §8).
+"""Teacher ODE solvers on the N-step grid (docs/method.md §4) and the solve-to-zero loops (docs/method.md §6, §8).
 
 Every solver step has the same signature ``step(eps_fn, x, t, s, cond, sched) -> x_s``:
 ``eps_fn(x, t, cond)`` returns the (guided) teacher noise estimate in float32, ``t`` and ``s`` are
@@ -12,19 +12,18 @@ from typing import Callable
 
 import torch
 
-from .devices import to_device
-from .schedule import Grid, NoiseSchedule
+from .schedule import Grid, NoiseSchedule, host_to
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
 
 
-def index_cond(cond: dict, idx: torch.Tensor) -> dict:
-    """Select the rows ``idx`` of every per-sample conditioning tensor."""
-    return {k: v[to_device(idx, v.device)] for k, v in cond.items()}
+def index_cond(cond: dict, idx: torch.Tensor, copy=host_to) -> dict:
+    """Select the rows ``idx`` (host indices, copied by ``copy``) of every per-sample conditioning tensor."""
+    return {k: v[copy(idx, v.device)] for k, v in cond.items()}
 
 
 def ddim_step(eps_fn: EpsFn, x, t, s, cond, sched: NoiseSchedule):
-    """DDIM (SPEC §4): x0_hat = (x - sigma_t eps) / alpha_t; x_s = alpha_s x0_hat + sigma_s eps."""
+    """DDIM (docs/method.md §4): x0_hat = (x - sigma_t eps) / alpha_t; x_s = alpha_s x0_hat + sigma_s eps."""
     eps = eps_fn(x, t, cond)
     x0 = sched.x0_from_eps(x, eps, t)
     return sched.alpha(s, x) * x0 + sched.sigma(s, x) * eps
@@ -36,22 +35,22 @@ def _vp_drift(x, eps, beta, sigma):
 
 
 def euler_step(eps_fn: EpsFn, x, t, s, cond, sched: NoiseSchedule):
-    """Euler on the VP probability-flow ODE (SPEC §4): x_s = x + ((s - t) / T) f(x, t)."""
+    """Euler on the VP probability-flow ODE (docs/method.md §4): x_s = x + ((s - t) / T) f(x, t)."""
     eps = eps_fn(x, t, cond)
     f = _vp_drift(x, eps, sched.beta(t, x), sched.sigma(t, x))
-    dt = to_device((torch.as_tensor(s) - torch.as_tensor(t)).float(), x.device).view(-1, *([1] * (x.ndim - 1)))
+    dt = sched.copy((torch.as_tensor(s) - torch.as_tensor(t)).float(), x.device).view(-1, *([1] * (x.ndim - 1)))
     return x + (dt / sched.T) * f
 
 
 def heun_step(eps_fn: EpsFn, x, t, s, cond, sched: NoiseSchedule):
-    """Heun (SPEC §4): Euler predictor, then the trapezoid of the drifts at t and at the predictor.
+    """Heun (docs/method.md §4): Euler predictor, then the trapezoid of the drifts at t and at the predictor.
 
     At s = 0 the reference substitutes beta and sigma of index 0 (timestep value 1) into the
     corrector's drift to avoid dividing by sigma_0 = 0; the teacher is still evaluated at s = 0.
     """
     eps = eps_fn(x, t, cond)
     f = _vp_drift(x, eps, sched.beta(t, x), sched.sigma(t, x))
-    dt = to_device((torch.as_tensor(s) - torch.as_tensor(t)).float(), x.device).view(-1, *([1] * (x.ndim - 1)))
+    dt = sched.copy((torch.as_tensor(s) - torch.as_tensor(t)).float(), x.device).view(-1, *([1] * (x.ndim - 1)))
     x_pred = x + (dt / sched.T) * f
     eps_s = eps_fn(x_pred, s, cond)
     s_coef = torch.where(torch.as_tensor(s).reshape(-1) == 0, 1, torch.as_tensor(s).reshape(-1))
@@ -76,7 +75,7 @@ def solve_to_zero(step, eps_fn: EpsFn, x: torch.Tensor, start_index: torch.Tenso
                   callback: Callable | None = None, record: torch.Tensor | None = None):
     """Solve the teacher ODE from grid index ``start_index[i]`` down to timestep 0, per sample.
 
-    Deliberate improvement over the reference (SPEC §6): the reference loops from the batch's
+    Deliberate improvement over the reference (docs/method.md §6): the reference loops from the batch's
     noisiest start to 0 over the whole batch and freezes samples that have not started yet; here
     every sample starts at once from its own timestep, so sample i costs exactly N - n_i steps and
     the active set shrinks as samples reach 0. The per-sample trajectories, hence the targets, are
@@ -99,16 +98,16 @@ def solve_to_zero(step, eps_fn: EpsFn, x: torch.Tensor, start_index: torch.Tenso
         if record is not None:  # snapshot every sample whose current index is one of its recorded ones
             i, j = torch.nonzero(record == n[:, None], as_tuple=True)
             if i.numel():
-                di = to_device(i, x.device)
-                states[di, to_device(j, x.device)] = x[di]
+                di = sched.copy(i, x.device)
+                states[di, sched.copy(j, x.device)] = x[di]
         active = torch.nonzero(n < grid.N).flatten()
         if active.numel() == 0:
             return x if record is None else (x, states)
         chunks = [active] if not max_batch else list(active.split(max_batch))
         for idx in chunks:
             t = grid.timestep(n[idx])
-            dev_idx = to_device(idx, x.device)
-            x[dev_idx] = step(eps_fn, x[dev_idx], t, t - grid.k, index_cond(cond, idx), sched)
+            dev_idx = sched.copy(idx, x.device)
+            x[dev_idx] = step(eps_fn, x[dev_idx], t, t - grid.k, index_cond(cond, idx, sched.copy), sched)
         n[active] += 1
         if callback is not None:
             callback(int(active.numel()))
@@ -116,7 +115,7 @@ def solve_to_zero(step, eps_fn: EpsFn, x: torch.Tensor, start_index: torch.Tenso
 
 def solve_to_zero_reference(step, eps_fn: EpsFn, x: torch.Tensor, start_index: torch.Tensor, cond: dict,
                             sched: NoiseSchedule, grid: Grid) -> torch.Tensor:
-    """The reference's masked full-batch loop (SPEC §6): from min(n) to N, every step on the whole
+    """The reference's masked full-batch loop (docs/method.md §6): from min(n) to N, every step on the whole
     batch at one shared timestep, samples that have not started yet kept frozen."""
     x = x.float().clone()
     start = torch.as_tensor(start_index, device="cpu").long()
@@ -124,75 +123,6 @@ def solve_to_zero_reference(step, eps_fn: EpsFn, x: torch.Tensor, start_index: t
     for n in range(int(start.min()), grid.N):
         t = grid.timestep(torch.full((B,), n))
         x_new = step(eps_fn, x, t, t - grid.k, cond, sched)
-        started = to_device(start <= n, x.device).view(-1, *([1] * (x.ndim - 1)))
+        started = sched.copy(start <= n, x.device).view(-1, *([1] * (x.ndim - 1)))
         x = torch.where(started, x_new, x)
     return x
-
-
-class TrajectoryPool:
-    """Direct CM targets of consecutive batches solved together (``--teacher_lookahead``).
-
-    ``solve_to_zero`` runs one batch's trajectories; sample i needs N - n_i steps, so the batch needs as
-    many teacher calls as its longest trajectory (~95 of N = 100 at batch 16) while its samples need only
-    ~808 sample-steps: half the calls run on a shrinking active set, below the card's full batch. The
-    teacher is frozen, so the trajectories of the next batches do not depend on this step's student:
-    here the batches are ``submit``-ted ahead and every call takes the oldest batch's active samples plus,
-    in the room left up to ``capacity``, samples of the following batches (longest remaining first), each
-    at its own timestep. ``result(key)`` runs calls until that batch is done. Each sample goes through the
-    same solver steps as in ``solve_to_zero``, so the targets are the same up to the rounding that the
-    batch's composition brings (tests/test_math.py); in the steady state every call is full (~50.5 calls of
-    16 per batch instead of ~95 calls of 8.5 on average).
-    """
-
-    def __init__(self, step, eps_fn: EpsFn, sched: NoiseSchedule, grid: Grid, capacity: int,
-                 callback: Callable | None = None):
-        if capacity < 1:
-            raise ValueError("capacity must be >= 1")
-        self.step, self.eps_fn, self.sched, self.grid = step, eps_fn, sched, grid
-        self.capacity, self.callback = capacity, callback
-        self.batches: dict = {}  # key -> [x (float32), n (CPU long), cond], in submission order
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def submit(self, key, x: torch.Tensor, start_index: torch.Tensor, cond: dict) -> None:
-        if key in self.batches:
-            raise KeyError(f"batch {key!r} is already in the pool")
-        n = torch.as_tensor(start_index, device="cpu").long().clone()
-        self.batches[key] = [x.float().clone(), n, dict(cond)]
-
-    def result(self, key) -> torch.Tensor:
-        """Solve until batch ``key`` (the oldest in the pool) has reached 0; returns its x_0 and drops it."""
-        if next(iter(self.batches), None) != key:
-            raise KeyError(f"batch {key!r} is not the oldest batch in the pool")
-        head = self.batches[key]
-        while bool((head[1] < self.grid.N).any()):
-            self._call()
-        return self.batches.pop(key)[0]
-
-    def _call(self) -> None:
-        """One solver step on up to ``capacity`` samples: the oldest batch's first, then the others' in
-        submission order, longest remaining trajectory first."""
-        N, room, parts = self.grid.N, self.capacity, []
-        for entry in self.batches.values():
-            active = torch.nonzero(entry[1] < N).flatten()
-            if active.numel() == 0:
-                continue
-            active = active[torch.argsort(entry[1][active], stable=True)][:room]  # smallest n: most steps left
-            parts.append((entry, active, to_device(active, entry[0].device)))
-            room -= active.numel()
-            if room == 0:
-                break
-        x = torch.cat([e[0][dev_idx] for e, _, dev_idx in parts])
-        n = torch.cat([e[1][idx] for e, idx, _ in parts])
-        picked = [index_cond(e[2], idx) for e, idx, _ in parts]
-        cond = {k: torch.cat([c[k] for c in picked]) for k in picked[0]}
-        t = self.grid.timestep(n)
-        x = self.step(self.eps_fn, x, t, t - self.grid.k, cond, self.sched)
-        offset = 0
-        for e, idx, dev_idx in parts:
-            e[0][dev_idx] = x[offset:offset + idx.numel()]
-            e[1][idx] += 1
-            offset += idx.numel()
-        if self.callback is not None:
-            self.callback(offset)

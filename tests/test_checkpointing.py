@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from cmdistill import checkpointing, models
+from cmdistill import models
+from cmdistill.fast import checkpointing
 from cmdistill.guidance import UNetEps
 from test_speed import inputs, student_unet
 

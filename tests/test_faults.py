@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 from cmdistill import models
-from cmdistill.train import list_checkpoints, main
+from cmdistill.run_folder import list_checkpoints
+from cmdistill.train import main
 from test_train import make_image_folder
 
 LONG_CAPTION = " ".join(["a very long caption about a picture"] * 15)  # > 77 CLIP tokens

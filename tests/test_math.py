@@ -1,4 +1,4 @@
-"""The mathematics of SPEC §2-§6 against closed forms, float64 re-derivations and diffusers."""
+"""The mathematics of docs/method.md §2-§6 against closed forms, float64 re-derivations and diffusers."""
 
 import numpy as np
 import pytest
@@ -30,7 +30,7 @@ def np_beta(t):
     return 1000 * betas[t - 1]
 
 
-# ---- schedule and grid (SPEC §1, §2) --------------------------------------------------------------
+# ---- schedule and grid (docs/method.md §1, §2) --------------------------------------------------------------
 
 def test_schedule_matches_diffusers_ddpm():
     from diffusers import DDPMScheduler
@@ -68,7 +68,7 @@ def test_boundary_condition_f_x_0_is_x():
     assert abs(c_skip.item() - 0.25 / (100**2 + 0.25)) < 1e-9 and abs(c_out.item() - 100 / (100**2 + 0.25) ** 0.5) < 1e-7
 
 
-# ---- solvers (SPEC §4) ----------------------------------------------------------------------------
+# ---- solvers (docs/method.md §4) ----------------------------------------------------------------------------
 
 def test_ddim_matches_diffusers_ddim_step():
     from diffusers import DDIMScheduler
@@ -102,7 +102,7 @@ def test_ddim_is_exact_for_point_mass_data():
 
 
 def _np_step(name, eps_fn, x, t, s):
-    """Independent float64 NumPy formulation of SPEC §4."""
+    """Independent float64 NumPy formulation of docs/method.md §4."""
     e = eps_fn(x, t)
     if name == "ddim":
         x0 = (x - np_sigma(t) * e) / np_alpha(t)
@@ -192,7 +192,7 @@ def test_euler_and_heun_converge_at_their_orders():
     assert e_heun[2] < e_euler[2] / 10
 
 
-# ---- the solve-to-zero loops and the objectives (SPEC §6) -----------------------------------------
+# ---- the solve-to-zero loops and the objectives (docs/method.md §6) -----------------------------------------
 
 def _cond_net(seed=0):
     torch.manual_seed(seed)
@@ -231,7 +231,7 @@ def test_skip_inactive_loop_equals_reference_masked_loop_and_per_sample(solver):
 def test_trajectory_pool_gives_each_batch_its_own_solve_to_zero(solver, capacity):
     """Three batches submitted ahead and solved together (TrajectoryPool): each result equals that batch's
     own solve_to_zero; every call but the last few is full, and the calls do the same sample-steps."""
-    from cmdistill.solvers import TrajectoryPool
+    from cmdistill.fast import TrajectoryPool
 
     g, B = Grid(1000, 10), 6
     eps_fn = _cond_net()
@@ -255,7 +255,7 @@ def test_trajectory_pool_gives_each_batch_its_own_solve_to_zero(solver, capacity
 
 
 def test_trajectory_pool_fills_calls_that_one_batch_leaves_half_empty():
-    from cmdistill.solvers import TrajectoryPool
+    from cmdistill.fast import TrajectoryPool
 
     g, B = Grid(1000, 100), 16
     gen = torch.Generator().manual_seed(0)

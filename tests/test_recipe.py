@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from cmdistill.args import precompute_parser, training_parser
+from cmdistill.args import precompute_parser, training_parser, validate_args
 from cmdistill.errors import UserError
-from cmdistill.train import (OPTIMIZER_8BIT, check_resumed_optimizer, make_optimizer, resolve_batch_size,
-                             validate_args)
+from cmdistill.optimizer import OPTIMIZER_8BIT, check_resumed_optimizer, make_optimizer, resolve_batch_size
 from test_train import ROOT, common, losses
 
 ENV = {"HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

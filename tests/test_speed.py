@@ -1,11 +1,11 @@
 """The speed options compute the same numbers as the plain path (CPU, tiny SDXL-architecture UNet).
 
 * switching off PEFT's copy of LoRA inputs to fp32 (``models.set_lora_input_casting``) under autocast;
-* the teacher through ``torch.compile`` with a dynamic batch dimension (``models.compile_unet`` +
+* the teacher through ``torch.compile`` with a dynamic batch dimension (``fast.compile_unet`` +
   ``UNetEps(dynamic_batch=True)``), with the adapter disabled, for several batch sizes;
-* ``--compile_teacher`` and ``--compile_student`` in the training loop (same losses as without);
-* the teacher's adapter switch (``models.adapters_disabled``, flags only) against PEFT's own, and the teacher
-  as a view of the UNet without its adapter layers (``models.base_view``, shared weights).
+* ``--compile_teacher`` and ``--compile_blocks`` in the training loop (same losses as without);
+* the teacher as a view of the UNet without its adapter layers (``fast.base_view``, shared weights) against the
+  UNet with its adapter layers switched off (``adapters_disabled`` below, the oracle).
 """
 
 from __future__ import annotations
@@ -18,9 +18,24 @@ import types
 import pytest
 import torch
 
-from cmdistill import models
+from cmdistill import fast, models
 from cmdistill.guidance import GuidedEps, UNetEps
 from cmdistill.tiny import tiny_sdxl_components
+
+
+@contextlib.contextmanager
+def adapters_disabled(unet):
+    """The oracle teacher: the student's UNet with every adapter layer's disable flag set (PEFT's
+    ``disable_adapters()`` without its walk over ``requires_grad``); the flags restored on exit."""
+    layers = models.tuner_layers(unet)
+    before = [m._disable_adapters for m in layers]
+    for m in layers:
+        m._disable_adapters = True
+    try:
+        yield unet
+    finally:
+        for m, b in zip(layers, before):
+            m._disable_adapters = b
 
 
 def student_unet(dtype=torch.bfloat16):
@@ -70,60 +85,14 @@ def test_lora_input_casting_off_gives_the_same_forward_and_gradients_under_autoc
         torch.testing.assert_close(ga, gb, rtol=2e-2, atol=1e-5)
 
 
-def test_adapter_switch_is_peft_disable_without_touching_requires_grad():
-    unet = student_unet(torch.float32)
-    x, t, cond = inputs(2, seed=3)
-    with torch.no_grad():
-        student = UNetEps(unet)(x, t, cond)
-        unet.disable_adapters()  # PEFT's switch (also sets requires_grad=False on every adapter weight)
-        peft_teacher = UNetEps(unet)(x, t, cond)
-        unet.enable_adapters()
-        grads_before = {n: p.requires_grad for n, p in unet.named_parameters()}
-        with models.adapters_disabled(unet):
-            ours = UNetEps(unet)(x, t, cond)
-            # nested use (e.g. a teacher call inside a teacher context) keeps the adapter off ...
-            with models.adapters_disabled(unet):
-                pass
-            torch.testing.assert_close(UNetEps(unet)(x, t, cond), peft_teacher, rtol=0, atol=0)
-        after = UNetEps(unet)(x, t, cond)
-    torch.testing.assert_close(ours, peft_teacher, rtol=0, atol=0)
-    torch.testing.assert_close(after, student, rtol=0, atol=0)  # ... and the exit restores the student
-    assert (student - peft_teacher).abs().max() > 1e-3
-    assert {n: p.requires_grad for n, p in unet.named_parameters()} == grads_before
-    assert sum(grads_before.values()) > 0
-
-
-def test_adapter_switch_follows_adapters_added_after_first_use():
-    from peft import LoraConfig
-
-    unet = tiny_sdxl_components(seed=0)["unet"]
-    unet.requires_grad_(False)
-    with pytest.raises(ValueError):  # no adapter yet: the library's own error, not a silent no-op
-        with models.adapters_disabled(unet):
-            pass
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"]), adapter_name="late")
-    for name, p in unet.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
-    x, t, cond = inputs(2, seed=4)
-    with torch.no_grad():
-        student = UNetEps(unet)(x, t, cond)
-        with models.adapters_disabled(unet):
-            teacher = UNetEps(unet)(x, t, cond)
-        unet.disable_adapters()
-        peft_teacher = UNetEps(unet)(x, t, cond)
-    torch.testing.assert_close(teacher, peft_teacher, rtol=0, atol=0)
-    assert (student - teacher).abs().max() > 1e-4
-
-
 def test_base_view_is_the_adapter_disabled_unet_on_shared_weights():
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     unet = student_unet(torch.float32)
-    models.compile_blocks(unet, backend="eager")  # the student's compiled blocks are not the view's
+    fast.compile_blocks(unet, backend="eager")  # the student's compiled blocks are not the view's
     # accelerate's mixed precision replaces the model's forward by a method bound to the model
     unet.forward = types.MethodType(lambda self, *a, **k: type(self).forward(self, *a, **k), unet)
-    view = models.base_view(unet)
+    view = fast.base_view(unet)
     assert view.forward.__self__ is view
     assert not any(isinstance(m, BaseTunerLayer) for m in view.modules())
     assert any(isinstance(m, BaseTunerLayer) for m in unet.modules())  # the student keeps its adapters
@@ -132,7 +101,7 @@ def test_base_view_is_the_adapter_disabled_unet_on_shared_weights():
     assert {p.data_ptr() for p in view.parameters()} == base  # every frozen weight shared, none copied
     x, t, cond = inputs(3, seed=5)
     with torch.no_grad():
-        with models.adapters_disabled(unet):
+        with adapters_disabled(unet):
             teacher = UNetEps(unet)(x, t, cond)
         student = UNetEps(unet)(x, t, cond)
         torch.testing.assert_close(UNetEps(view)(x, t, cond), teacher, rtol=0, atol=0)
@@ -140,7 +109,7 @@ def test_base_view_is_the_adapter_disabled_unet_on_shared_weights():
         # the weights stay shared: an in-place change and a dtype change through the UNet show in the view
         unet.conv_out.bias.add_(0.5)
         unet.to(torch.float64)
-        with models.adapters_disabled(unet):
+        with adapters_disabled(unet):
             teacher2 = UNetEps(unet, dtype=torch.float64)(x.double(), t, {k: v.double() for k, v in cond.items()})
         got = UNetEps(view, dtype=torch.float64)(x.double(), t, {k: v.double() for k, v in cond.items()})
     torch.testing.assert_close(got, teacher2, rtol=0, atol=0)
@@ -153,7 +122,7 @@ def test_merged_adapters_follow_the_student_after_refresh():
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     unet = student_unet(torch.float32)
-    merged = models.MergedAdapters(unet)
+    merged = fast.MergedAdapters(unet)
     assert not any(isinstance(m, BaseTunerLayer) for m in merged.tree.modules())
     frozen = {p.data_ptr() for n, p in unet.named_parameters() if "lora_" not in n}
     own = [m.weight for _, m in merged.layers]
@@ -163,7 +132,7 @@ def test_merged_adapters_follow_the_student_after_refresh():
         with torch.no_grad():
             student = UNetEps(unet)(x, t, cond)
             got = UNetEps(merged.tree)(x, t, cond)
-            with models.adapters_disabled(unet):
+            with adapters_disabled(unet):
                 teacher = UNetEps(unet)(x, t, cond)
         torch.testing.assert_close(got, student, rtol=1e-5, atol=1e-5)
         assert (student - teacher).abs().max() > 1e-3
@@ -181,7 +150,7 @@ def test_merged_weights_are_rounded_once_even_under_autocast():
     adapters' precision) and rounded once to the frozen weights' bf16. Checked against a float64 sum (the
     batched fp32 sum may land on the other side of a rounding boundary for a rare element, never farther)."""
     unet = student_unet(torch.bfloat16)  # frozen weights bf16, LoRA fp32
-    merged = models.MergedAdapters(unet)
+    merged = fast.MergedAdapters(unet)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         merged.refresh()
     mismatched = total = 0
@@ -209,7 +178,7 @@ def test_merged_target_in_bf16_is_as_close_to_the_exact_function_as_the_adapters
     exact_unet = copy.deepcopy(unet).double()
     with torch.no_grad():
         exact = UNetEps(exact_unet, dtype=torch.float64)(x.double(), t, {k: v.double() for k, v in cond.items()})
-        merged = models.MergedAdapters(unet)
+        merged = fast.MergedAdapters(unet)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             plain = UNetEps(unet)(x, t, cond).double()
             folded = UNetEps(merged.tree)(x, t, cond).double()
@@ -225,9 +194,9 @@ def test_merged_refresh_in_batches_equals_peft_layer_by_layer(monkeypatch):
     the same weights as PEFT's per-layer get_delta_weight (float32), with several batches per shape, per-layer
     scalings that differ within a batch, and a layer whose adapter is switched off (its batch goes layer by
     layer, that layer gets its frozen weight)."""
-    monkeypatch.setattr(models.MergedAdapters, "CHUNK_BYTES", 64 * 1024)  # small batches: several per shape
+    monkeypatch.setattr(fast.MergedAdapters, "CHUNK_BYTES", 64 * 1024)  # small batches: several per shape
     unet = student_unet(torch.float32)
-    merged = models.MergedAdapters(unet)
+    merged = fast.MergedAdapters(unet)
     kinds = {(type(layer.get_base_layer()).__name__, tuple(layer.get_base_layer().weight.shape[2:]))
              for _, chunk, _ in merged.batches for layer, _ in chunk}
     assert {("Linear", ()), ("Conv2d", (3, 3)), ("Conv2d", (1, 1))} <= kinds
@@ -236,7 +205,7 @@ def test_merged_refresh_in_batches_equals_peft_layer_by_layer(monkeypatch):
     first_chunk = merged.batches[0][1]
     first_chunk[0][0].scaling["default"] = 0.5  # scalings differ within that batch
     off = merged.batches[1][1][0][0]
-    off._disable_adapters = True  # (as models.adapters_disabled switches it)
+    off._disable_adapters = True  # (as adapters_disabled switches it)
     with torch.no_grad():
         for n, p in unet.named_parameters():
             if "lora_A" in n:
@@ -263,14 +232,14 @@ def test_frozen_compiled_teacher_gives_the_eager_values():
     from cmdistill.errors import UserError
 
     unet = student_unet(torch.float32)
-    view = models.base_view(unet)
-    frozen = UNetEps(models.compile_unet(view, freezing=True), dynamic_batch=True)
+    view = fast.base_view(unet)
+    frozen = UNetEps(fast.compile_unet(view, freezing=True), dynamic_batch=True)
     for b in (3, 2):
         x, t, cond = inputs(b, seed=b)
         with torch.no_grad():
             torch.testing.assert_close(frozen(x, t, cond), UNetEps(view)(x, t, cond), rtol=1e-4, atol=1e-4)
     with pytest.raises(UserError, match="freezing applies"):
-        models.compile_unet(view, mode="reduce-overhead", freezing=True)
+        fast.compile_unet(view, mode="max-autotune-no-cudagraphs", freezing=True)
     from cmdistill.args import training_parser
     from cmdistill.evaluation.cli import teacher_parser
     from cmdistill.train import validate_args
@@ -279,12 +248,13 @@ def test_frozen_compiled_teacher_gives_the_eager_values():
         validate_args(training_parser("cm").parse_args(["--train_data_dir", "x", "--teacher_freezing"]))
     with pytest.raises(UserError, match="default mode"):  # before any model is loaded
         validate_args(training_parser("cm").parse_args(["--train_data_dir", "x", "--teacher_freezing",
-                                                        "--compile_teacher", "--compile_mode", "reduce-overhead"]))
+                                                        "--compile_teacher", "--compile_mode",
+                                                        "max-autotune-no-cudagraphs"]))
     assert teacher_parser().parse_args(["--compile", "--compile_freezing"]).compile_freezing
 
 
 def test_channelwise_group_norm_is_group_norm():
-    """models.ChannelwiseGroupNorm (the group norms of the channels_last teacher): F.group_norm's function in
+    """fast.ChannelwiseGroupNorm (the group norms of the channels_last teacher): F.group_norm's function in
     float64 (NCHW and channels_last inputs, 3-D and 4-D, with and without affine, means far from 0); under
     CPU autocast F.group_norm's output dtype (CUDA's autocast gives float32) and values to bf16 rounding; 2-D
     inputs; a view of a view keeps one wrapper."""
@@ -297,20 +267,20 @@ def test_channelwise_group_norm_is_group_norm():
             norm.bias.data = torch.randn(shape[1], generator=g, dtype=torch.float64)
         x = torch.randn(*shape, generator=g, dtype=torch.float64) * 3 + torch.linspace(-20, 20, shape[1]).view(
             -1, *[1] * (len(shape) - 2))
-        fast = models.ChannelwiseGroupNorm(norm)
-        torch.testing.assert_close(fast(x), norm(x), rtol=1e-10, atol=1e-10)
+        cw = fast.ChannelwiseGroupNorm(norm)
+        torch.testing.assert_close(cw(x), norm(x), rtol=1e-10, atol=1e-10)
         if x.dim() == 4:
-            torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), norm(x),
+            torch.testing.assert_close(cw(x.contiguous(memory_format=torch.channels_last)), norm(x),
                                        rtol=1e-10, atol=1e-10)
         norm32, xb = norm.float(), x.bfloat16()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out, ref = models.ChannelwiseGroupNorm(norm32)(xb), norm32(xb)
+            out, ref = fast.ChannelwiseGroupNorm(norm32)(xb), norm32(xb)
         assert out.dtype == ref.dtype
         torch.testing.assert_close(out.float(), norm32(xb.float()).to(ref.dtype).float(), rtol=1e-2, atol=2e-2)
     norm = torch.nn.GroupNorm(2, 4)
-    assert isinstance(models.channelwise_norms(models.channelwise_norms(norm)), models.ChannelwiseGroupNorm)
+    assert isinstance(fast.channelwise_norms(fast.channelwise_norms(norm)), fast.ChannelwiseGroupNorm)
     norm.register_forward_hook(lambda *a: None)
-    assert models.channelwise_norms(norm) is norm  # hooks would be skipped: kept as it is
+    assert fast.channelwise_norms(norm) is norm  # hooks would be skipped: kept as it is
 
 
 def test_channels_last_compiled_teacher_gives_the_eager_values():
@@ -323,23 +293,23 @@ def test_channels_last_compiled_teacher_gives_the_eager_values():
     from cmdistill.train import validate_args
 
     unet = student_unet(torch.float32)
-    view = models.base_view(unet)
-    cw = models.channelwise_norms(view)
-    wrapped = [m for m in cw.modules() if isinstance(m, models.ChannelwiseGroupNorm)]
+    view = fast.base_view(unet)
+    cw = fast.channelwise_norms(view)
+    wrapped = [m for m in cw.modules() if isinstance(m, fast.ChannelwiseGroupNorm)]
     assert wrapped and all(type(m) is not torch.nn.GroupNorm or any(w.norm is m for w in wrapped)
                            for m in cw.modules())
     assert {id(p) for p in cw.parameters()} == {id(p) for p in view.parameters()}  # no weight copied
     x, t, cond = inputs(3)
     with torch.no_grad():
         torch.testing.assert_close(UNetEps(cw)(x, t, cond), UNetEps(view)(x, t, cond), rtol=1e-5, atol=1e-5)
-    fast = UNetEps(models.compile_unet(view, channels_last=True, freezing=True), dynamic_batch=True)
+    compiled = UNetEps(fast.compile_unet(view, channels_last=True, freezing=True), dynamic_batch=True)
     for b in (3, 2):
         x, t, cond = inputs(b, seed=b)
         with torch.no_grad():
-            torch.testing.assert_close(fast(x, t, cond), UNetEps(view)(x, t, cond), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(compiled(x, t, cond), UNetEps(view)(x, t, cond), rtol=1e-4, atol=1e-4)
     with pytest.raises(UserError, match="add --compile_teacher"):
         validate_args(training_parser("cm").parse_args(["--train_data_dir", "x", "--teacher_channels_last"]))
-    models.compile_unet(view, mode="reduce-overhead", channels_last=True)  # a mode with options: not refused
+    fast.compile_unet(view, mode="max-autotune-no-cudagraphs", channels_last=True)  # a mode with options: not refused
     for parser in (teacher_parser, student_parser):
         with pytest.raises(UserError, match="add --compile"):
             _check_compile_flags(parser().parse_args(["--compile_channels_last"]))
@@ -355,7 +325,7 @@ def test_base_view_refuses_a_forward_it_cannot_follow():
     block = unet.down_blocks[1].attentions[0]
     block.forward = functools.partial(type(block).forward, block)  # as offload hooks wrap a module's forward
     with pytest.raises(UserError, match="wrapped forward"):
-        models.base_view(unet)
+        fast.base_view(unet)
 
 
 def test_base_view_under_accelerate_mixed_precision():
@@ -369,16 +339,16 @@ def test_base_view_under_accelerate_mixed_precision():
     code = """
 import torch
 from accelerate import Accelerator
-from test_speed import student_unet, inputs
-from cmdistill import models
+from test_speed import adapters_disabled, student_unet, inputs
+from cmdistill import fast
 from cmdistill.guidance import UNetEps
 acc = Accelerator(mixed_precision="bf16", cpu=True)
 unet = acc.unwrap_model(acc.prepare(student_unet(torch.float32)))
 assert "forward" in unet.__dict__  # patched by accelerate
-view = models.base_view(unet)
+view = fast.base_view(unet)
 x, t, cond = inputs(2, seed=1)
 with torch.no_grad():
-    with models.adapters_disabled(unet):
+    with adapters_disabled(unet):
         teacher = UNetEps(unet)(x, t, cond)
     got = UNetEps(view)(x, t, cond)
     student = UNetEps(unet)(x, t, cond)
@@ -394,12 +364,12 @@ print("ok")
 def test_compiled_teacher_with_dynamic_batch_matches_eager_with_the_adapter_disabled(w):
     torch._dynamo.reset()
     unet = student_unet(torch.float32)
-    compiled = models.compile_unet(unet, backend="aot_eager")
+    compiled = fast.compile_unet(unet, backend="aot_eager")
     eager_teacher = GuidedEps(UNetEps(unet), w, batched=True)
     fast_teacher = GuidedEps(UNetEps(compiled, dynamic_batch=True), w, batched=True)
     for b in (4, 3, 5, 2):  # the shrinking active sets of the Direct CM loop
         x, t, cond = inputs(b, seed=b)
-        with torch.no_grad(), models.adapters_disabled(unet):
+        with torch.no_grad(), adapters_disabled(unet):
             ref = eager_teacher(x, t, cond)
             got = fast_teacher(x, t, cond)
             teacher_plain = UNetEps(unet)(x, t, cond)
@@ -417,15 +387,14 @@ def test_compile_flags_give_the_same_losses(tiny_pipeline, tiny_image_folder, tm
     from cmdistill.args import training_parser
     from cmdistill.train import Trainer
 
-    real, compiled, modes, fresh = models.compile_unet, [], [], []
-    monkeypatch.setattr(models, "compile_unet",
+    real, compiled, modes = fast.compile_unet, [], []
+    monkeypatch.setattr(fast, "compile_unet",
                         lambda unet, **kw: compiled.append(unet) or modes.append(kw.get("mode"))
                         or real(unet, backend="aot_eager"))
-    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: fresh.append(1))
-    real_blocks, blocks = models.compile_blocks, []
-    monkeypatch.setattr(models, "compile_blocks", lambda unet: blocks.append(real_blocks(unet, backend="aot_eager")))
+    real_blocks, blocks = fast.compile_blocks, []
+    monkeypatch.setattr(fast, "compile_blocks", lambda unet: blocks.append(real_blocks(unet, backend="aot_eager")))
     losses = {}
-    for flag in ([], ["--compile_teacher", "--compile_student", "--compile_mode", "reduce-overhead"],
+    for flag in ([], ["--compile_teacher", "--compile_mode", "max-autotune-no-cudagraphs"],
                  ["--compile_blocks", "--compile_teacher"]):  # COMPILE=1 in the scripts
         torch._dynamo.reset()
         out = tmp_path / ("-".join(flag).replace("--", "") or "eager")
@@ -436,9 +405,8 @@ def test_compile_flags_give_the_same_losses(tiny_pipeline, tiny_image_folder, tm
             "--checkpointing_steps", "100", "--no_precomputed", "--gradient_checkpointing", *flag])
         Trainer(args, "direct_cm").train()
         losses[" ".join(flag)] = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert len(compiled) == 3  # the teacher's and the student's module; the teacher's again with the blocks
-    assert modes == ["reduce-overhead", None, "default"]  # the CUDA-graph mode is the teacher's only
-    assert fresh  # every compiled teacher call starts a new graph step (a no-op on the CPU)
+    assert len(compiled) == 2  # the teacher's module; again with the blocks
+    assert modes == ["max-autotune-no-cudagraphs", "default"]
     assert len(blocks) == 1 and blocks[0] > 0  # --compile_blocks: the UNet's blocks, compiled once
     eager = losses.pop("")
     for flag, got in losses.items():
@@ -452,12 +420,12 @@ def test_merged_target_gives_the_same_cm_losses(tiny_pipeline, tiny_image_folder
     from cmdistill.errors import UserError
     from cmdistill.train import Trainer
 
-    real, compiled = models.compile_unet, []
-    monkeypatch.setattr(models, "compile_unet", lambda unet, **kw: compiled.append(kw.get("channels_last")) or real(
+    real, compiled = fast.compile_unet, []
+    monkeypatch.setattr(fast, "compile_unet", lambda unet, **kw: compiled.append(kw.get("channels_last")) or real(
         unet, backend="aot_eager", channels_last=kw.get("channels_last", False)))
     refreshes = []
-    real_refresh = models.MergedAdapters.refresh
-    monkeypatch.setattr(models.MergedAdapters, "refresh", lambda self, *a: refreshes.append(1) or real_refresh(self, *a))
+    real_refresh = fast.MergedAdapters.refresh
+    monkeypatch.setattr(fast.MergedAdapters, "refresh", lambda self, *a: refreshes.append(1) or real_refresh(self, *a))
 
     def args(objective, out, *flag):
         return training_parser(objective).parse_args([
@@ -474,7 +442,7 @@ def test_merged_target_gives_the_same_cm_losses(tiny_pipeline, tiny_image_folder
         out = "-".join(flag).replace("--", "") or "plain"
         trainer = Trainer(args("cm", out, *flag), "cm")
         if flag == ["--merged_target"]:
-            assert trainer.target_unet is trainer.merged.tree  # the target pass runs on the merged weights
+            assert trainer.fast.target_unet is trainer.fast.merged.tree  # the target pass runs on the merged weights
         trainer.train()
         losses[out] = [json.loads(line)["loss"] for line in (tmp_path / out / "train_log.jsonl").read_text().splitlines()]
     assert len(refreshes) == 3 * (1 + 3)  # at construction, then once per optimizer step, in every run
@@ -490,7 +458,7 @@ def test_merged_target_gives_the_same_cm_losses(tiny_pipeline, tiny_image_folder
 
 @pytest.mark.parametrize("objective", ["cm", "direct_cm"])
 def test_trainers_teacher_is_the_adapter_disabled_unet(tiny_pipeline, tiny_image_folder, tmp_path, objective):
-    """The trainer's guided teacher (on models.base_view) against the student's UNet with its adapter switched
+    """The trainer's guided teacher (on fast.base_view) against the student's UNet with its adapter switched
     off, with adapter weights that change the output: the same values."""
     from cmdistill.args import training_parser
     from cmdistill.train import Trainer
@@ -512,56 +480,38 @@ def test_trainers_teacher_is_the_adapter_disabled_unet(tiny_pipeline, tiny_image
     cond = {"prompt_embeds": torch.randn(b, 77, unet.config.cross_attention_dim, generator=g),
             "text_embeds": torch.randn(b, 32, generator=g),
             "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]]).repeat(b, 1)}
-    teacher = trainer.distill_context().teacher_eps
+    teacher = trainer.fast.teacher_eps
     with torch.no_grad():
         got = teacher(x, t, cond)
-        with models.adapters_disabled(unet):
+        with adapters_disabled(unet):
             want = GuidedEps(UNetEps(unet), 3.0, batched=False)(x, t, cond)
         student = GuidedEps(UNetEps(unet), 3.0, batched=False)(x, t, cond)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (student - want).abs().max() > 1e-3
 
 
-def test_fresh_output_never_hands_out_the_modules_own_buffer(monkeypatch):
-    marks = []
-    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
-    unet = student_unet(torch.float32)
-    returned = []
-    real_forward = unet.forward
-    monkeypatch.setattr(unet, "forward", lambda *a, **kw: returned.append(real_forward(*a, **kw)[0]) or
-                        (returned[-1],))
-    x, t, cond = inputs(2, seed=7)
-    with torch.no_grad():
-        plain = UNetEps(unet)(x, t, cond)
-        assert plain is returned[-1]  # float32 out: .float() is the same tensor
-        fresh = UNetEps(unet, fresh_output=True)(x, t, cond)
-    assert fresh is not returned[-1] and fresh.data_ptr() != returned[-1].data_ptr()
-    torch.testing.assert_close(fresh, plain, rtol=0, atol=0)
-    assert marks == [1]
-
-
 def test_compile_unet_passes_the_mode_to_inductor_only(monkeypatch):
     calls = []
     monkeypatch.setattr(torch, "compile", lambda m, **kw: calls.append(kw) or m)
-    models.compile_unet("unet", mode="reduce-overhead")
-    models.compile_unet("unet", backend="aot_eager", mode="reduce-overhead")
-    models.compile_unet("unet", mode="default")
-    assert calls == [{"backend": "inductor", "mode": "reduce-overhead"}, {"backend": "aot_eager"},
+    fast.compile_unet("unet", mode="max-autotune-no-cudagraphs")
+    fast.compile_unet("unet", backend="aot_eager", mode="max-autotune-no-cudagraphs")
+    fast.compile_unet("unet", mode="default")
+    assert calls == [{"backend": "inductor", "mode": "max-autotune-no-cudagraphs"}, {"backend": "aot_eager"},
                      {"backend": "inductor"}]
-    assert models.uses_cudagraphs("reduce-overhead") and not models.uses_cudagraphs("max-autotune-no-cudagraphs")
+    assert fast.COMPILE_MODES == ("default", "max-autotune-no-cudagraphs")  # none replays CUDA graphs
     blocks = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: blocks.append(kw))
     unet = tiny_sdxl_components(seed=0)["unet"]
-    n = models.compile_blocks(unet, mode="max-autotune-no-cudagraphs")
-    models.compile_blocks(unet, backend="aot_eager", mode="max-autotune-no-cudagraphs")
+    n = fast.compile_blocks(unet, mode="max-autotune-no-cudagraphs")
+    fast.compile_blocks(unet, backend="aot_eager", mode="max-autotune-no-cudagraphs")
     assert blocks == [{"backend": "inductor", "mode": "max-autotune-no-cudagraphs"}] * n + [{"backend": "aot_eager"}] * n
 
 
 def test_compiled_blocks_give_the_same_student_gradients_and_teacher_and_switch_back_to_eager():
-    """Regional compilation (models.compile_blocks): every ResNet / transformer block compiled in place; the
+    """Regional compilation (fast.compile_blocks): every ResNet / transformer block compiled in place; the
     student's loss and LoRA gradients (every block checkpointed, so recomputed through the compiled blocks) and
     the teacher's no-grad pass with the adapter off equal the eager ones; enabled=False restores eager blocks."""
-    from cmdistill import checkpointing
+    from cmdistill.fast import checkpointing
 
     torch._dynamo.reset()
     unet = student_unet(torch.float32)
@@ -574,13 +524,13 @@ def test_compiled_blocks_give_the_same_student_gradients_and_teacher_and_switch_
         out.square().mean().backward()
         grads = {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
         unet.zero_grad(set_to_none=True)
-        with torch.no_grad(), models.adapters_disabled(unet):
+        with torch.no_grad(), adapters_disabled(unet):
             teacher = UNetEps(unet)(x[:2], t[:2], {k: v[:2] for k, v in cond.items()})
         return out.detach(), grads, teacher
 
     eager = run()
-    n = models.compile_blocks(unet, backend="aot_eager")
-    blocks = [m for m in unet.modules() if type(m).__name__ in models.BLOCK_TYPES]
+    n = fast.compile_blocks(unet, backend="aot_eager")
+    blocks = [m for m in unet.modules() if type(m).__name__ in fast.BLOCK_TYPES]
     assert n == len(blocks) > 0 and all(m._compiled_call_impl is not None for m in blocks)
     compiled = run()
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
@@ -590,49 +540,46 @@ def test_compiled_blocks_give_the_same_student_gradients_and_teacher_and_switch_
         torch.testing.assert_close(compiled[1][name], g, rtol=1e-4, atol=1e-7)
     with torch.no_grad():  # the CM target's pass: no grad, adapter on; then off again (the flags are guarded)
         for on in (True, False, True):
-            with contextlib.nullcontext() if on else models.adapters_disabled(unet):
+            with contextlib.nullcontext() if on else adapters_disabled(unet):
                 got = UNetEps(unet)(x, t, cond)
-            models.compile_blocks(unet, enabled=False)
-            with contextlib.nullcontext() if on else models.adapters_disabled(unet):
+            fast.compile_blocks(unet, enabled=False)
+            with contextlib.nullcontext() if on else adapters_disabled(unet):
                 want = UNetEps(unet)(x, t, cond)
-            models.compile_blocks(unet, backend="aot_eager")
+            fast.compile_blocks(unet, backend="aot_eager")
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
     for cls in {type(m) for m in blocks}:  # every variant compiled, none left to run eager past the limit
-        assert 0 < len(_debug_get_cache_entry_list(cls.forward.__code__)) < models.RECOMPILE_LIMIT
-    models.compile_blocks(unet, enabled=False)
+        assert 0 < len(_debug_get_cache_entry_list(cls.forward.__code__)) < fast.RECOMPILE_LIMIT
+    fast.compile_blocks(unet, enabled=False)
     assert all(m._compiled_call_impl is None for m in blocks)
 
 
 def test_teacher_lookahead_gives_the_same_direct_cm_losses(tiny_pipeline, tiny_image_folder, tmp_path, monkeypatch):
     """The default --teacher_lookahead 2 (the next batches' trajectories ride in the current batch's teacher
-    calls: solvers.TrajectoryPool) and guidance batched for small calls give the losses of the plain per-sample
-    loop with separate passes."""
-    from cmdistill import solvers
+    calls: fast.TrajectoryPool) and guidance batched for small calls give the losses of the plain per-sample
+    loop with separate passes (threshold 0, the reference's way)."""
     from cmdistill.args import training_parser
-    from cmdistill.errors import UserError
     from cmdistill.train import Trainer
 
-    from cmdistill import guidance, train
-
     sizes, guides = [], []
-    real_call = solvers.TrajectoryPool._call
-    monkeypatch.setattr(solvers.TrajectoryPool, "_call", lambda self: sizes.append(1) or real_call(self))
+    real_call = fast.TrajectoryPool._call
+    monkeypatch.setattr(fast.TrajectoryPool, "_call", lambda self: sizes.append(1) or real_call(self))
+    separate = []
 
-    class Recorded(guidance.AdaptiveCFG):
-        def __init__(self, *a):
-            super().__init__(*a)
+    class Recorded(fast.AdaptiveCFG):
+        def __init__(self, eps_fn, w, threshold):
+            super().__init__(eps_fn, w, 0 if separate else threshold)
             guides.append(self)
 
-    monkeypatch.setattr(train, "AdaptiveCFG", Recorded)
+    monkeypatch.setattr(fast, "AdaptiveCFG", Recorded)
     losses, used = {}, {}
     base = ["--pretrained_teacher_model", str(tiny_pipeline), "--train_data_dir", str(tiny_image_folder),
             "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "3", "--num_discr_timesteps", "10",
             "--w", "3", "--report_to", "none", "--validation_steps", "0", "--checkpointing_steps", "100",
             "--no_precomputed", "--mixed_precision", "no", "--gradient_accumulation_steps", "2"]
-    for name, flags in (("plain", ["--teacher_lookahead", "0", "--cfg_separate"]), ("default", [])):
-        out, guides[:] = tmp_path / name, []
+    for name, flags in (("plain", ["--teacher_lookahead", "0"]), ("default", [])):
+        out, guides[:], separate[:] = tmp_path / name, [], [1] if flags else []
         Trainer(training_parser("direct_cm").parse_args([*base, "--output_dir", str(out), *flags]), "direct_cm").train()
         used[name] = list(guides)
         losses[name] = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -644,22 +591,20 @@ def test_teacher_lookahead_gives_the_same_direct_cm_losses(tiny_pipeline, tiny_i
     assert all(g.threshold == 1 for g in used["default"]) and sum(g.batched_calls for g in used["default"]) > 0
     calls = {name: sum(g.batched_calls + g.separate_calls for g in gs) for name, gs in used.items()}
     assert calls["default"] < calls["plain"]  # the pool merged batches into fewer calls
-    with pytest.raises(UserError, match="--teacher_lookahead applies to train_direct_cm.py"):
-        Trainer(training_parser("direct_cm").parse_args([*base, "--output_dir", str(tmp_path / "ref"),
-                                                         "--teacher_lookahead", "2", "--reference_loop"]), "direct_cm")
 
 
 def test_cm_teacher_lookahead_gives_the_same_losses(tiny_pipeline, tiny_image_folder, tmp_path, monkeypatch):
     """CM with --teacher_lookahead 1: each batch's teacher step is issued one step ahead (before the preceding
-    update; on a GPU on the current stream by default, or on a second one) and the losses are those of the plain
-    loop; the teacher ran each batch's step exactly once."""
-    from cmdistill import objectives, train
+    update, on the current stream) and the losses are those of the plain loop; the teacher ran each batch's step
+    exactly once."""
+    from cmdistill import objectives
     from cmdistill.args import training_parser
+    from cmdistill.fast import lookahead
     from cmdistill.train import Trainer
 
     calls = []
     real = objectives.cm_teacher_step
-    monkeypatch.setattr(train, "cm_teacher_step", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(lookahead, "cm_teacher_step", lambda *a: calls.append(1) or real(*a))
     base = ["--pretrained_teacher_model", str(tiny_pipeline), "--train_data_dir", str(tiny_image_folder),
             "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "3", "--num_discr_timesteps", "10",
             "--w", "3", "--report_to", "none", "--validation_steps", "0", "--checkpointing_steps", "100",
@@ -671,25 +616,17 @@ def test_cm_teacher_lookahead_gives_the_same_losses(tiny_pipeline, tiny_image_fo
         losses[k] = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert len(calls) == 3  # the lookahead run's three batches, each once (the plain run calls cm_target)
     assert losses["1"] == losses["0"] and len(set(losses["0"])) == 3  # the student moved between steps
-    from cmdistill.errors import UserError
-
-    graphs = [*base, "--teacher_lookahead", "1", "--compile_teacher", "--compile_mode", "reduce-overhead"]
-    with pytest.raises(UserError, match="does not support"):  # CUDA graphs replay on the stream they were made on
-        Trainer(training_parser("cm").parse_args([*graphs, "--output_dir", str(tmp_path / "g"),
-                                                  "--teacher_lookahead_stream", "side"]), "cm")
-    t = Trainer(training_parser("cm").parse_args([*graphs, "--output_dir", str(tmp_path / "g")]), "cm")
-    assert t.args.teacher_lookahead_stream == "same"  # the default: no second stream, so CUDA graphs may stay
 
 
 def test_to_device_gives_the_plain_copy_values():
-    """cmdistill.devices.to_device: the values and dtype of ``torch.as_tensor(t).to(device, dtype)`` (on a GPU the
+    """cmdistill.fast.to_device: the values and dtype of ``torch.as_tensor(t).to(device, dtype)`` (on a GPU the
     copy goes through pinned memory without a host sync; the same numbers)."""
-    from cmdistill import devices
+    from cmdistill.fast import to_device
 
     t = torch.arange(7, dtype=torch.float64) / 3
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         for dtype in (None, torch.float32, torch.bfloat16):
-            got = devices.to_device(t.expand(2, 7)[:, ::2], dev, dtype)
+            got = to_device(t.expand(2, 7)[:, ::2], dev, dtype)
             want = t.expand(2, 7)[:, ::2].to(dev, dtype) if dtype else t.expand(2, 7)[:, ::2].to(dev)
             assert got.device.type == dev and got.dtype == want.dtype and torch.equal(got.cpu(), want.cpu())
-    assert devices.to_device([3, 1], "cpu").tolist() == [3, 1]
+    assert to_device([3, 1], "cpu").tolist() == [3, 1]

@@ -103,19 +103,19 @@ def test_reduced_build_loads_as_sdxl_teacher(world):
 
     out, record = world
     assert set(record["stage_seconds"]) == {"data", "encoder", "vae", "teacher", "eval"}
-    t = load_teacher(str(out / "teacher"))
-    assert t.unet.config.addition_embed_type == "text_time"
-    assert t.scheduler.config.num_train_timesteps == 1000 and t.scheduler.config.beta_schedule == "scaled_linear"
-    assert t.scheduler.config.prediction_type == "epsilon"
-    assert 2 ** (len(t.vae.config.block_out_channels) - 1) == 8
+    teacher = load_teacher(str(out / "teacher"))
+    assert teacher.unet.config.addition_embed_type == "text_time"
+    assert teacher.scheduler.config.num_train_timesteps == 1000 and teacher.scheduler.config.beta_schedule == "scaled_linear"
+    assert teacher.scheduler.config.prediction_type == "epsilon"
+    assert 2 ** (len(teacher.vae.config.block_out_channels) - 1) == 8
     # scaling_factor was fitted: scaled latents of real images have about unit std.
     paths, caps, _ = D.read_dataset(out / "data" / "train")
     from cmdistill.toy.teacher import encode_posterior
 
-    mean, _ = encode_posterior(t.vae, D.load_images(paths[:128]))
-    assert 0.7 < float((mean * t.vae.config.scaling_factor).std()) < 1.3
+    mean, _ = encode_posterior(teacher.vae, D.load_images(paths[:128]))
+    assert 0.7 < float((mean * teacher.vae.config.scaling_factor).std()) < 1.3
     # The frozen random text encoders tell captions apart.
-    pe, po = encode_prompts(caps[:2] + caps[:1], t.tokenizers, t.text_encoders)
+    pe, po = encode_prompts(caps[:2] + caps[:1], teacher.tokenizers, teacher.text_encoders)
     assert torch.equal(pe[0], pe[2]) and (pe[0] - pe[1]).abs().max() > 1e-2
     # A rerun skips every stage; other settings are refused rather than mixed in.
     from cmdistill.errors import UserError

@@ -1,6 +1,6 @@
 """The toy world's captioned images: one coloured shape on a plain background, drawn from a seed.
 
-A stand-in for LAION-11k (SPEC §7) that the project generates itself: an image folder with
+A stand-in for LAION-11k (docs/method.md §7) that the project generates itself: an image folder with
 ``metadata.csv`` (columns ``file_name,text``), plus ``attributes.csv`` beside it holding the
 ground-truth attribute labels that the toy metrics need. Every image is a pure function of
 (seed, split, index), so the set is reproducible byte for byte and any prefix of it is the

@@ -1,6 +1,6 @@
 """Toy metric encoders: a small CNN trained on the toy images to predict their attributes.
 
-The toy world's stand-ins for the paper's metric networks (SPEC §9), named honestly as toy:
+The toy world's stand-ins for the paper's metric networks (docs/method.md §9), named honestly as toy:
 - ``toy`` feature extractor: the CNN's penultimate features (128-d); their Frechet distance
   (``fd_toy``, as the metrics registry names FD with extractor ``toy``) plays the role of FID and
   FD-DINO;
@@ -202,7 +202,7 @@ def caption_accuracy(model: ToyEncoder, images, captions: list[str]) -> np.ndarr
 
 
 def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
-    """SPEC §9 Frechet distance: the project's dgm-eval implementation (cmdistill.metrics) when present,
+    """docs/method.md §9 Frechet distance: the project's dgm-eval implementation (cmdistill.metrics) when present,
     else the same formula here: float64 mean and unbiased covariance, ||mu1 - mu2||^2 + tr S1 + tr S2
     - 2 tr sqrtm(S1 S2), real part kept, retried with 1e-6 I when sqrtm is not finite."""
     try:

@@ -1,6 +1,6 @@
 """Evidence that the toy teacher is trained: its DDIM samples scored with the toy metrics.
 
-The teacher samples exactly as the study's teacher reference does (SPEC §8): deterministic DDIM on
+The teacher samples exactly as the study's teacher reference does (docs/method.md §8): deterministic DDIM on
 the N-grid from per-caption noise, Imagen-form guidance with zero unconditional embeddings. Each
 score is set beside readings that make it interpretable: another set of real images, the VAE
 reconstructions of the reference images (what a perfect UNet could reach), and an untrained UNet of
@@ -26,7 +26,7 @@ from .teacher import decode_latents, encode_posterior, sdxl_time_ids
 def sample_teacher(teacher, captions: list[str], w: float, num_steps: int = 50, seed: int = 0,
                    resolution: int = 64, unet=None, batch_size: int = 250) -> tuple[torch.Tensor, np.ndarray]:
     """DDIM samples of the (toy) teacher: (scaled latents, uint8 images). Caption i starts from the
-    noise of (seed, i) (SPEC §8, STYLE §3). ``unet`` replaces the teacher's UNet (e.g. an untrained one)."""
+    noise of (seed, i) (docs/method.md §8, docs/method.md §8.3). ``unet`` replaces the teacher's UNet (e.g. an untrained one)."""
     unet = unet if unet is not None else teacher.unet
     sched = NoiseSchedule.from_scheduler(teacher.scheduler)
     grid = Grid(sched.T, num_steps)
@@ -82,7 +82,7 @@ def evaluate_teacher(teacher, encoder, images: np.ndarray, captions: list[str], 
                      ws=(1.0, 3.0), num_steps: int = 50, seed: int = 0, resolution: int = 64,
                      untrained_unet=None, log=print) -> dict:
     """Toy metrics of the teacher's samples for ``captions`` (reference: the real ``images`` of those
-    captions, SPEC §9), for each guidance scale in ``ws``; the untrained UNet at the first and last w.
+    captions, docs/method.md §9), for each guidance scale in ``ws``; the untrained UNet at the first and last w.
     Readings beside them: ``real_holdout`` (another real sample, ``holdout`` = (images, captions), with
     other captions: the FD of two independent real sets of this size; samples made for the reference's
     own captions can score below it), ``vae_reconstruction`` (the ceiling of caption accuracy behind

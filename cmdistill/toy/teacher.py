@@ -1,6 +1,6 @@
 """The toy teacher: an SDXL-architecture pipeline small enough for a CPU, trained on the toy images.
 
-Same components and conventions as SDXL base (SPEC §1): UNet with ``text_time`` conditioning,
+Same components and conventions as SDXL base (docs/method.md §1): UNet with ``text_time`` conditioning,
 CLIPTextModel + CLIPTextModelWithProjection with the real CLIP tokenizer, an 8x AutoencoderKL,
 the 1000-step ``scaled_linear`` schedule, epsilon prediction. Trained here in two stages:
 
@@ -8,7 +8,7 @@ the 1000-step ``scaled_linear`` schedule, epsilon prediction. Trained here in tw
    ``scaling_factor`` set so that the scaled latents have unit standard deviation (SDXL's 0.13025
    plays the same role);
 2. the UNet with the epsilon-prediction loss on the 1000-step schedule, conditioning dropout
-   to ZERO prompt and pooled embeddings (the unconditional branch of SPEC §3), and SDXL
+   to ZERO prompt and pooled embeddings (the unconditional branch of docs/method.md §3), and SDXL
    time_ids with original = target = resolution, crop (0, 0).
 
 The text encoders stay frozen at their random initialisation, as SDXL's stay frozen at their
@@ -19,7 +19,7 @@ networks to the backward pass of the UNet stage and buy nothing the study measur
 students are distilled, and every metric computed, under the same frozen encoders.
 
 Timestep convention: the UNet gets timestep VALUES t in 1..1000 and the noise level of index
-t - 1 (SPEC §2), the convention every sampler and objective of the project uses; SDXL itself was
+t - 1 (docs/method.md §2), the convention every sampler and objective of the project uses; SDXL itself was
 trained with diffusers' index convention (value t, level t), one step apart, which does not
 matter for SDXL but would be a needless mismatch for a teacher trained here.
 """
@@ -212,11 +212,11 @@ def train_unet(unet, latent_mean: torch.Tensor, latent_std: torch.Tensor, prompt
                pooled: torch.Tensor, scaling_factor: float, resolution: int, steps: int = 6000,
                batch_size: int = 64, lr: float = 1e-3, cond_dropout: float = 0.1, ema_decay: float = 0.999,
                seed: int = 0, log=print):
-    """Epsilon-prediction training on the 1000-step schedule (SPEC §1, §2); returns the EMA UNet.
+    """Epsilon-prediction training on the 1000-step schedule (docs/method.md §1, §2); returns the EMA UNet.
 
     x0 = scaling_factor x a posterior sample of the image's latent; t uniform in 1..1000;
     x_t = alpha_t x0 + sigma_t eps; loss = ||eps_theta(x_t, t, c) - eps||^2. With probability
-    ``cond_dropout`` a sample's prompt AND pooled embeddings are set to zero tensors (SPEC §3)."""
+    ``cond_dropout`` a sample's prompt AND pooled embeddings are set to zero tensors (docs/method.md §3)."""
     sched = NoiseSchedule.sdxl()
     g = torch.Generator().manual_seed(seed)
     dev = next(unet.parameters()).device

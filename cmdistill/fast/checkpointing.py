@@ -13,10 +13,14 @@ batch and resolution: the bytes autograd saves inside each checkpointable block,
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+logger = logging.getLogger("cmdistill")
 
 
 @dataclass(frozen=True)
@@ -170,3 +174,37 @@ def calibrated_budget_gib(peak0: int, peak1: int, kept_estimate_gib: float, tota
     if ratio is None:
         return None
     return max(0.0, (HEADROOM * total_bytes - peak0) / max(ratio, MIN_RATIO)) / 2**30
+
+
+def size_auto(info: dict, device, replan: Callable[[float], dict]) -> dict:
+    """``--checkpointing_budget_gib auto``, called after each step until ``info`` is "calibrated"; returns the new
+    plan's info (``replan(budget)`` re-plans the UNet and returns its info). After the first (fully checkpointed)
+    step: keep as many activations as the memory left on the card allows, assuming they cost OVERSHOOT x the dry
+    run's estimate (``auto_budget_gib``). After the second step, the first with that plan: re-size once at the cost
+    per estimated byte measured from the rise of the peak (``calibrated_budget_gib``), when that keeps >10% more or
+    the peak passed the headroom. Without CUDA every block stays checkpointed."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        logger.info("--checkpointing_budget_gib auto: no CUDA device, every block stays checkpointed")
+        info = replan(0.0)
+        info.update(auto_budget_gib=0.0, first_step_peak_gib=None, calibrated=False)
+    elif "auto_budget_gib" not in info:
+        total, peak = torch.cuda.get_device_properties(device).total_memory, torch.cuda.max_memory_allocated(device)
+        budget = auto_budget_gib(peak, total)
+        logger.info("--checkpointing_budget_gib auto: first step peaked at %.1f GiB; budget %.1f GiB",
+                    peak / 2**30, budget)
+        info = replan(budget)
+        info.update(auto_budget_gib=budget, first_step_peak_gib=peak / 2**30)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        total, peak = torch.cuda.get_device_properties(device).total_memory, torch.cuda.max_memory_allocated(device)
+        peak0, first = info["first_step_peak_gib"] * 2**30, info["auto_budget_gib"]
+        ratio = measured_ratio(peak0, peak, info.get("kept_gib", 0.0))
+        budget = calibrated_budget_gib(peak0, peak, info.get("kept_gib", 0.0), total)
+        if budget is not None and (budget > 1.1 * first or peak > HEADROOM * total):
+            logger.info("--checkpointing_budget_gib auto: the plan's step peaked at %.1f GiB, %.2f x the "
+                        "estimate; budget %.1f -> %.1f GiB", peak / 2**30, ratio, first, budget)
+            info = replan(budget)
+            info.update(auto_budget_gib=budget, first_plan_budget_gib=first, first_step_peak_gib=peak0 / 2**30)
+        info.update(calibrated=True, measured_ratio=ratio, second_step_peak_gib=peak / 2**30)
+    return info
