@@ -100,18 +100,57 @@ def quality_metrics(args, gen_paths, ref_paths, captions, device, cache_dir, gen
         gen_features=gen_features)
 
 
-def comparison_grid(rows: list[list[Path]], size: int = 256) -> torch.Tensor:
-    """A CHW uint8 grid, one row of images per list (e.g. teacher above student, same noise)."""
-    from PIL import Image
-    from torchvision.utils import make_grid
+def captioned_grid(rows: list[list[Path]], captions: list[str] | None = None, size: int | None = None,
+                   row_labels: list[str] | None = None, label_width: int = 0, padding: int = 2, max_lines: int = 4):
+    """A PIL image: one row of images per list (e.g. teacher above student, same noise), each column's caption
+    wrapped under it (PIL's default font), optional row labels on the left. ``size``: tile size in pixels (default:
+    the first image's width)."""
+    import textwrap
 
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    ncols = max(len(r) for r in rows)
     tiles = []
     for row in rows:
-        for p in row:
-            with Image.open(p) as im:
-                im = im.convert("RGB").resize((size, size), Image.BICUBIC)
-            tiles.append(torch.from_numpy(np.array(im)).permute(2, 0, 1))
-    return make_grid(torch.stack(tiles), nrow=len(rows[0]), padding=2)
+        line = []
+        for path in row:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                size = size or im.width
+                line.append(im.resize((size, size), Image.BICUBIC) if im.size != (size, size) else im.copy())
+        tiles.append(line)
+    size = size or 64
+    bbox = font.getbbox("Ag")
+    line_h, char_w = bbox[3] - bbox[1] + 3, max(1, font.getbbox("abcdefghij")[2] // 10)
+    wrapped = []
+    for c in (captions or [])[:ncols]:
+        w = textwrap.wrap(str(c), max(4, (size - 2) // char_w)) or [""]
+        if len(w) > max_lines:
+            w = w[:max_lines]
+            w[-1] = w[-1][: max(1, len(w[-1]) - 3)] + "..."
+        wrapped.append(w)
+    band = (max((len(w) for w in wrapped), default=0) * line_h + 4) if wrapped else 0
+    step = size + padding
+    canvas = Image.new("RGB", (label_width + padding + ncols * step, padding + len(rows) * step + band), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, line in enumerate(tiles):
+        if row_labels and r < len(row_labels):
+            draw.text((4, padding + r * step + size // 2 - line_h // 2), row_labels[r], fill="black", font=font)
+        for c, im in enumerate(line):
+            canvas.paste(im, (label_width + padding + c * step, padding + r * step))
+    top = padding + len(rows) * step + 2
+    for c, w in enumerate(wrapped):
+        for i, text in enumerate(w):
+            draw.text((label_width + padding + c * step + 1, top + i * line_h), text, fill="black", font=font)
+    return canvas
+
+
+def comparison_grid(rows: list[list[Path]], size: int = 256, captions: list[str] | None = None) -> torch.Tensor:
+    """A CHW uint8 grid, one row of images per list (e.g. teacher above student, same noise), the captions under
+    the columns."""
+    im = captioned_grid(rows, captions, size)
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous()
 
 
 def log_tensorboard(log_dir: Path, group: str, step: int, metrics: dict, grid_rows: list[list[Path]] | None,
