@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -153,14 +154,59 @@ def comparison_grid(rows: list[list[Path]], size: int = 256, captions: list[str]
     return torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous()
 
 
-def log_tensorboard(log_dir: Path, group: str, step: int, metrics: dict, grid_rows: list[list[Path]] | None,
-                    grid_tag: str) -> None:
-    """Scalars ``{group}/{metric}`` at ``step`` (the number of sampling steps) and a comparison grid."""
-    from torch.utils.tensorboard import SummaryWriter
+REPORT_TO = ["tensorboard", "wandb", "all", "none"]
 
-    with SummaryWriter(log_dir=str(log_dir)) as writer:
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)) and v is not None:
-                writer.add_scalar(f"{group}/{k}", v, step)
-        if grid_rows and grid_rows[0]:
-            writer.add_image(f"{group}/{grid_tag}", comparison_grid(grid_rows), step)
+
+def check_trackers(report_to: str) -> None:
+    """``--report_to``: a one-line error, before any model loads, for a tracker that is not installed."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    from ..errors import UserError
+
+    available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
+    if report_to in available and not available[report_to]:
+        other = next((k for k, v in available.items() if v and k != report_to), "none")
+        raise UserError(f"--report_to {report_to}: {report_to} is not installed (pip install {report_to}), or pass "
+                        f"--report_to {other}")
+
+
+class Trackers:
+    """The evaluation's logging through accelerate's trackers (``Accelerator(log_with=...)``): scalars, the
+    comparison grids (captions under the columns) and the captions as text. Main process only."""
+
+    def __init__(self, report_to: str, log_dir: Path):
+        self.acc = None
+        if report_to == "none":
+            return
+        from accelerate import Accelerator
+
+        self.acc = Accelerator(log_with=report_to, project_dir=str(log_dir.parent), cpu=not torch.cuda.is_available())
+        self.acc.init_trackers(log_dir.name)
+
+    def log(self, values: dict, step: int) -> None:
+        values = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                  and math.isfinite(v)}
+        if self.acc is not None and values:
+            self.acc.log(values, step=step)
+
+    def images(self, tag: str, grid_rows: list[list[Path]], captions: list[str], step: int) -> None:
+        if self.acc is None or not grid_rows or not grid_rows[0]:
+            return
+        grid = comparison_grid(grid_rows, captions=captions)
+        text = "\n".join(f"{i}. {c}" for i, c in enumerate(captions))
+        for tracker in self.acc.trackers:
+            if tracker.name == "tensorboard":
+                writer = tracker.tracker
+                writer.add_image(f"{tag}/comparison", grid, step)
+                writer.add_text(f"{tag}/captions", text.replace("\n", "  \n"), step)
+                writer.flush()
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.tracker.log({f"{tag}/comparison": wandb.Image(grid.permute(1, 2, 0).numpy(), caption=text)},
+                                    step=step)
+
+    def end(self) -> None:
+        if self.acc is not None:
+            for tracker in self.acc.trackers:
+                tracker.finish()
