@@ -192,7 +192,8 @@ def main(argv=None):
             # A finished run (final weights of the last step) is reused as is: resuming would save them again.
             from .evaluation.cli import _final_step
 
-            done = (rdir / "pytorch_lora_weights.safetensors").is_file() and (_final_step(rdir) or 0) >= a.max_train_steps
+            done = ((rdir / "pytorch_lora_weights.safetensors").is_file()
+                    and (_final_step(rdir) or 0) >= a.max_train_steps)
             times[f"train_{obj}_{seed}"] = 0.0 if done else run(
                 [py, f"train_{obj}.py", *common, "--output_dir", rdir, "--seed", seed, "--center_crop",
                  "--train_batch_size", a.train_batch_size, "--max_train_steps", a.max_train_steps,
@@ -220,7 +221,8 @@ def main(argv=None):
     lines = verdict(rows, a.num_inference_steps)
     pic = picture(out, ref, runs, a.num_inference_steps)
     total = sum(times.values())
-    figures = "".join(f"![{name}]({name})\n" for name in ("ode_error_vs_fd.png", "comparison.png") if (out / name).is_file())
+    figures = "".join(f"![{name}]({name})\n" for name in ("ode_error_vs_fd.png", "comparison.png")
+                      if (out / name).is_file())
     others = ", ".join(n for n in files if n.endswith(".png") and n != "ode_error_vs_fd.png")
     report = (f"{text}\n\n" + "\n".join(lines) + f"\n\n{figures}\npicture: {pic}; plots: ode_error_vs_fd.png"
               + (f", {others}" if others else "") + "\nstage seconds: "

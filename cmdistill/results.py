@@ -178,7 +178,8 @@ def model_label(r: dict) -> str:
 def aggregate(rows: list[dict]) -> list[dict]:
     """One entry per group (same model and setting, runs differing only by the training seed), in the rows'
     order: ``model``, ``steps``, ``runs``, ``seeds`` (training seeds), ``n``, ``training_step``, ``rows``,
-    ``metrics`` = {key: (mean, std, count)}. Models of different recipes whose labels collide get their first run's name added."""
+    ``metrics`` = {key: (mean, std, count)}. Models of different recipes whose labels collide get their first run's name
+    added."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["group"], []).append(r)
@@ -269,8 +270,8 @@ def write_report(rows: list[dict], out_dir: str | Path, writer=None) -> dict[str
         atomic_write_text(files[name], format_table(rows, style) + "\n")
     entries = aggregate(rows)
     files["table.json"] = out_dir / "table.json"
-    atomic_write_text(files["table.json"], json.dumps(
-        [{k: v for k, v in e.items() if k not in ("rows", "model_key")} for e in entries], indent=1, default=str) + "\n")
+    summary = [{k: v for k, v in e.items() if k not in ("rows", "model_key")} for e in entries]
+    atomic_write_text(files["table.json"], json.dumps(summary, indent=1, default=str) + "\n")
     files.update(plots.write_plots(rows, out_dir))
     return files
 

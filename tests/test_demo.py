@@ -25,7 +25,8 @@ def test_demo_runs_the_whole_study(small_world, tmp_path):
           "--train_batch_size", "4", "--num_prompts", "8", "--num_discr_timesteps", "10",
           "--num_inference_steps", "1", "2", "--lora_rank", "4"])
     report = (out / "RESULTS.md").read_text()
-    for row in ("| Teacher (DDIM, N=10, w=3.0) | 10 |", "| CM | 1 |", "| CM | 2 |", "| Direct CM | 1 |", "| Direct CM | 2 |"):
+    for row in ("| Teacher (DDIM, N=10, w=3.0) | 10 |", "| CM | 1 |", "| CM | 2 |", "| Direct CM | 1 |",
+                "| Direct CM | 2 |"):
         assert row in report
     assert "±" in report and "| CM | 1 | 2 |" in report  # two seeds: a spread, and how many
     for col in ("toy FD", "caption acc.", "ODE error", "pixel MSE"):
