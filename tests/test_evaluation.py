@@ -736,6 +736,8 @@ def test_checkpoints_are_evaluated_and_logged_at_their_training_steps(student_un
     assert sorted(e.step for e in ea.Scalars("student_final/ode_error")) == [1, 2]  # against sampling steps
     assert "student_checkpoint-4/comparison" in ea.Tags()["images"]
     assert "student_final/captions/text_summary" in ea.Tags()["tensors"]  # the captions as text
+    assert {"plots/metrics_vs_steps", "plots/metrics_vs_training_step"} <= set(ea.Tags()["images"])
+    assert (out / "logs" / "plots" / "metrics_vs_training_step.png").stat().st_size > 1000
     rows = results.load(out)
     assert {r["weights"]: r["training_step"] for r in rows.values()} == {"checkpoint-2": 2, "checkpoint-4": 4,
                                                                          "final": 6}

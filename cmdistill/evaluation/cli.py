@@ -297,6 +297,7 @@ def run_jobs(args, state, jobs: list[Job], captions: list[str], count: int, init
         shown = ", ".join(f"{k}={v:.5g}" for k, v in metrics.items() if isinstance(v, float))
         print(f"{job.desc}: {count} samples in {job.store.folder}; {shown or 'no metrics'}", flush=True)
         out.append(row)
+    _log_plots(args, trackers, out)
     trackers.end()
     from ..hub import update_model_card
     update_model_card(args.output_dir)  # a training run's README.md gets the metrics; a teacher folder has none
@@ -304,6 +305,24 @@ def run_jobs(args, state, jobs: list[Job], captions: list[str], count: int, init
           f"TensorBoard: {log_dir}", flush=True)
     state.destroy_process_group()
     return out
+
+
+def _log_plots(args, trackers, rows: list[dict]) -> None:
+    """The plots of this output folder's results (``cmdistill.plots``: metrics against sampling steps, the ODE
+    error against the FD, the loss, metrics against the training step) to the trackers, at the last step
+    evaluated; the PNGs are kept in --logging_dir/plots."""
+    if trackers.acc is None:
+        return
+    try:
+        from .. import plots
+
+        rows_all = results.collect([args.output_dir])
+        folder = Path(args.output_dir) / args.logging_dir / "plots"
+        folder.mkdir(parents=True, exist_ok=True)
+        step = max([r.get("training_step") or 0 for r in rows] or [0])
+        trackers.figures(plots.write_plots(rows_all, folder), step)
+    except Exception as e:  # noqa: BLE001 -- a plot must never lose an evaluation that is recorded
+        warn(f"the plots of '{args.output_dir}' were not logged ({type(e).__name__}: {e})")
 
 
 def _quality(args, store: SampleStore, refs, captions: list[str], n: int, device, cache) -> dict:

@@ -206,6 +206,25 @@ class Trackers:
                 tracker.tracker.log({f"{tag}/comparison": wandb.Image(grid.permute(1, 2, 0).numpy(), caption=text)},
                                     step=step)
 
+    def figures(self, paths: dict, step: int) -> None:
+        """PNG files (the plots of ``cmdistill.plots``) as images ``plots/<name>``."""
+        if self.acc is None:
+            return
+        from PIL import Image
+
+        for name, path in paths.items():
+            with Image.open(path) as im:
+                arr = np.array(im.convert("RGB"))
+            tag = f"plots/{Path(name).stem}"
+            for tracker in self.acc.trackers:
+                if tracker.name == "tensorboard":
+                    tracker.tracker.add_image(tag, torch.from_numpy(arr).permute(2, 0, 1), step)
+                    tracker.tracker.flush()
+                elif tracker.name == "wandb":
+                    import wandb
+
+                    tracker.tracker.log({tag: wandb.Image(arr)}, step=step)
+
     def end(self) -> None:
         if self.acc is not None:
             for tracker in self.acc.trackers:
