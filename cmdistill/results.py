@@ -88,7 +88,7 @@ IGNORED_CONFIG = {"seed", "output_dir", "logging_dir", "resume_from_checkpoint",
                   "teacher_lookahead", "teacher_lookahead_stream", "teacher_max_batch", "teacher_channels_last",
                   "teacher_freezing", "num_processes", "num_inference_steps", "reference_loop"}
 # Fields of a results row that do not identify the evaluated setting.
-IGNORED_ROW = {"folder", "time", "run", "run_dir", "train_seed", "group", "recipe", "training_step"}
+IGNORED_ROW = {"folder", "time", "run", "run_dir", "train_seed", "group", "recipe", "training_step", "lora_sha256"}
 
 
 def _finite(v) -> bool:

@@ -25,7 +25,8 @@ def fake_run(root: Path, name: str, objective: str | None, seed: int | None, met
             data[f"student/final/{k}_steps"] = {"kind": "student", "method": objective, "weights": "final",
                                                 "lora_scale": 1.0, "num_inference_steps": k,
                                                 "num_original_inference_steps": 10, "seed": 24, "num_images": 8,
-                                                "folder": str(d / f"{k}"), "time": f"t{seed}", **m}
+                                                "folder": str(d / f"{k}"), "time": f"t{seed}",
+                                                "lora_sha256": f"{name}", **m}
     data.update(extra_rows or {})
     (d / "metrics.json").write_text(json.dumps(data))
     if objective is not None:
