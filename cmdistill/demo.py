@@ -6,8 +6,9 @@
 3. teacher references with ``test_teacher.py`` (DDIM on the N-grid, guidance w);
 4. for each seed, distill a CM (``train_cm.py``) and a Direct CM (``train_direct_cm.py``) with the
    same recipe and budget, and evaluate each with ``test.py`` at 1/2/4 steps;
-5. the paper-style table (mean and spread over seeds) and a picture of teacher / CM / Direct CM
-   samples from the same noise.
+5. the table of ``cmdistill.results`` (every metric, mean and spread over seeds), its plots (ODE error
+   against toy FD, metrics against sampling steps, training losses) and a picture of teacher / CM /
+   Direct CM samples from the same noise, captions under the columns.
 
 Every stage runs the project's own command-line programs, exactly as a user would, and a rerun
 reuses what is finished. Toy metrics are named as such: ``toy FD`` is the Frechet distance of
@@ -19,18 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from . import results
 from .errors import UserError, exit_on_user_error
+from .results import mean_spread
 
 ROOT = Path(__file__).resolve().parents[1]
-COLUMNS = [("toy FD", "fd_toy"), ("caption acc.", "toy_caption_acc"), ("ODE error", "ode_error"),
-           ("pixel MSE", "pixel_mse")]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,31 +72,6 @@ def load_metrics(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def mean_spread(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return m, sd
-
-
-def table(rows: dict, seeds: list[int]) -> str:
-    head = "| model | steps | " + " | ".join(c for c, _ in COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
-    for (name, steps), entries in rows.items():
-        cells = []
-        for _, key in COLUMNS:
-            vals = [e[key] for e in entries if e.get(key) is not None and math.isfinite(e[key])]
-            if not vals:
-                cells.append("–")
-            elif len(vals) == 1:
-                cells.append(f"{vals[0]:.4g}")
-            else:
-                m, sd = mean_spread(vals)
-                cells.append(f"{m:.4g} ± {sd:.2g}")
-        lines.append(f"| {name} | {steps} | " + " | ".join(cells) + " |")
-    lines.append(f"\n(mean ± standard deviation over training seeds {', '.join(map(str, seeds))}; toy metrics)")
-    return "\n".join(lines)
-
-
 def verdict(rows: dict, steps_list: list[int]) -> list[str]:
     """Plain statements of the finding, per number of sampling steps: seed means, and in how many
     seeds the comparison goes the same way."""
@@ -131,9 +106,11 @@ def verdict(rows: dict, steps_list: list[int]) -> list[str]:
     return out
 
 
-def picture(out: Path, teacher_dir: Path, runs: dict, steps_list: list[int], n: int = 8) -> Path:
-    """Rows: teacher, then CM and Direct CM at each step count (first seed); columns: captions."""
-    from PIL import Image, ImageDraw
+def picture(out: Path, teacher_dir: Path, runs: dict, steps_list: list[int], n: int = 8, size: int = 96) -> Path:
+    """Rows: teacher, then CM and Direct CM at each step count (first seed); columns: captions, written under
+    them."""
+    from .evaluation.scoring import captioned_grid
+    from .evaluation.store import CAPTIONS_NAME
 
     rows = [("teacher", teacher_dir)]
     for k in steps_list:
@@ -141,22 +118,17 @@ def picture(out: Path, teacher_dir: Path, runs: dict, steps_list: list[int], n: 
             sub = list((folder / "train_gen_images").glob(f"*/{k}_steps"))
             if sub:
                 rows.append((f"{name} {k}", sub[0]))
+
     def sample(folder: Path, i: int) -> Path:
         return next((p for p in (folder / f"{i}.jpg", folder / f"{i}.png") if p.is_file()), folder / f"{i}.jpg")
 
-    first = Image.open(sample(teacher_dir, 0))
-    s = first.width
-    label_w = 110
-    canvas = Image.new("RGB", (label_w + n * s, len(rows) * s), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, (label, folder) in enumerate(rows):
-        draw.text((4, r * s + s // 2 - 6), label, fill="black")
-        for c in range(n):
-            p = sample(folder, c)
-            if p.is_file():
-                canvas.paste(Image.open(p).convert("RGB"), (label_w + c * s, r * s))
+    captions_file = teacher_dir / CAPTIONS_NAME
+    captions = json.loads(captions_file.read_text()) if captions_file.is_file() else []
+    n = min([n] + [sum(1 for i in range(n) if sample(f, i).is_file()) for _, f in rows])
+    grid = captioned_grid([[sample(f, i) for i in range(n)] for _, f in rows], captions[:n], size,
+                          row_labels=[label for label, _ in rows], label_width=90, max_lines=6)
     path = out / "comparison.png"
-    canvas.save(path)
+    grid.save(path)
     return path
 
 
@@ -217,7 +189,12 @@ def main(argv=None):
             rdir = out / f"{obj}_seed{seed}"
             print(f"[4/5] seed {seed}: {name}: {a.max_train_steps} steps of batch {a.train_batch_size} ...",
                   flush=True)
-            times[f"train_{obj}_{seed}"] = run(
+            # A finished run (final weights of the last step) is reused as is: resuming would save them again.
+            from .evaluation.cli import _final_step
+
+            done = ((rdir / "pytorch_lora_weights.safetensors").is_file()
+                    and (_final_step(rdir) or 0) >= a.max_train_steps)
+            times[f"train_{obj}_{seed}"] = 0.0 if done else run(
                 [py, f"train_{obj}.py", *common, "--output_dir", rdir, "--seed", seed, "--center_crop",
                  "--train_batch_size", a.train_batch_size, "--max_train_steps", a.max_train_steps,
                  "--learning_rate", a.learning_rate, "--lora_rank", a.lora_rank, "--lora_alpha", a.lora_rank,
@@ -233,20 +210,27 @@ def main(argv=None):
                 if e.get("num_inference_steps") in a.num_inference_steps:
                     rows.setdefault((name, e["num_inference_steps"]), []).append({**e, "seed": seed})
 
-    # 5. the table and the picture.
+    # 5. the table, its plots and the picture.
     order = [("Teacher", a.num_discr_timesteps)] + [(n, k) for n in ("CM", "Direct CM") for k in a.num_inference_steps]
     rows = {k: rows[k] for k in order if k in rows}
-    text = table(rows, a.seeds)
+    folders = [tdir] + [out / f"{obj}_seed{seed}" for obj in ("cm", "direct_cm") for seed in a.seeds]
+    table_rows = [r for r in results.collect([str(f) for f in folders])
+                  if r.get("kind") == "teacher" or r.get("num_inference_steps") in a.num_inference_steps]
+    text = results.format_table(table_rows, "markdown")
+    files = results.write_report(table_rows, out)
     lines = verdict(rows, a.num_inference_steps)
     pic = picture(out, ref, runs, a.num_inference_steps)
     total = sum(times.values())
-    report = (f"{text}\n\n" + "\n".join(lines) + f"\n\npicture: {pic}\nstage seconds: "
+    figures = "".join(f"![{name}]({name})\n" for name in ("ode_error_vs_fd.png", "comparison.png")
+                      if (out / name).is_file())
+    others = ", ".join(n for n in files if n.endswith(".png") and n != "ode_error_vs_fd.png")
+    report = (f"{text}\n\n" + "\n".join(lines) + f"\n\n{figures}\npicture: {pic}; plots: ode_error_vs_fd.png"
+              + (f", {others}" if others else "") + "\nstage seconds: "
               + json.dumps({k: round(v, 1) for k, v in times.items()}) + f"\ntotal: {total / 60:.1f} min\n")
     (out / "RESULTS.md").write_text(report)
     (out / "results.json").write_text(json.dumps({"rows": {f"{k[0]}|{k[1]}": v for k, v in rows.items()},
                                                   "verdict": lines, "seconds": times}, indent=1, default=str))
     print("[5/5] results\n" + report, flush=True)
-
 
 if __name__ == "__main__":
     main()

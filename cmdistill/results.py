@@ -4,7 +4,12 @@ Every evaluated setting is one entry of ``OUTPUT_DIR/metrics.json`` and one line
 ``OUTPUT_DIR/results.csv``; a rerun of a setting replaces its entry, other settings stay. Both files
 are rewritten atomically under a lock, so evaluations sharing an output folder do not clobber each other.
 
-    python -m cmdistill.results results/teacher-ddim runs/cm runs/direct_cm
+    python -m cmdistill.results results/teacher-ddim runs/cm_seed0 runs/cm_seed1 runs/direct_cm_seed0 --out report
+
+The table shows every metric present in the runs (the paper's, the toy world's, pixel errors), known ones
+first; runs whose training configuration differs only by the seed are one row, mean ± standard deviation
+over the seeds (the column ``seeds`` says how many). ``--out DIR`` also writes the table (``table.md``,
+``table.csv``, ``table.json``) and the plots of ``cmdistill.plots`` there.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import io
 import json
 import math
 from pathlib import Path
+from typing import Iterable
 
 from .errors import UserError, exit_on_user_error
 from .evaluation.store import atomic_write_text
@@ -25,9 +31,6 @@ RESULTS_NAME = "results.csv"
 LEADING_COLUMNS = ["setting", "kind", "method", "solver", "num_original_inference_steps", "guidance_scale",
                    "num_inference_steps", "weights", "lora_scale", "num_images", "fid", "fd_dinov2", "clip_score",
                    "aesthetic_score", "ode_error", "pixel_mse", "psnr"]
-# (header, key, format) of the paper's table.
-TABLE_COLUMNS = [("FID", "fid", "{:.2f}"), ("FD-DINO", "fd_dinov2", "{:.2f}"), ("CLIP", "clip_score", "{:.4f}"),
-                 ("Aesthetic", "aesthetic_score", "{:.3f}"), ("ODE error", "ode_error", "{:.4f}")]
 METHOD_NAMES = {"teacher": "Teacher", "cm": "CM", "direct_cm": "Direct CM"}
 
 
@@ -66,71 +69,228 @@ def record(output_dir: str | Path, setting: str, row: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The table
+# Metrics and rows
+
+# (key, header, format): known metrics in the table's order; any other numeric field of a row is a metric too.
+KNOWN_METRICS = [("fid", "FID", "{:.2f}"), ("fd_dinov2", "FD-DINO", "{:.2f}"), ("fd_toy", "toy FD", "{:.4g}"),
+                 ("clip_score", "CLIP", "{:.4f}"), ("aesthetic_score", "Aesthetic", "{:.3f}"),
+                 ("toy_caption_acc", "caption acc.", "{:.3f}"), ("ode_error", "ODE error", "{:.4g}"),
+                 ("pixel_mse", "pixel MSE", "{:.4g}"), ("psnr", "PSNR", "{:.2f}")]
+# Numeric fields of a row that describe the setting, not a measurement.
+SETTING_FIELDS = {"num_original_inference_steps", "guidance_scale", "num_inference_steps", "lora_scale", "num_images",
+                  "timestep_scaling_factor", "resolution", "seed", "training_step", "train_seed"}
+# Training settings that do not change what is learned (paths, logging, speed): ignored when runs are grouped.
+IGNORED_CONFIG = {"seed", "output_dir", "logging_dir", "resume_from_checkpoint", "report_to", "tracker_project_name",
+                  "hub_model_id", "hub_token", "push_to_hub", "checkpoints_total_limit", "checkpointing_steps",
+                  "checkpointing_budget_gib", "dataloader_num_workers", "validation_steps", "validation_prompts",
+                  "cache_dir", "precomputed_dir", "no_precomputed", "vae_encode_batch_size", "allow_tf32",
+                  "enable_xformers_memory_efficient_attention", "gradient_checkpointing", "selective_checkpointing",
+                  "teacher_lookahead", "teacher_lookahead_stream", "teacher_max_batch", "teacher_channels_last",
+                  "teacher_freezing", "num_processes", "num_inference_steps", "reference_loop"}
+# Fields of a results row that do not identify the evaluated setting.
+IGNORED_ROW = {"folder", "time", "run", "run_dir", "train_seed", "group", "recipe", "training_step", "lora_sha256"}
 
 
-def row_label(r: dict) -> str:
-    if r.get("kind") == "teacher":
-        return f"Teacher ({str(r.get('solver', '')).upper()}, N={r.get('num_original_inference_steps')}, " \
-               f"w={r.get('guidance_scale')})"
-    k = r.get("num_inference_steps")
-    name = METHOD_NAMES.get(r.get("method"), r.get("method") or "student")
-    scale = r.get("lora_scale", 1.0)
-    extra = f", LoRA x{scale}" if scale not in (None, 1, 1.0) else ""
-    return f"{name}, {k} step{'s' if k != 1 else ''} ({r.get('weights')}{extra})"
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _order(r: dict):
-    methods = list(METHOD_NAMES)
-    m = r.get("method") or ""
-    return (methods.index(m) if m in methods else len(methods), m, r.get("run", ""), r.get("weights") or "",
-            r.get("num_inference_steps") or 0, r.get("num_original_inference_steps") or 0)
+def metric_keys(rows: Iterable[dict]) -> list[str]:
+    """The metrics present in ``rows``: known ones in the table's order, then the others alphabetically."""
+    present = {k for r in rows for k, v in r.items() if k not in SETTING_FIELDS and _finite(v)}
+    known = [k for k, _, _ in KNOWN_METRICS]
+    return [k for k in known if k in present] + sorted(present - set(known))
+
+
+def metric_header(key: str) -> str:
+    return next((h for k, h, _ in KNOWN_METRICS if k == key), key)
+
+
+def _metric_format(key: str) -> str:
+    return next((f for k, _, f in KNOWN_METRICS if k == key), "{:.4g}")
+
+
+def _recipe(cfg: dict) -> str:
+    """A training configuration less its seed and the settings that do not change what is learned."""
+    keep = {k: v for k, v in cfg.items() if k not in IGNORED_CONFIG and not (k.endswith("_dir") and
+                                                                          k != "train_data_dir")}
+    return json.dumps(keep, sort_keys=True, default=str)
+
+
+def _read_config(folder: Path) -> dict:
+    try:
+        data = json.loads((folder / "training_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def collect(paths: list[str]) -> list[dict]:
+    """Every results row of the run folders ``paths`` (or their metrics.json), with ``run`` (the folder's name),
+    ``run_dir``, ``train_seed`` (the training seed, None for the teacher) and ``group`` (the row's identity less
+    the training seed: rows sharing it are the same model and setting over seeds)."""
     rows = []
     for p in paths:
         p = Path(p)
         folder = p.parent if p.name == METRICS_NAME else p
         if not (folder / METRICS_NAME).is_file():
             raise UserError(f"'{p}' has no {METRICS_NAME}: evaluate it first with test_teacher.py or test.py")
-        rows += [{**r, "run": folder.name} for r in load(folder).values()]
+        cfg = _read_config(folder)
+        recipe = _recipe(cfg) if cfg else f"folder:{folder.resolve()}"
+        for r in load(folder).values():
+            ident = {k: v for k, v in r.items() if k not in IGNORED_ROW and not (k not in SETTING_FIELDS and
+                                                                                   _finite(v))}
+            rows.append({**r, "run": folder.name, "run_dir": str(folder), "train_seed": cfg.get("seed"),
+                         "recipe": recipe, "group": recipe + "|" + json.dumps(ident, sort_keys=True, default=str)})
     return sorted(rows, key=_order)
 
 
-def _fmt(v, fmt: str) -> str:
-    if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
+def _order(r: dict):
+    methods = list(METHOD_NAMES)
+    m = r.get("method") or ""
+    w = r.get("weights") or ""
+    step = r.get("training_step")
+    wkey = (0 if w == "final" else 1, step if step is not None else -1, w)
+    return (methods.index(m) if m in methods else len(methods), m, wkey, r.get("num_inference_steps") or 0,
+            r.get("num_original_inference_steps") or 0, r.get("run", ""))
+
+
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, sd
+
+
+def model_label(r: dict) -> str:
+    """The model of a row, without its number of sampling steps: 'Teacher (DDIM, N=100, w=9.0)', 'CM',
+    'Direct CM (checkpoint-500)', 'CM (LoRA x0.5)'."""
+    if r.get("kind") == "teacher":
+        return f"Teacher ({str(r.get('solver', '')).upper()}, N={r.get('num_original_inference_steps')}, " \
+               f"w={r.get('guidance_scale')})"
+    name = METHOD_NAMES.get(r.get("method"), r.get("method") or "student")
+    extra = [r["weights"]] if r.get("weights") not in (None, "final") else []
+    if r.get("lora_scale", 1.0) not in (None, 1, 1.0):
+        extra.append(f"LoRA x{r['lora_scale']}")
+    return name + (f" ({', '.join(extra)})" if extra else "")
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One entry per group (same model and setting, runs differing only by the training seed), in the rows'
+    order: ``model``, ``steps``, ``runs``, ``seeds`` (training seeds), ``n``, ``training_step``, ``rows``,
+    ``metrics`` = {key: (mean, std, count)}. Models of different recipes whose labels collide get their first run's name
+    added."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["group"], []).append(r)
+    keys = metric_keys(rows)
+    out = []
+    for members in groups.values():
+        r0 = members[0]
+        metrics = {}
+        for k in keys:
+            vals = [m[k] for m in members if _finite(m.get(k))]
+            if vals:
+                metrics[k] = (*mean_spread(vals), len(vals))
+        model_key = r0["recipe"] + "|" + json.dumps({k: v for k, v in r0.items() if k in
+                                                            ("kind", "method", "weights", "lora_scale", "solver")},
+                                                           sort_keys=True, default=str)
+        out.append({"model": model_label(r0), "model_key": model_key, "steps": r0.get("num_inference_steps"),
+                    "kind": r0.get("kind"), "weights": r0.get("weights"), "training_step": r0.get("training_step"),
+                    "runs": [m["run"] for m in members], "run_dirs": sorted({m["run_dir"] for m in members}),
+                    "seeds": [m["train_seed"] for m in members if m.get("train_seed") is not None],
+                    "n": len(members), "rows": members, "metrics": metrics})
+    labels: dict[str, set] = {}
+    for e in out:
+        labels.setdefault(e["model"], set()).add(e["rows"][0]["recipe"])
+    for e in out:
+        if len(labels[e["model"]]) > 1:
+            e["model"] += f" [{e['runs'][0]}]"
+    return out
+
+
+def _cell(stat, key: str) -> str:
+    if stat is None:
         return "-"
-    return fmt.format(float(v))
+    m, sd, n = stat
+    fmt = _metric_format(key)
+    return fmt.format(m) if n == 1 else f"{fmt.format(m)} ± {sd:.2g}"
+
+
+def _runs_cell(e: dict) -> str:
+    runs = list(dict.fromkeys(e["runs"]))
+    return runs[0] if len(runs) == 1 else f"{runs[0]} +{len(runs) - 1}"
+
+
+def table_rows(entries: list[dict]) -> tuple[list[str], list[list[str]]]:
+    keys = metric_keys(r for e in entries for r in e["rows"])
+    header = ["Model", "Steps", "Seeds", *[metric_header(k) for k in keys], "Runs"]
+    body = [[e["model"], str(e["steps"]), str(e["n"]), *[_cell(e["metrics"].get(k), k) for k in keys], _runs_cell(e)]
+            for e in entries]
+    return header, body
 
 
 def format_table(rows: list[dict], style: str = "text") -> str:
-    header = ["Run", "Setting"] + [h for h, _, _ in TABLE_COLUMNS]
-    body = [[r["run"], row_label(r)] + [_fmt(r.get(k), f) for _, k, f in TABLE_COLUMNS] for r in rows]
+    """The table of the rows of :func:`collect`: one line per model and number of sampling steps, every metric
+    present, mean ± standard deviation over the training seeds of a group."""
+    entries = aggregate(rows)
+    header, body = table_rows(entries)
     if style == "csv":
         buf = io.StringIO()
         csv.writer(buf).writerows([header] + body)
         return buf.getvalue().rstrip("\n")
-    widths = [max(len(x) for x in col) for col in zip(header, *body)]
+    if style == "markdown":
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(b) + " |" for b in body]
+    else:
+        widths = [max(len(x) for x in col) for col in zip(header, *body)]
 
-    def line(cells):
-        cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
-        return ("| " + " | ".join(cells) + " |") if style == "markdown" else "  ".join(cells)
+        def line(cells):
+            return "  ".join(c.ljust(w) if i in (0, len(cells) - 1) else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
-    rule = ("|" + "|".join("-" * (w + 2) for w in widths) + "|") if style == "markdown" else \
-        "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), rule] + [line(b) for b in body])
+        lines = [line(header), "  ".join("-" * w for w in widths)] + [line(b) for b in body]
+    seeds = sorted({s for e in entries for s in e["seeds"]})
+    if any(e["n"] > 1 for e in entries):
+        lines.append(f"\n(mean ± standard deviation over the training seeds of each row, 'Seeds' of them; "
+                     f"seeds {', '.join(map(str, seeds))})")
+    return "\n".join(lines)
+
+
+def write_report(rows: list[dict], out_dir: str | Path, writer=None) -> dict[str, Path]:
+    """``table.md``, ``table.csv``, ``table.json`` and the plots (``cmdistill.plots``) in ``out_dir``; the
+    plots also go to an accelerate-style tracker ``writer`` when one is given. Returns name -> path."""
+    from . import plots
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, style in (("table.md", "markdown"), ("table.csv", "csv")):
+        files[name] = out_dir / name
+        atomic_write_text(files[name], format_table(rows, style) + "\n")
+    entries = aggregate(rows)
+    files["table.json"] = out_dir / "table.json"
+    summary = [{k: v for k, v in e.items() if k not in ("rows", "model_key")} for e in entries]
+    atomic_write_text(files["table.json"], json.dumps(summary, indent=1, default=str) + "\n")
+    files.update(plots.write_plots(rows, out_dir))
+    return files
 
 
 @exit_on_user_error
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m cmdistill.results",
-                                description="Print the paper-style table (teacher, CM, Direct CM x sampling steps; "
-                                            "FID, FD-DINO, CLIP, aesthetic, ODE error) of evaluated output folders.")
+                                description="The table of evaluated output folders (teacher, CM, Direct CM x sampling "
+                                            "steps; every metric present; mean ± std over runs that differ only by "
+                                            "the training seed) and, with --out, its plots.")
     p.add_argument("output_dirs", nargs="+", help="folders holding metrics.json (test_teacher.py / test.py outputs)")
     p.add_argument("--format", default="text", choices=["text", "markdown", "csv"])
+    p.add_argument("--out", default=None, help="folder for table.md/.csv/.json and the plots (PNG)")
     args = p.parse_args(argv)
-    print(format_table(collect(args.output_dirs), args.format))
+    rows = collect(args.output_dirs)
+    print(format_table(rows, args.format))
+    if args.out:
+        files = write_report(rows, args.out)
+        print(f"\nwrote {', '.join(str(f) for f in files.values())}")
 
 
 if __name__ == "__main__":

@@ -312,11 +312,11 @@ def test_student_program_files_and_scores(student_out, teacher_out):
 def test_results_table(teacher_out, student_out, capsys):
     results.main([str(teacher_out), str(student_out)])
     out = capsys.readouterr().out.splitlines()
-    assert "ODE error" in out[0]
-    assert out[2].startswith("teacher-ddim") and f"Teacher (DDIM, N={N}, w={W})" in out[2]
-    assert "CM, 1 step (final)" in out[3] and "CM, 2 steps (final)" in out[4]
+    assert out[0].split()[:3] == ["Model", "Steps", "Seeds"] and "ODE error" in out[0] and "PSNR" in out[0]
+    assert out[2].startswith(f"Teacher (DDIM, N={N}, w={W})") and out[2].rstrip().endswith("teacher-ddim")
+    assert out[3].split()[:3] == ["CM", "1", "1"] and out[4].split()[:2] == ["CM", "2"]
     ode = results.load(student_out)["student/final/1_steps"]["ode_error"]
-    assert f"{ode:.4f}" in out[3]
+    assert f"{ode:.4g}" in out[3]
 
 
 def test_results_accumulate_and_replace(tmp_path):
@@ -712,3 +712,38 @@ def test_empty_captions_stay_empty_and_are_counted(tmp_path):
     assert read_captions_file(tmp_path / "caps.json") == ["", "", "a cat"]
     assert empty_caption_note(["", " ", "a"], "caps") == "2 of 3 captions of caps are empty: kept as empty strings"
     assert empty_caption_note(["a"], "caps") is None
+
+
+def test_checkpoints_are_evaluated_and_logged_at_their_training_steps(student_unet, tiny_pipeline, teacher_out,
+                                                                      tmp_path, capsys):
+    """test.py --checkpoints all: every checkpoint-<step> and the final weights (the run's last step), each
+    logged at its training step; a rerun skips them; unknown steps and trackers are one-line errors."""
+    import importlib.util
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = write_training_run(student_unet, tiny_pipeline, tmp_path / "cm")  # checkpoint-2 and the final weights
+    (out / "checkpoint-4").mkdir()
+    save_lora(student_unet, out / "checkpoint-4")
+    (out / "train_log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 7)))
+    argv = ["--output_dir", str(out), "--train_data_dir", str(teacher_out / SAMPLES), "--num_inference_steps", "1",
+            "2", "--max_prompts", "2", "--batch_size", "2", *NO_METRICS, "--checkpoints"]
+    student_main(argv + ["all"])
+    ea = EventAccumulator(str(out / "logs" / "evaluation"))
+    ea.Reload()
+    for K in (1, 2):
+        assert [e.step for e in ea.Scalars(f"metrics/ode_error/{K}_steps")] == [2, 4, 6]
+    assert sorted(e.step for e in ea.Scalars("student_final/ode_error")) == [1, 2]  # against sampling steps
+    assert "student_checkpoint-4/comparison" in ea.Tags()["images"]
+    assert "student_final/captions/text_summary" in ea.Tags()["tensors"]  # the captions as text
+    assert {"plots/metrics_vs_steps", "plots/metrics_vs_training_step"} <= set(ea.Tags()["images"])
+    assert (out / "logs" / "plots" / "metrics_vs_training_step.png").stat().st_size > 1000
+    rows = results.load(out)
+    assert {r["weights"]: r["training_step"] for r in rows.values()} == {"checkpoint-2": 2, "checkpoint-4": 4,
+                                                                         "final": 6}
+    capsys.readouterr()
+    student_main(argv + ["2,6"])  # a rerun: nothing to do
+    assert "nothing to do" in capsys.readouterr().out
+    expect_user_error(student_main, argv + ["3"], capsys, "no weights of step 3", "there are: 2, 4, 6")
+    if importlib.util.find_spec("wandb") is None:
+        expect_user_error(student_main, argv + ["all", "--report_to", "wandb"], capsys, "wandb is not installed")

@@ -116,6 +116,9 @@ def _parser(description: str, output_help: str, student: bool = False) -> argpar
     g = p.add_argument_group("logging")
     g.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir")
     g.add_argument("--num_log_images", type=int, default=4, help="captions shown in the comparison grids")
+    g.add_argument("--report_to", default="tensorboard", choices=scoring.REPORT_TO,
+                   help="trackers of the metrics, grids and captions (accelerate's): tensorboard writes "
+                        "--logging_dir/evaluation")
     return p
 
 
@@ -160,6 +163,11 @@ def student_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora_weights", default="auto",
                    help="'auto' (final weights, else the latest checkpoint), 'final', 'latest', a checkpoint-* "
                         "name or a folder")
+    g.add_argument("--checkpoints", default=None,
+                   help="evaluate weights over training instead of --lora_weights: 'all' (every checkpoint-<step> "
+                        "and the final weights, the run's last step), 'latest' (the last step's weights) or "
+                        "training steps 'N,M'; each is logged at its training step (metrics/<metric>/<K>_steps), "
+                        "and a rerun skips those already evaluated")
     g.add_argument("--lora_scale", type=float, default=1.0, help="multiplier of the LoRA update")
     g.add_argument("--fuse_lora", action=argparse.BooleanOptionalAction, default=True,
                    help="merge the LoRA into the UNet weights (faster; as the reference)")
@@ -193,11 +201,13 @@ class Job:
     setting: str                        # key in metrics.json / results.csv
     row: dict                           # fixed fields of its results row
     tb_group: str
-    tb_step: int
+    tb_step: int                        # the number of sampling steps
     make_sampler: Callable[[Models], Callable]
     score: Callable[[int], dict]
     grid: Callable[[int], list]         # count -> rows of image paths for the comparison grid
     prepare: Callable[[list[int]], None] | None = None  # per-process work on its indices (reference images)
+    load: Callable[[torch.device], Models] | None = None  # its models, where they differ from run_jobs' (a LoRA)
+    train_step: int | None = None       # the training step of a student's weights (None: unknown, or the teacher)
 
 
 def _state():
@@ -242,8 +252,14 @@ def run_jobs(args, state, jobs: list[Job], captions: list[str], count: int, init
     if any(todo):
         featurize = scoring.instance_featurizer(args, state.device)  # before the generator: missing weights fail fast
         _quiet_hub_logs()
-        models = load(state.device)
+        models, loaded = None, None
         for job, td in zip(jobs, todo):
+            if not td:
+                continue
+            fn = job.load or load
+            if fn is not loaded:  # jobs of one set of weights share the loaded models
+                models = None
+                models, loaded = fn(state.device), fn
             generate(job.store, td, captions, init_noise, job.make_sampler(models), models, args.batch_size,
                      args.vae_decode_batch_size, job.desc, show_progress=main, featurize=featurize)
         del models
@@ -259,6 +275,7 @@ def run_jobs(args, state, jobs: list[Job], captions: list[str], count: int, init
 
     out = []
     log_dir = Path(args.output_dir) / args.logging_dir / "evaluation"
+    trackers = scoring.Trackers(args.report_to, log_dir)
     for job in jobs:
         n = job.store.merge()
         if n < count:
@@ -268,16 +285,44 @@ def run_jobs(args, state, jobs: list[Job], captions: list[str], count: int, init
         row = {**job.row, "num_images": count, **metrics, "folder": str(job.store.folder),
                "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         results.record(args.output_dir, job.setting, row)
-        scoring.log_tensorboard(log_dir, job.tb_group, job.tb_step, metrics, job.grid(count), "comparison")
+        # Per setting, against the number of sampling steps (the old series); per sampling steps, against the
+        # training step of the weights (a curve over the evaluated checkpoints); the teacher at step 0.
+        trackers.log({f"{job.tb_group}/{k}": v for k, v in metrics.items()}, job.tb_step)
+        if job.row.get("kind") == "teacher":
+            trackers.log({f"metrics/{k}/teacher": v for k, v in metrics.items()}, 0)
+        elif job.train_step is not None:
+            trackers.log({f"metrics/{k}/{job.tb_step}_steps": v for k, v in metrics.items()}, job.train_step)
+        shown = captions[:min(count, args.num_log_images)]
+        trackers.images(job.tb_group, job.grid(count), shown, job.tb_step)
         shown = ", ".join(f"{k}={v:.5g}" for k, v in metrics.items() if isinstance(v, float))
         print(f"{job.desc}: {count} samples in {job.store.folder}; {shown or 'no metrics'}", flush=True)
         out.append(row)
+    _log_plots(args, trackers, out)
+    trackers.end()
     from ..hub import update_model_card
     update_model_card(args.output_dir)  # a training run's README.md gets the metrics; a teacher folder has none
     print(f"results: {Path(args.output_dir) / results.METRICS_NAME}, {Path(args.output_dir) / results.RESULTS_NAME}; "
           f"TensorBoard: {log_dir}", flush=True)
     state.destroy_process_group()
     return out
+
+
+def _log_plots(args, trackers, rows: list[dict]) -> None:
+    """The plots of this output folder's results (``cmdistill.plots``: metrics against sampling steps, the ODE
+    error against the FD, the loss, metrics against the training step) to the trackers, at the last step
+    evaluated; the PNGs are kept in --logging_dir/plots."""
+    if trackers.acc is None:
+        return
+    try:
+        from .. import plots
+
+        rows_all = results.collect([args.output_dir])
+        folder = Path(args.output_dir) / args.logging_dir / "plots"
+        folder.mkdir(parents=True, exist_ok=True)
+        step = max([r.get("training_step") or 0 for r in rows] or [0])
+        trackers.figures(plots.write_plots(rows_all, folder), step)
+    except Exception as e:  # noqa: BLE001 -- a plot must never lose an evaluation that is recorded
+        warn(f"the plots of '{args.output_dir}' were not logged ({type(e).__name__}: {e})")
 
 
 def _quality(args, store: SampleStore, refs, captions: list[str], n: int, device, cache) -> dict:
@@ -336,6 +381,7 @@ def _resolve_size_and_grid(args, N: int, n_flag: str) -> None:
 def teacher_main(argv=None) -> list[dict]:
     args = teacher_parser().parse_args(argv)
     _check_compile_flags(args)
+    scoring.check_trackers(args.report_to)
     args.pretrained_teacher_model = args.pretrained_teacher_model or PAPER_TEACHER
     args.seed = 24 if args.seed is None else args.seed
     args.init_noise = _abs(args.init_noise)
@@ -437,6 +483,55 @@ def resolve_lora(output_dir: Path, choice: str) -> tuple[Path, str]:
     raise UserError(f"no LoRA weights in '{output_dir}' (looked for {what}): train first, or pass --lora_weights")
 
 
+def _final_step(output_dir: Path) -> int | None:
+    """The training step of a run's final weights: the last step of train_log.jsonl, else the configuration's
+    max_train_steps."""
+    log = output_dir / "train_log.jsonl"
+    if log.is_file():
+        for line in reversed(log.read_text().splitlines()):
+            try:
+                return int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                continue
+    step = _read_json(output_dir / TRAINING_CONFIG).get("max_train_steps")
+    return int(step) if isinstance(step, (int, float)) else None
+
+
+def weights_step(output_dir: Path, weights: str) -> int | None:
+    m = re.fullmatch(r"checkpoint-(\d+)", weights)
+    return int(m[1]) if m else _final_step(output_dir) if weights == "final" else None
+
+
+def select_checkpoints(output_dir: Path, spec: str) -> list[tuple[Path, str, int | None]]:
+    """(folder with the LoRA, its name, its training step) of ``--checkpoints`` all | latest | N,M, in training
+    order; the final weights stand for the run's last step (a checkpoint of the same step is the same)."""
+    if not output_dir.is_dir():
+        raise UserError(f"--output_dir '{output_dir}' does not exist (the training run's folder with the LoRA)")
+    found = {int(p.name.split("-")[1]): (p, p.name) for p in output_dir.glob("checkpoint-*")
+             if re.fullmatch(r"checkpoint-\d+", p.name) and (p / LORA_WEIGHT_NAME).is_file()}
+    final = _final_step(output_dir) if (output_dir / LORA_WEIGHT_NAME).is_file() else None
+    if (output_dir / LORA_WEIGHT_NAME).is_file():
+        found[final if final is not None else max(found, default=0) + 1] = (output_dir, "final")
+    if not found:
+        raise UserError(f"no LoRA weights in '{output_dir}' (looked for {LORA_WEIGHT_NAME} and "
+                        f"checkpoint-*/{LORA_WEIGHT_NAME}): train first")
+    if spec == "all":
+        steps = sorted(found)
+    elif spec == "latest":
+        steps = [max(found)]
+    else:
+        try:
+            steps = [int(x) for x in spec.replace(" ", ",").split(",") if x]
+        except ValueError:
+            raise UserError(f"--checkpoints '{spec}': give all, latest or training steps like 500,1000") from None
+        missing = [s for s in steps if s not in found]
+        if missing or not steps:
+            raise UserError(f"--checkpoints {spec}: no weights of step {', '.join(map(str, missing))} in "
+                            f"'{output_dir}' (there are: {', '.join(map(str, sorted(found)))})")
+    steps = list(dict.fromkeys(steps))
+    return [(found[s][0], found[s][1], s if found[s][1] != "final" or final is not None else None) for s in steps]
+
+
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
@@ -532,6 +627,54 @@ def _reference_mismatches(t_id: dict, teacher_dir: Path, train_cfg: dict, args, 
     return diffs
 
 
+def _student_jobs(args, state, out, lora_dir, weights, train_step, N, c, init, train_cfg, teacher_dir, teacher_image,
+                  score_fn, load, recorded, count) -> list[Job]:
+    """The jobs of one set of weights, one per number of sampling steps; with --checkpoints, none for a
+    setting that metrics.json records for the same weights, captions and references (a rerun skips it)."""
+    tag = weights + ("" if args.lora_scale == 1.0 else f"_lora{args.lora_scale}")
+    base_identity = {"kind": "student", "model": args.pretrained_teacher_model,
+                     "vae": args.pretrained_vae_model_name_or_path, "revision": args.revision,
+                     "teacher_revision": args.teacher_revision, "lora_sha256": _sha256(lora_dir / LORA_WEIGHT_NAME),
+                     "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
+                     "lora_target_modules": args.lora_target_modules, "lora_scale": args.lora_scale,
+                     "fuse_lora": args.fuse_lora, "num_discr_timesteps": N, "timestep_scaling_factor": c,
+                     "resolution": args.resolution, "weight_dtype": args.weight_dtype,
+                     "image_format": args.image_format, **init.fingerprint()}
+
+    jobs = []
+    for K in dict.fromkeys(args.num_inference_steps):
+        store = SampleStore(out / "train_gen_images" / tag / f"{K}_steps", args.resolution, args.image_format)
+        identity = {**base_identity, "num_inference_steps": K}
+        jobs.append(Job(
+            store=store, identity=identity,
+            config=_resolved_config(args, identity, state, lora_folder=str(lora_dir.resolve()),
+                                    teacher_folder=str(teacher_dir.resolve())),
+            desc=f"student {tag} K={K}", setting=f"student/{tag}/{K}_steps",
+            row={"kind": "student", "method": train_cfg.get("objective"), "weights": weights,
+                 "training_step": train_step, "lora_sha256": identity["lora_sha256"],
+                 "lora_scale": args.lora_scale, "num_inference_steps": K, "num_original_inference_steps": N,
+                 "timestep_scaling_factor": c, "resolution": args.resolution, "seed": args.seed,
+                 "image_format": args.image_format, "teacher_folder": str(teacher_dir)},
+            tb_group=f"student_{tag}", tb_step=K, load=load, train_step=train_step,
+            make_sampler=lambda m, K=K: student_sampler(m, N, K, args.seed, c, args.compile,
+                                                        channels_last=args.compile_channels_last),
+            score=score_fn(store),
+            grid=lambda n, store=store: [[teacher_image(i) for i in range(min(n, args.num_log_images))],
+                                         [store.image_path(i) for i in range(min(n, args.num_log_images))]]))
+
+    if args.checkpoints and not args.overwrite:
+        def finished(job):
+            r = recorded.get(job.setting, {})
+            return (r.get("lora_sha256") == job.identity["lora_sha256"] and r.get("num_images") == count
+                    and r.get("teacher_folder") == str(teacher_dir) and r.get("seed") == args.seed
+                    and job.store.folder.is_dir() and len(job.store.done(range(count))) == count)
+        done = [j for j in jobs if finished(j)]
+        if done and state.is_main_process:
+            print(f"{weights}: {len(done)} of {len(jobs)} settings already evaluated, skipped", flush=True)
+        jobs = [j for j in jobs if not any(j is d for d in done)]
+    return jobs
+
+
 @exit_on_user_error
 def student_main(argv=None) -> list[dict]:
     args = student_parser().parse_args(argv)
@@ -539,7 +682,13 @@ def student_main(argv=None) -> list[dict]:
     if args.output_dir is None:
         raise UserError("--output_dir: give the training run's output folder (it holds the LoRA)")
     out = Path(args.output_dir)
-    lora_dir, weights = resolve_lora(out, args.lora_weights)
+    scoring.check_trackers(args.report_to)
+    if args.checkpoints:
+        selected = select_checkpoints(out, args.checkpoints)
+    else:
+        lora_dir, weights = resolve_lora(out, args.lora_weights)
+        selected = [(lora_dir, weights, weights_step(out, weights))]
+    lora_dir = selected[-1][0]
     if args.guidance_scale != 0:
         raise UserError("--guidance_scale must be 0: the student samples unguided")
     teacher_dir = _teacher_folder(args.train_data_dir)
@@ -642,22 +791,14 @@ def student_main(argv=None) -> list[dict]:
         if not 1 <= K <= args.num_original_inference_steps:
             raise UserError(f"--num_inference_steps {K} must lie in 1..{args.num_original_inference_steps} "
                             "(the grid size N)")
-    _check_lora_file(lora_dir / LORA_WEIGHT_NAME)
+    for d, _, _ in selected:
+        _check_lora_file(d / LORA_WEIGHT_NAME)
     state = _state()
     for note in notes if state.is_main_process else []:
         if note:
             warn(note)
 
     N, c = args.num_original_inference_steps, args.timestep_scaling_factor
-    tag = weights + ("" if args.lora_scale == 1.0 else f"_lora{args.lora_scale}")
-    base_identity = {"kind": "student", "model": args.pretrained_teacher_model,
-                     "vae": args.pretrained_vae_model_name_or_path, "revision": args.revision,
-                     "teacher_revision": args.teacher_revision, "lora_sha256": _sha256(lora_dir / LORA_WEIGHT_NAME),
-                     "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
-                     "lora_target_modules": args.lora_target_modules, "lora_scale": args.lora_scale,
-                     "fuse_lora": args.fuse_lora, "num_discr_timesteps": N, "timestep_scaling_factor": c,
-                     "resolution": args.resolution, "weight_dtype": args.weight_dtype,
-                     "image_format": args.image_format, **init.fingerprint()}
 
     def score_fn(store):
         def score(n):
@@ -671,37 +812,30 @@ def student_main(argv=None) -> list[dict]:
             return {**_quality(args, store, ref, captions[:n], n, state.device, cache), **metrics}
         return score
 
+    def attach_lora_fn(lora_dir):
+        def attach_lora(unet):
+            from ..models import add_lora, load_lora_into
+
+            add_lora(unet, args.lora_rank, args.lora_alpha, 0.0, args.lora_target_modules)
+            load_lora_into(unet, lora_dir)
+            if args.lora_scale != 1.0:
+                unet.set_adapters(["default"], weights=[args.lora_scale])
+            if args.fuse_lora:
+                unet.fuse_lora()  # merges at the scale set above
+        return lambda dev: load_models(args, dev, attach_lora)
+
     jobs = []
-    for K in dict.fromkeys(args.num_inference_steps):
-        store = SampleStore(out / "train_gen_images" / tag / f"{K}_steps", args.resolution, args.image_format)
-        identity = {**base_identity, "num_inference_steps": K}
-        jobs.append(Job(
-            store=store, identity=identity,
-            config=_resolved_config(args, identity, state, lora_folder=str(lora_dir.resolve()),
-                                    teacher_folder=str(teacher_dir.resolve())),
-            desc=f"student {tag} K={K}", setting=f"student/{tag}/{K}_steps",
-            row={"kind": "student", "method": train_cfg.get("objective"), "weights": weights,
-                 "lora_scale": args.lora_scale, "num_inference_steps": K, "num_original_inference_steps": N,
-                 "timestep_scaling_factor": c, "resolution": args.resolution, "seed": args.seed,
-                 "image_format": args.image_format, "teacher_folder": str(teacher_dir)},
-            tb_group=f"student_{tag}", tb_step=K,
-            make_sampler=lambda m, K=K: student_sampler(m, N, K, args.seed, c, args.compile,
-                                                        channels_last=args.compile_channels_last),
-            score=score_fn(store),
-            grid=lambda n, store=store: [[teacher_image(i) for i in range(min(n, args.num_log_images))],
-                                         [store.image_path(i) for i in range(min(n, args.num_log_images))]]))
-
-    def attach_lora(unet):
-        from ..models import add_lora, load_lora_into
-
-        add_lora(unet, args.lora_rank, args.lora_alpha, 0.0, args.lora_target_modules)
-        load_lora_into(unet, lora_dir)
-        if args.lora_scale != 1.0:
-            unet.set_adapters(["default"], weights=[args.lora_scale])
-        if args.fuse_lora:
-            unet.fuse_lora()  # merges at the scale set above
-
-    return run_jobs(args, state, jobs, captions, count, init, lambda dev: load_models(args, dev, attach_lora))
+    recorded = results.load(out)
+    for lora_dir, weights, train_step in selected:
+        jobs += _student_jobs(args, state, out, lora_dir, weights, train_step, N, c, init, train_cfg, teacher_dir,
+                              teacher_image, score_fn, attach_lora_fn(lora_dir), recorded, count)
+    if not jobs:
+        if state.is_main_process:
+            print(f"every selected checkpoint of '{out}' is evaluated already: nothing to do (see "
+                  f"{out / results.METRICS_NAME})", flush=True)
+        state.destroy_process_group()
+        return []
+    return run_jobs(args, state, jobs, captions, count, init, jobs[0].load)
 
 
 # ---------------------------------------------------------------------------------------------

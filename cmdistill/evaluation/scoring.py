@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -100,28 +101,131 @@ def quality_metrics(args, gen_paths, ref_paths, captions, device, cache_dir, gen
         gen_features=gen_features)
 
 
-def comparison_grid(rows: list[list[Path]], size: int = 256) -> torch.Tensor:
-    """A CHW uint8 grid, one row of images per list (e.g. teacher above student, same noise)."""
-    from PIL import Image
-    from torchvision.utils import make_grid
+def captioned_grid(rows: list[list[Path]], captions: list[str] | None = None, size: int | None = None,
+                   row_labels: list[str] | None = None, label_width: int = 0, padding: int = 2, max_lines: int = 4):
+    """A PIL image: one row of images per list (e.g. teacher above student, same noise), each column's caption
+    wrapped under it (PIL's default font), optional row labels on the left. ``size``: tile size in pixels (default:
+    the first image's width)."""
+    import textwrap
 
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    ncols = max(len(r) for r in rows)
     tiles = []
     for row in rows:
-        for p in row:
-            with Image.open(p) as im:
-                im = im.convert("RGB").resize((size, size), Image.BICUBIC)
-            tiles.append(torch.from_numpy(np.array(im)).permute(2, 0, 1))
-    return make_grid(torch.stack(tiles), nrow=len(rows[0]), padding=2)
+        line = []
+        for path in row:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                size = size or im.width
+                line.append(im.resize((size, size), Image.BICUBIC) if im.size != (size, size) else im.copy())
+        tiles.append(line)
+    size = size or 64
+    bbox = font.getbbox("Ag")
+    line_h, char_w = bbox[3] - bbox[1] + 3, max(1, font.getbbox("abcdefghij")[2] // 10)
+    wrapped = []
+    for c in (captions or [])[:ncols]:
+        w = textwrap.wrap(str(c), max(4, (size - 2) // char_w)) or [""]
+        if len(w) > max_lines:
+            w = w[:max_lines]
+            w[-1] = w[-1][: max(1, len(w[-1]) - 3)] + "..."
+        wrapped.append(w)
+    band = (max((len(w) for w in wrapped), default=0) * line_h + 4) if wrapped else 0
+    step = size + padding
+    canvas = Image.new("RGB", (label_width + padding + ncols * step, padding + len(rows) * step + band), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, line in enumerate(tiles):
+        if row_labels and r < len(row_labels):
+            draw.text((4, padding + r * step + size // 2 - line_h // 2), row_labels[r], fill="black", font=font)
+        for c, im in enumerate(line):
+            canvas.paste(im, (label_width + padding + c * step, padding + r * step))
+    top = padding + len(rows) * step + 2
+    for c, w in enumerate(wrapped):
+        for i, text in enumerate(w):
+            draw.text((label_width + padding + c * step + 1, top + i * line_h), text, fill="black", font=font)
+    return canvas
 
 
-def log_tensorboard(log_dir: Path, group: str, step: int, metrics: dict, grid_rows: list[list[Path]] | None,
-                    grid_tag: str) -> None:
-    """Scalars ``{group}/{metric}`` at ``step`` (the number of sampling steps) and a comparison grid."""
-    from torch.utils.tensorboard import SummaryWriter
+def comparison_grid(rows: list[list[Path]], size: int = 256, captions: list[str] | None = None) -> torch.Tensor:
+    """A CHW uint8 grid, one row of images per list (e.g. teacher above student, same noise), the captions under
+    the columns."""
+    im = captioned_grid(rows, captions, size)
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous()
 
-    with SummaryWriter(log_dir=str(log_dir)) as writer:
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)) and v is not None:
-                writer.add_scalar(f"{group}/{k}", v, step)
-        if grid_rows and grid_rows[0]:
-            writer.add_image(f"{group}/{grid_tag}", comparison_grid(grid_rows), step)
+
+REPORT_TO = ["tensorboard", "wandb", "all", "none"]
+
+
+def check_trackers(report_to: str) -> None:
+    """``--report_to``: a one-line error, before any model loads, for a tracker that is not installed."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    from ..errors import UserError
+
+    available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
+    if report_to in available and not available[report_to]:
+        other = next((k for k, v in available.items() if v and k != report_to), "none")
+        raise UserError(f"--report_to {report_to}: {report_to} is not installed (pip install {report_to}), or pass "
+                        f"--report_to {other}")
+
+
+class Trackers:
+    """The evaluation's logging through accelerate's trackers (``Accelerator(log_with=...)``): scalars, the
+    comparison grids (captions under the columns) and the captions as text. Main process only."""
+
+    def __init__(self, report_to: str, log_dir: Path):
+        self.acc = None
+        if report_to == "none":
+            return
+        from accelerate import Accelerator
+
+        self.acc = Accelerator(log_with=report_to, project_dir=str(log_dir.parent), cpu=not torch.cuda.is_available())
+        self.acc.init_trackers(log_dir.name)
+
+    def log(self, values: dict, step: int) -> None:
+        values = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                  and math.isfinite(v)}
+        if self.acc is not None and values:
+            self.acc.log(values, step=step)
+
+    def images(self, tag: str, grid_rows: list[list[Path]], captions: list[str], step: int) -> None:
+        if self.acc is None or not grid_rows or not grid_rows[0]:
+            return
+        grid = comparison_grid(grid_rows, captions=captions)
+        text = "\n".join(f"{i}. {c}" for i, c in enumerate(captions))
+        for tracker in self.acc.trackers:
+            if tracker.name == "tensorboard":
+                writer = tracker.tracker
+                writer.add_image(f"{tag}/comparison", grid, step)
+                writer.add_text(f"{tag}/captions", text.replace("\n", "  \n"), step)
+                writer.flush()
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.tracker.log({f"{tag}/comparison": wandb.Image(grid.permute(1, 2, 0).numpy(), caption=text)},
+                                    step=step)
+
+    def figures(self, paths: dict, step: int) -> None:
+        """PNG files (the plots of ``cmdistill.plots``) as images ``plots/<name>``."""
+        if self.acc is None:
+            return
+        from PIL import Image
+
+        for name, path in paths.items():
+            with Image.open(path) as im:
+                arr = np.array(im.convert("RGB"))
+            tag = f"plots/{Path(name).stem}"
+            for tracker in self.acc.trackers:
+                if tracker.name == "tensorboard":
+                    tracker.tracker.add_image(tag, torch.from_numpy(arr).permute(2, 0, 1), step)
+                    tracker.tracker.flush()
+                elif tracker.name == "wandb":
+                    import wandb
+
+                    tracker.tracker.log({tag: wandb.Image(arr)}, step=step)
+
+    def end(self) -> None:
+        if self.acc is not None:
+            for tracker in self.acc.trackers:
+                tracker.finish()
