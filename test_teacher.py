@@ -1,5 +1,5 @@
-"""Teacher reference samples (SPEC §8): deterministic ODE sampling of the SDXL teacher with classifier-free
-guidance from the shared per-caption noise, scored against the real training images (SPEC §9).
+"""Teacher reference samples (docs/method.md §8): deterministic ODE sampling of the SDXL teacher with classifier-free
+guidance from the shared per-caption noise, scored against the real training images (docs/method.md §9).
 
     python test_teacher.py --train_data_dir data/preprocessed_11k/train --output_dir results/teacher-ddim \
         --scheduler ddim --num_original_inference_steps 100 --guidance_scale 9.0

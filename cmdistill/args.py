@@ -216,6 +216,9 @@ def precompute_parser() -> argparse.ArgumentParser:
 
 def validate_args(args):
     """The checks of the training flags that need no model (one line naming the flag and the fix)."""
+    from .trackers import check_trackers
+
+    check_trackers(args.report_to)
     if args.checkpointing_budget_gib not in (None, "auto") and args.checkpointing_budget_gib < 0:
         raise UserError(f"--checkpointing_budget_gib {args.checkpointing_budget_gib:g} must be >= 0 (GiB of "
                         "activations kept un-checkpointed; 0 = checkpoint every block)")

@@ -322,11 +322,3 @@ def atomic_dir(final: str | Path):
 
     return cm()
 
-
-def __getattr__(name):
-    # Compatibility for cmdistill.evaluation, which still calls models.compile_unet: it lives in cmdistill.fast.
-    if name == "compile_unet":
-        from .fast import compile_unet
-
-        return compile_unet
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

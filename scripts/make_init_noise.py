@@ -1,4 +1,4 @@
-"""Write the shared initial noise data/init_noise.pt (SPEC §8): ``[num_captions, 4, H/8, W/8]``, row i the
+"""Write the shared initial noise data/init_noise.pt (docs/method.md §8): ``[num_captions, 4, H/8, W/8]``, row i the
 per-caption noise of caption i, so that runs with and without the file start from the same noise.
 
     python scripts/make_init_noise.py --train_data_dir data/preprocessed_11k/train --resolution 1024 --seed 24

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Student samples with the paper's settings (SPEC §8-§9): the LoRA of a training run, 1, 2, 4 and 8
+# Student samples with the paper's settings (docs/method.md §8-§9): the LoRA of a training run, 1, 2, 4 and 8
 # consistency steps on the N = 100 grid, from the teacher's noise, scored against the teacher's samples
 # (FID, FD-DINO, CLIP, aesthetic, ODE solving error). The references must match the run (N, w, resolution,
 # noise: test.py checks). Resumable: rerun to continue.

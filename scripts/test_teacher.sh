@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Teacher reference samples with the paper's settings (SPEC §8-§9): DDIM, N = 100, w = 9, one image per
+# Teacher reference samples with the paper's settings (docs/method.md §8-§9): DDIM, N = 100, w = 9, one image per
 # training caption at the model's own size (1024 px for SDXL), saved as {i}.jpg (JPEG quality 75) and scored
 # against the raw real training images. Resumable: rerun to continue.
 #

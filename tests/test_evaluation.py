@@ -1,6 +1,6 @@
-"""The evaluation (SPEC §8-§9) on the tiny offline pipeline, on the CPU.
+"""The evaluation (docs/method.md §8-§9) on the tiny offline pipeline, on the CPU.
 
-The samplers are checked against straightforward float64 re-implementations of SPEC §4, §5 and §8
+The samplers are checked against straightforward float64 re-implementations of docs/method.md §4, §5 and §8
 written here; the programs end to end (files, resume, sharding over two processes, bad input).
 """
 
@@ -35,7 +35,7 @@ SAMPLES = Path("train_gen_images") / f"{N}_steps" / f"{W}_gscale"
 
 
 # ---------------------------------------------------------------------------------------------
-# Independent float64 reference samplers (SPEC §2-§5, §8)
+# Independent float64 reference samplers (docs/method.md §2-§5, §8)
 
 BETAS = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
 ACP = torch.cumprod(1 - BETAS, 0)

@@ -1,4 +1,4 @@
-"""Evaluation metrics (SPEC §9): Frechet distance numerics, extractor preprocessing and networks,
+"""Evaluation metrics (docs/method.md §9): Frechet distance numerics, extractor preprocessing and networks,
 weights resolution, reference-feature cache and compute_metrics end to end (random weights)."""
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def test_fd_large_imaginary_part_raises():
 
 
 # ----------------------------------------------------------------------------------------------
-# Preprocessing (SPEC §9), each against an independent PIL / numpy computation
+# Preprocessing (docs/method.md §9), each against an independent PIL / numpy computation
 
 def _np_bilinear(x, out_h, out_w):
     """PyTorch bilinear, align_corners=False, no antialias: source = (dst + 0.5) * in / out - 0.5."""

@@ -1,4 +1,4 @@
-"""The evaluation of SPEC §8-§9: teacher reference samples, student samples, their scores.
+"""The evaluation of docs/method.md §8-§9: teacher reference samples, student samples, their scores.
 
 ``cli`` holds the two command-line programs (``test_teacher.py`` and ``test.py`` are thin entry
 points over it) and the init-noise command; ``inputs`` reads captions, initial noise and real

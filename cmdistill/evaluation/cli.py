@@ -1,5 +1,5 @@
 """The evaluation programs: ``test_teacher.py`` (teacher ODE reference samples), ``test.py`` (student
-samples) and ``make_init_noise`` (SPEC §8, §9). Flags keep the reference scripts' names.
+samples) and ``make_init_noise`` (docs/method.md §8, §9). Flags keep the reference scripts' names.
 
 Both programs run the same driver: validate the inputs, shard the caption indices over the
 processes (process r takes r, r + P, ...), generate what is not already on disk, then on the main
@@ -95,7 +95,7 @@ def _parser(description: str, output_help: str, student: bool = False) -> argpar
                    "faster sampling on a GPU after a compile of a few minutes; same values to kernel rounding")
     g.add_argument("--compile_channels_last", action="store_true",
                    help="with --compile: the compiled UNet in channels_last, convolutions in cuDNN's native layout, "
-                        "group norms with per-channel statistics (models.compile_unet); same values to kernel "
+                        "group norms with per-channel statistics (fast.compile_unet); same values to kernel "
                         "rounding (COMPILE=1 adds it)")
     g = p.add_argument_group("files")
     g.add_argument("--image_format", default="jpg", choices=list(IMAGE_FORMATS),

@@ -1,4 +1,4 @@
-"""Models, samplers and the batched, sharded, resumable generation loop of the evaluation (SPEC §8)."""
+"""Models, samplers and the batched, sharded, resumable generation loop of the evaluation (docs/method.md §8)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import models as M
+from ..fast import compile_unet, to_device
 from ..guidance import GuidedEps, UNetEps
 from ..noise import per_sample_noise
 from ..sampling import student_sample, teacher_sample
@@ -49,12 +50,12 @@ def load_models(args, device, prepare_unet: Callable | None = None) -> Models:
     # The original SDXL VAE overflows in fp16 (force_upcast); the fp16-fix VAE of the paper does not.
     vae_dtype = torch.float32 if dtype == torch.float16 and t.vae.config.force_upcast else dtype
     t.vae.to(device, vae_dtype)
-    return Models(t.tokenizers, t.text_encoders, t.vae, unet, NoiseSchedule.from_scheduler(t.scheduler), dtype,
+    return Models(t.tokenizers, t.text_encoders, t.vae, unet, NoiseSchedule.from_scheduler(t.scheduler, copy=to_device), dtype,
                   torch.device(device))
 
 
 def conditioning(models: Models, captions: list[str], resolution: int) -> dict:
-    """SDXL conditioning (SPEC §1) with time_ids original = target = resolution, crop (0, 0)."""
+    """SDXL conditioning (docs/method.md §1) with time_ids original = target = resolution, crop (0, 0)."""
     prompt_embeds, pooled = M.encode_prompts(captions, models.tokenizers, models.text_encoders)
     n = len(captions)
     ids = M.time_ids([(resolution, resolution)] * n, [(0, 0)] * n, (resolution, resolution))
@@ -84,16 +85,16 @@ def decode(vae, latents: torch.Tensor, batch_size: int) -> list:
 def unet_eps(models: Models, compile: bool = False, freezing: bool = False, channels_last: bool = False) -> UNetEps:
     """The UNet as an eps function; ``compile``: through ``torch.compile`` with a dynamic batch dimension
     (``freezing``: its weights constants of the compiled graph, for a UNet whose weights stay as they are;
-    ``channels_last``: see ``models.compile_unet``)."""
+    ``channels_last``: see ``fast.compile_unet``). Host-to-device copies without a sync (``fast.to_device``)."""
     if not compile:
-        return UNetEps(models.unet, models.dtype)
-    return UNetEps(M.compile_unet(models.unet, freezing=freezing, channels_last=channels_last), models.dtype,
-                   dynamic_batch=True)
+        return UNetEps(models.unet, models.dtype, copy=to_device)
+    return UNetEps(compile_unet(models.unet, freezing=freezing, channels_last=channels_last), models.dtype,
+                   dynamic_batch=True, copy=to_device)
 
 
 def teacher_sampler(models: Models, solver: str, num_steps: int, w: float, cfg_batched: bool = False,
                     compile: bool = False, freezing: bool = False, channels_last: bool = False) -> Sampler:
-    """SPEC §8: the Direct CM target code (``solvers.solve_to_zero`` via ``teacher_sample``) from t = T."""
+    """docs/method.md §8: the Direct CM target code (``solvers.solve_to_zero`` via ``teacher_sample``) from t = T."""
     step, grid = get_solver(solver), Grid(models.sched.T, num_steps)
     eps = GuidedEps(unet_eps(models, compile, freezing, channels_last), w, batched=cfg_batched)
 
@@ -105,7 +106,7 @@ def teacher_sampler(models: Models, solver: str, num_steps: int, w: float, cfg_b
 
 def student_sampler(models: Models, num_discr: int, num_steps: int, seed: int, timestep_scaling: float,
                     compile: bool = False, channels_last: bool = False) -> Sampler:
-    """SPEC §8: multistep consistency sampling, unguided; the fresh noise of the j-th renoising of
+    """docs/method.md §8: multistep consistency sampling, unguided; the fresh noise of the j-th renoising of
     caption i is ``per_sample_noise(seed, [i], shape, stream=j + 1)``."""
     grid = Grid(models.sched.T, num_discr)
     grid.sampling_indices(num_steps)  # validates K early

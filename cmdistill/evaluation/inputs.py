@@ -1,4 +1,4 @@
-"""What an evaluation reads: captions, the shared initial noise (SPEC §8), real reference images (SPEC §9)."""
+"""What an evaluation reads: captions, the shared initial noise (docs/method.md §8), real reference images (docs/method.md §9)."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def captions_digest(captions: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Initial noise (SPEC §8: teacher and student start from the same noise per caption)
+# Initial noise (docs/method.md §8: teacher and student start from the same noise per caption)
 
 
 def model_defaults(model: str, vae: str | None = None, revision: str | None = None,
@@ -191,7 +191,7 @@ def make_init_noise(path: str | Path, num_captions: int, resolution: int, seed: 
 
 
 # ---------------------------------------------------------------------------------------------
-# Real reference images (SPEC §9: the teacher is scored against the real training images)
+# Real reference images (docs/method.md §9: the teacher is scored against the real training images)
 
 
 def image_size(path: Path) -> tuple[int, int] | None:

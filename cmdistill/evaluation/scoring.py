@@ -1,4 +1,4 @@
-"""Scores of one evaluated setting (SPEC §9) and their TensorBoard logging."""
+"""Scores of one evaluated setting (docs/method.md §9) and their TensorBoard logging."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..trackers import REPORT_TO, check_trackers  # noqa: F401  (shared with training)
 
 
 def ode_error(student: torch.Tensor, teacher: torch.Tensor) -> float:
-    """SPEC §9 ODE solving error: MSE in scaled latent space between the student's sample and the
+    """docs/method.md §9 ODE solving error: MSE in scaled latent space between the student's sample and the
     teacher's ODE solution from the same noise, per caption (row), averaged over captions."""
     d = (student.double() - teacher.double()).flatten(1)
     return float((d**2).mean(1).mean())
@@ -154,20 +155,6 @@ def comparison_grid(rows: list[list[Path]], size: int = 256, captions: list[str]
     return torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous()
 
 
-REPORT_TO = ["tensorboard", "wandb", "all", "none"]
-
-
-def check_trackers(report_to: str) -> None:
-    """``--report_to``: a one-line error, before any model loads, for a tracker that is not installed."""
-    from accelerate.utils import is_tensorboard_available, is_wandb_available
-
-    from ..errors import UserError
-
-    available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
-    if report_to in available and not available[report_to]:
-        other = next((k for k, v in available.items() if v and k != report_to), "none")
-        raise UserError(f"--report_to {report_to}: {report_to} is not installed (pip install {report_to}), or pass "
-                        f"--report_to {other}")
 
 
 class Trackers:

@@ -1,4 +1,4 @@
-"""Evaluation metrics of SPEC §9: FID, FD-DINOv2, CLIP score, aesthetic score (dgm-eval numerics).
+"""Evaluation metrics of docs/method.md §9: FID, FD-DINOv2, CLIP score, aesthetic score (dgm-eval numerics).
 
 ``compute_metrics(gen_paths, ref_paths, captions, ...)`` is the entry point of the evaluation
 scripts. Feature extractors and instance metrics are registries by name, so that other modules

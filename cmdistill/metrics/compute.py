@@ -1,4 +1,4 @@
-"""``compute_metrics``: FD per feature extractor against a reference set, and instance metrics (SPEC §9).
+"""``compute_metrics``: FD per feature extractor against a reference set, and instance metrics (docs/method.md §9).
 
 Images are read once per set: one DataLoader pass applies every needed extractor's preprocessing
 and network to each batch. Reference-set features are cached in ``cache_dir`` (``ref_<name>_<key>.npz``
@@ -188,7 +188,7 @@ def compute_metrics(gen_paths: list[str], ref_paths: list[str] | None, captions:
                     instance_metrics=("clip_score", "aesthetic"), batch_size: int = 64,
                     device="cpu", weights_dir: str | None = None, cache_dir: str | None = None,
                     gen_features: dict[str, np.ndarray] | None = None) -> dict[str, float]:
-    """Metrics of the generated images ``gen_paths`` (SPEC §9).
+    """Metrics of the generated images ``gen_paths`` (docs/method.md §9).
 
     - ``dgm_metrics`` ("fd", or empty / ("none",)) with each extractor of ``dgm_models`` against
       ``ref_paths``: keys ``fid`` (inception), ``fd_dinov2``, ``fd_<name>``; features of the files.

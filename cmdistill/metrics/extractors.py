@@ -1,4 +1,4 @@
-"""Feature extractors for the Frechet distances and CLIP metrics (SPEC §9), as a registry by name.
+"""Feature extractors for the Frechet distances and CLIP metrics (docs/method.md §9), as a registry by name.
 
 A factory ``factory(*, device, weights_dir) -> FeatureExtractor`` is registered under a name with
 :func:`register_feature_extractor`; ``FD`` with extractor ``X`` is reported as ``fd_X`` (``fid``

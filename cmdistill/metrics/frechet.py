@@ -1,4 +1,4 @@
-"""Frechet distance between two feature sets, as dgm-eval computes it (SPEC §9)."""
+"""Frechet distance between two feature sets, as dgm-eval computes it (docs/method.md §9)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-image metrics averaged over the generated set: CLIP score and LAION aesthetic score (SPEC §9).
+"""Per-image metrics averaged over the generated set: CLIP score and LAION aesthetic score (docs/method.md §9).
 
 An instance metric is ``fn(ctx: MetricContext) -> float`` registered with
 :func:`register_instance_metric`; it names the feature extractors whose features of the generated

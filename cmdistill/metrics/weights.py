@@ -1,4 +1,4 @@
-"""Finding the metric networks' weight files: local first, then the usual public source (SPEC §9).
+"""Finding the metric networks' weight files: local first, then the usual public source (docs/method.md §9).
 
 Search order for a file ``name``: ``weights_dir/name`` (``--metrics_weights_dir``),
 ``$CMDISTILL_METRICS_WEIGHTS/name``, the file's own default locations (e.g. the torch hub cache
