@@ -172,8 +172,10 @@ def lora_state_dict(unet) -> dict:
 def lora_metadata(unet, adapter: str = "default") -> dict:
     """The adapter's ``LoraConfig`` (rank, alpha, target modules, ...) as a dict: what diffusers stores in a
     LoRA file so that ``load_lora_weights`` rebuilds the adapter with the trained alpha (without it, diffusers
-    assumes alpha = rank)."""
-    return unet.peft_config[adapter].to_dict()
+    assumes alpha = rank). Sets become sorted lists, so that the same adapter always writes the same bytes
+    (a set's order changes from process to process)."""
+    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v
+            for k, v in unet.peft_config[adapter].to_dict().items()}
 
 
 def save_lora(unet, directory: str | Path) -> None:

@@ -233,3 +233,12 @@ def test_model_card_front_matter_settings_and_metrics(trained, tmp_path):
     assert f'from_pretrained("{hub.SDXL_BASE}"' in card.text
     assert "| final | 4 | 64 | 103.9 | 0.2912 |" in card.text
     assert hub.update_model_card(tmp_path / "not_a_run") is None
+
+
+def test_lora_files_are_byte_stable(trained):
+    """The adapter metadata holds its module names sorted (a set's order changes from process to process), so
+    the same weights always make the same file: test.py keys finished samples on the LoRA's hash."""
+    _, out, _ = trained
+    meta = models.read_lora_metadata(out)
+    assert meta["target_modules"] == sorted(meta["target_modules"])
+    assert (out / models.LORA_WEIGHT_NAME).read_bytes() == (out / "checkpoint-2" / models.LORA_WEIGHT_NAME).read_bytes()
