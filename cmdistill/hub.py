@@ -213,7 +213,7 @@ def save_final(unet, run_dir: str | Path, betas, config: dict) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     models.save_lora(unet, tmp)
-    models.write_peft_adapter(tmp, tmp / models.PEFT_SUBFOLDER, base_model=_hub_id(config))
+    models.write_peft_adapter(tmp, tmp / models.PEFT_SUBFOLDER, base_model=_hub_id(config.get("pretrained_teacher_model")))
     MultistepConsistencyScheduler.for_training_run(
         betas, int(config.get("num_discr_timesteps", 100)),
         float(config.get("timestep_scaling_factor", 10.0))).save_pretrained(str(tmp / SCHEDULER_SUBFOLDER))

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import UserError, exit_on_user_error
+from .run_folder import COMPARED_SETTINGS
 from .evaluation.store import atomic_write_text
 
 METRICS_NAME = "metrics.json"
@@ -80,13 +81,9 @@ KNOWN_METRICS = [("fid", "FID", "{:.2f}"), ("fd_dinov2", "FD-DINO", "{:.2f}"), (
 SETTING_FIELDS = {"num_original_inference_steps", "guidance_scale", "num_inference_steps", "lora_scale", "num_images",
                   "timestep_scaling_factor", "resolution", "seed", "training_step", "train_seed"}
 # Training settings that do not change what is learned (paths, logging, speed): ignored when runs are grouped.
-IGNORED_CONFIG = {"seed", "output_dir", "logging_dir", "resume_from_checkpoint", "report_to", "tracker_project_name",
-                  "hub_model_id", "hub_token", "push_to_hub", "checkpoints_total_limit", "checkpointing_steps",
-                  "checkpointing_budget_gib", "dataloader_num_workers", "validation_steps", "validation_prompts",
-                  "cache_dir", "precomputed_dir", "no_precomputed", "vae_encode_batch_size", "allow_tf32",
-                  "enable_xformers_memory_efficient_attention", "gradient_checkpointing", "selective_checkpointing",
-                  "teacher_lookahead", "teacher_lookahead_stream", "teacher_max_batch", "teacher_channels_last",
-                  "teacher_freezing", "num_processes", "num_inference_steps", "reference_loop"}
+# A run's recipe: the settings that change what is trained (the resume check's list), less the seed. Speed flags,
+# folders, the split of the global batch over processes and the cadence of checkpoints and logs leave it alone.
+RECIPE_SETTINGS = tuple(k for k in COMPARED_SETTINGS if k != "seed")
 # Fields of a results row that do not identify the evaluated setting.
 IGNORED_ROW = {"folder", "time", "run", "run_dir", "train_seed", "group", "recipe", "training_step", "lora_sha256"}
 
@@ -111,10 +108,8 @@ def _metric_format(key: str) -> str:
 
 
 def _recipe(cfg: dict) -> str:
-    """A training configuration less its seed and the settings that do not change what is learned."""
-    keep = {k: v for k, v in cfg.items() if k not in IGNORED_CONFIG and not (k.endswith("_dir") and
-                                                                          k != "train_data_dir")}
-    return json.dumps(keep, sort_keys=True, default=str)
+    """A training configuration's recipe (``RECIPE_SETTINGS``): runs that differ only by seed share it."""
+    return json.dumps({k: cfg[k] for k in RECIPE_SETTINGS if k in cfg}, sort_keys=True, default=str)
 
 
 def _read_config(folder: Path) -> dict:

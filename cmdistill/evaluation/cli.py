@@ -344,8 +344,10 @@ def _count(args, captions: list[str]) -> int:
 
 
 def _resolved_config(args, identity: dict, state, **extra) -> dict:
-    return {"identity": identity, "args": vars(args), "num_processes": state.num_processes,
-            "written": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
+    from ..hub import redact  # no secret in any recorded configuration
+
+    return redact({"identity": identity, "args": vars(args), "num_processes": state.num_processes,
+                   "written": time.strftime("%Y-%m-%d %H:%M:%S"), **extra})
 
 
 def _abs(path: str | None) -> str | None:
