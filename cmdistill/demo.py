@@ -10,99 +10,177 @@
    against toy FD, metrics against sampling steps, training losses) and a picture of teacher / CM /
    Direct CM samples from the same noise, captions under the columns.
 
-Every stage runs the project's own command-line programs, exactly as a user would, and a rerun
-reuses what is finished. Toy metrics are named as such: ``toy FD`` is the Frechet distance of
-the toy encoder's features (to the teacher's samples for students, to real images for the
-teacher), ``caption acc.`` the fraction of caption attributes the toy classifier finds.
+Every stage runs the project's own command-line programs with the arguments a user would give them, in
+worker processes that import the libraries once (``cmdistill.toy.runner``: one worker per core, one torch thread
+each, stages side by side where they do not depend on each other); ``logs/`` holds each program's output
+after the command that reproduces it. A rerun reuses what is finished. Toy metrics are named as such: ``toy
+FD`` is the Frechet distance of the toy encoder's features (to the teacher's samples for students, to real
+images for the teacher), ``caption acc.`` the fraction of caption attributes the toy classifier finds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from . import results
-from .errors import UserError, exit_on_user_error
-from .results import mean_spread
+from .errors import exit_on_user_error
+from .toy.runner import Call, Job, Workers, default_workers, run_jobs
 
-ROOT = Path(__file__).resolve().parents[1]
+OBJECTIVES = (("direct_cm", "Direct CM"), ("cm", "CM"))  # the longer runs first, when they run side by side
+# Sampling and decoding batches of the evaluations: a VAE decode of 16 toy images at a time runs about twice as
+# fast on a CPU as one of 100 (its activations stay in cache); the UNet is as fast at 100 as at more.
+EVAL_BATCH, DECODE_BATCH = 100, 16
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cmdistill.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--world", default="toy/world", help="toy world folder (built if missing)")
-    p.add_argument("--reduced_world", action="store_true", help="build the small CI world if it must be built")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (spread of the table)")
-    p.add_argument("--max_train_steps", type=int, default=150)
-    p.add_argument("--train_batch_size", type=int, default=16)
-    p.add_argument("--learning_rate", type=float, default=1e-3)
-    p.add_argument("--lora_rank", type=int, default=16)
-    p.add_argument("--num_discr_timesteps", type=int, default=10, help="N of the grid (paper: 100)")
-    p.add_argument("--w", type=float, default=3.0, help="teacher guidance, Imagen form")
-    p.add_argument("--solver", default="ddim", choices=["ddim", "euler", "heun"])
-    p.add_argument("--num_prompts", type=int, default=256, help="captions of the evaluation")
-    p.add_argument("--num_inference_steps", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--eval_seed", type=int, default=0, help="seed of the shared initial noise")
-    p.add_argument("--threads", type=int, default=2)
+def recipe_parser() -> argparse.ArgumentParser:
+    """The flags that the demo shares with the toy sweep (``cmdistill.toy.sweep``): world, recipe, evaluation,
+    workers."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("toy world and recipe")
+    g.add_argument("--world", default="toy/world", help="toy world folder (built if missing)")
+    g.add_argument("--reduced_world", action="store_true", help="build the small CI world if it must be built")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (spread of the table)")
+    g.add_argument("--train_batch_size", type=int, default=16)
+    g.add_argument("--learning_rate", type=float, default=1e-3)
+    g.add_argument("--lora_rank", type=int, default=16)
+    g.add_argument("--num_discr_timesteps", type=int, default=10, help="N of the grid (paper: 100)")
+    g.add_argument("--w", type=float, default=3.0, help="teacher guidance, Imagen form")
+    g.add_argument("--solver", default="ddim", choices=["ddim", "euler", "heun"])
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--num_prompts", type=int, default=256, help="captions of the evaluation")
+    g.add_argument("--eval_seed", type=int, default=0, help="seed of the shared initial noise")
+    g = p.add_argument_group("processes")
+    g.add_argument("--workers", type=int, default=None,
+                   help="worker processes running the programs side by side (default: one per core; 0: this "
+                        "process, one program after the other)")
+    g.add_argument("--threads", type=int, default=1,
+                   help="torch threads of each worker (each program's numbers depend on it, not on --workers)")
     return p
 
 
-def run(cmd: list, log: Path, env: dict) -> float:
-    """Run one of the project's programs, its output appended to ``log``; returns seconds."""
-    t = time.time()
-    with open(log, "a") as f:
-        f.write(f"\n$ {' '.join(map(str, cmd))}\n")
-        f.flush()
-        r = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    if r.returncode != 0:
-        tail = log.read_text().splitlines()[-15:]
-        raise UserError(f"{Path(str(cmd[1])).name} failed (exit {r.returncode}); see {log}:\n" + "\n".join(tail))
-    return time.time() - t
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cmdistill.demo", description=__doc__, parents=[recipe_parser()],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--max_train_steps", type=int, default=150)
+    p.add_argument("--num_inference_steps", type=int, nargs="+", default=[1, 2, 4])
+    return p
 
 
-def load_metrics(folder: Path) -> dict:
-    path = folder / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+# ---------------------------------------------------------------------------------------------
+# The program calls of a study (shared with cmdistill.toy.sweep)
 
 
-def verdict(rows: dict, steps_list: list[int]) -> list[str]:
-    """Plain statements of the finding, per number of sampling steps: seed means, and in how many
-    seeds the comparison goes the same way."""
+def world_call(a, log: Path) -> Call | None:
+    """The build of the toy world, or None when its teacher, encoder and data are present (the build would
+    skip every stage whose output is present with the same settings; the repository ships the trained teacher
+    and encoder, the images are regenerated from the seed in seconds)."""
+    from .toy.build import world_paths
+
+    P = world_paths(a.world)
+    if all(p.exists() for p in (P["teacher"] / "model_index.json", P["encoder"], P["data"] / "metadata.csv")):
+        return None
+    return Call("-m cmdistill.toy", ["build", "--out", a.world, *(["--reduced"] if a.reduced_world else [])], log,
+                "toy world build")
+
+
+def _common(a, N: int, w: float) -> list:
+    from .toy.build import world_paths
+
+    P = world_paths(a.world)
+    return ["--pretrained_teacher_model", P["teacher"], "--train_data_dir", P["data"], "--resolution", 64,
+            "--num_discr_timesteps", N, "--w", w, "--solver", a.solver]
+
+
+def _metric_flags(a) -> list:
+    from .toy.build import world_paths
+
+    return ["--dgm_metrics", "fd", "--dgm_models", "toy", "--instance_metrics", "toy_caption_acc",
+            "--metrics_weights_dir", world_paths(a.world)["encoder"]]
+
+
+def precompute_call(a, precomputed: Path, log: Path) -> Call:
+    """Latents and text embeddings of the training set, once for every run (they depend on neither N nor w)."""
+    return Call("-m cmdistill.precompute", [*_common(a, a.num_discr_timesteps, a.w)[:6], "--center_crop",
+                                            "--mixed_precision", "no", "--precomputed_dir", precomputed], log,
+                "precompute")
+
+
+def teacher_call(a, tdir: Path, N: int, w: float, log: Path) -> Call:
+    from .toy.build import world_paths
+
+    P = world_paths(a.world)
+    return Call("test_teacher.py", ["--pretrained_teacher_model", P["teacher"], "--train_data_dir", P["data"],
+                                    "--output_dir", tdir, "--resolution", 64, "--scheduler", a.solver,
+                                    "--num_original_inference_steps", N, "--guidance_scale", w,
+                                    "--max_prompts", a.num_prompts, "--seed", a.eval_seed, "--batch_size", EVAL_BATCH,
+                                    "--vae_decode_batch_size", DECODE_BATCH, *_metric_flags(a)], log,
+                f"teacher references N={N} w={w:g}")
+
+
+def reference_folder(tdir: Path, N: int, w: float) -> Path:
+    return Path(tdir) / "train_gen_images" / f"{N}_steps" / f"{float(w)}_gscale"
+
+
+def train_call(a, rdir: Path, objective: str, seed: int, steps: int, N: int, w: float, precomputed: Path,
+               log: Path) -> Call:
+    return Call(f"train_{objective}.py", [
+        *_common(a, N, w), "--output_dir", rdir, "--seed", seed, "--center_crop", "--train_batch_size",
+        a.train_batch_size, "--max_train_steps", steps, "--learning_rate", a.learning_rate, "--lora_rank", a.lora_rank,
+        "--lora_alpha", a.lora_rank, "--checkpointing_steps", steps, "--validation_steps", 0, "--mixed_precision", "no",
+        "--precomputed_dir", precomputed, "--resume_from_checkpoint", "latest"], log,
+        f"train_{objective}.py seed {seed}")
+
+
+def trained(rdir: Path, steps: int) -> bool:
+    """A finished run (final weights of its last step): reused as is, since resuming would save them again."""
+    from .evaluation.cli import _final_step
+
+    rdir = Path(rdir)
+    return (rdir / "pytorch_lora_weights.safetensors").is_file() and (_final_step(rdir) or 0) >= steps
+
+
+def eval_call(a, rdir: Path, ref: Path, steps_list: list[int], log: Path) -> Call:
+    return Call("test.py", ["--output_dir", rdir, "--train_data_dir", ref, "--num_inference_steps", *steps_list,
+                            "--max_prompts", a.num_prompts, "--batch_size", EVAL_BATCH, "--vae_decode_batch_size",
+                            DECODE_BATCH, *_metric_flags(a)], log, f"test.py {Path(rdir).name}")
+
+
+def workers_for(a, jobs: int) -> int:
+    return min(default_workers(), jobs) if a.workers is None else a.workers
+
+
+# ---------------------------------------------------------------------------------------------
+# The findings
+
+
+def verdict(rows: list[dict], steps_list: list[int]) -> list[str]:
+    """Plain statements of the finding, per number of sampling steps (rows of ``results.collect``): seed means,
+    and in how many seeds the comparison goes the same way."""
+    def by_steps(key, lower_is_better=True):
+        return {c["steps"]: c for c in results.compare(rows, key, lower_is_better)}
+
+    ode, fd, acc = by_steps("ode_error"), by_steps("fd_toy"), by_steps("toy_caption_acc", lower_is_better=False)
     out = []
     for k in steps_list:
-        cm, dcm = rows.get(("CM", k)), rows.get(("Direct CM", k))
-        if not cm or not dcm:
-            continue
-
-        def stat(key, lower_is_better=True):
-            a = {e["seed"]: e.get(key) for e in dcm}
-            b = {e["seed"]: e.get(key) for e in cm}
-            seeds = [s for s in a if a[s] is not None and b.get(s) is not None]
-            if not seeds:
-                return None
-            ma, mb = mean_spread([a[s] for s in seeds])[0], mean_spread([b[s] for s in seeds])[0]
-            better = sum(1 for s in seeds if (a[s] < b[s]) == lower_is_better)
-            return ma, mb, better, len(seeds)
-
-        ode, fd, acc = stat("ode_error"), stat("fd_toy"), stat("toy_caption_acc", lower_is_better=False)
         parts = []
-        if ode:
-            parts.append(f"Direct CM's ODE error is {'LOWER' if ode[0] < ode[1] else 'HIGHER'} than CM's "
-                         f"({ode[0]:.4g} vs {ode[1]:.4g}; lower in {ode[2]} of {ode[3]} seeds)")
-        if fd:
-            parts.append(f"its toy FD is {'WORSE' if fd[0] > fd[1] else 'BETTER'} ({fd[0]:.4g} vs {fd[1]:.4g}; "
-                         f"better in {fd[2]} of {fd[3]} seeds)")
-        if acc:
-            parts.append(f"its caption accuracy is {'WORSE' if acc[0] < acc[1] else 'BETTER'} "
-                         f"({acc[0]:.3f} vs {acc[1]:.3f}; better in {acc[2]} of {acc[3]} seeds)")
-        out.append(f"{k} step{'s' if k > 1 else ''}: " + "; ".join(parts) + ".")
+        if k in ode:
+            c = ode[k]
+            parts.append(f"Direct CM's ODE error is {'LOWER' if c['a'] < c['b'] else 'HIGHER'} than CM's "
+                         f"({c['a']:.4g} vs {c['b']:.4g}; lower in {c['better']} of {c['n']} seeds)")
+        if k in fd:
+            c = fd[k]
+            parts.append(f"its toy FD is {'WORSE' if c['a'] > c['b'] else 'BETTER'} ({c['a']:.4g} vs {c['b']:.4g}; "
+                         f"better in {c['better']} of {c['n']} seeds)")
+        if k in acc:
+            c = acc[k]
+            parts.append(f"its caption accuracy is {'WORSE' if c['a'] < c['b'] else 'BETTER'} "
+                         f"({c['a']:.3f} vs {c['b']:.3f}; better in {c['better']} of {c['n']} seeds)")
+        if parts:
+            out.append(f"{k} step{'s' if k > 1 else ''}: " + "; ".join(parts) + ".")
     return out
 
 
@@ -135,102 +213,95 @@ def picture(out: Path, teacher_dir: Path, runs: dict, steps_list: list[int], n: 
 @exit_on_user_error
 def main(argv=None):
     a = parser().parse_args(argv)
-    out, world = Path(a.out), Path(a.world)
+    t0 = time.time()
+    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    log = out / "demo.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(a.threads), "PYTHONWARNINGS": "ignore",
-           "TOKENIZERS_PARALLELISM": "false"}
-    py = sys.executable
-    times = {}
+    logs = out / "logs"
     (out / "demo_config.json").write_text(json.dumps(vars(a), indent=2))
-    print(f"cmdistill demo: toy world {world}, outputs in {out} (log: {log})", flush=True)
+    N, w, steps = a.num_discr_timesteps, a.w, a.max_train_steps
+    precomputed, tdir = out / "precomputed", out / "teacher"
+    ref = reference_folder(tdir, N, w)
+    names = dict(OBJECTIVES)
 
-    # 1. the toy world.
-    from .toy.build import world_paths
-
-    P = world_paths(world)
-    # The build skips every stage whose output is present with the same settings (the repository ships the
-    # trained teacher and encoder; the images are regenerated from the seed in seconds).
-    if all(p.exists() for p in (P["teacher"] / "model_index.json", P["encoder"], P["data"] / "metadata.csv")):
-        print(f"[1/5] toy world present in {world}", flush=True)
-        times["world"] = 0.0
-    else:
-        print("[1/5] toy world (python -m cmdistill.toy build: present stages are reused) ...", flush=True)
-        times["world"] = run([py, "-m", "cmdistill.toy", "build", "--out", world,
-                              *(["--reduced"] if a.reduced_world else [])], log, env)
-    data, teacher, enc = P["data"], P["teacher"], P["encoder"]
-    metric_flags = ["--dgm_metrics", "fd", "--dgm_models", "toy", "--instance_metrics", "toy_caption_acc",
-                    "--metrics_weights_dir", enc]
-    common = ["--pretrained_teacher_model", teacher, "--train_data_dir", data, "--resolution", 64,
-              "--num_discr_timesteps", a.num_discr_timesteps, "--w", a.w, "--solver", a.solver]
-
-    # 2. precompute latents + embeddings once (shared by every run).
-    print("[2/5] precomputing latents and text embeddings ...", flush=True)
-    times["precompute"] = run([py, "-m", "cmdistill.precompute", *common[:6], "--center_crop",
-                               "--mixed_precision", "no", "--precomputed_dir", out / "precomputed"], log, env)
-
-    # 3. teacher references.
-    print(f"[3/5] teacher references: {a.num_prompts} captions, {a.solver.upper()}, N = {a.num_discr_timesteps}, "
-          f"w = {a.w} ...", flush=True)
-    tdir = out / "teacher"
-    times["teacher"] = run([py, "test_teacher.py", "--pretrained_teacher_model", teacher, "--train_data_dir", data,
-                            "--output_dir", tdir, "--resolution", 64, "--scheduler", a.solver,
-                            "--num_original_inference_steps", a.num_discr_timesteps, "--guidance_scale", a.w,
-                            "--max_prompts", a.num_prompts, "--seed", a.eval_seed, "--batch_size", 100,
-                            "--vae_decode_batch_size", 100, *metric_flags], log, env)
-    ref = tdir / "train_gen_images" / f"{a.num_discr_timesteps}_steps" / f"{a.w}_gscale"
-
-    # 4. distill and evaluate, per seed and objective.
-    runs, rows = {}, {}
-    teacher_entries = [e for e in load_metrics(tdir).values()]
-    rows[("Teacher", a.num_discr_timesteps)] = [{**e, "seed": a.eval_seed} for e in teacher_entries[-1:]]
+    # The jobs: each program call with the jobs it waits for (precompute and references side by side, then the
+    # runs, each evaluated as soon as it and the references are done).
+    jobs = []
+    build = world_call(a, logs / "world.log")
+    if build is not None:
+        jobs.append(Job("world", [build]))
+    jobs += [Job("precompute", [precompute_call(a, precomputed, logs / "precompute.log")], ("world",)),
+             Job("teacher", [teacher_call(a, tdir, N, w, logs / "teacher.log")], ("world",))]
+    runs = {}
     for seed in a.seeds:
-        for obj, name in (("cm", "CM"), ("direct_cm", "Direct CM")):
-            rdir = out / f"{obj}_seed{seed}"
-            print(f"[4/5] seed {seed}: {name}: {a.max_train_steps} steps of batch {a.train_batch_size} ...",
-                  flush=True)
-            # A finished run (final weights of the last step) is reused as is: resuming would save them again.
-            from .evaluation.cli import _final_step
+        for obj, _ in OBJECTIVES:
+            runs[(obj, seed)] = out / f"{obj}_seed{seed}"
+    for (obj, seed), rdir in runs.items():
+        if not trained(rdir, steps):
+            jobs.append(Job(f"train_{obj}_{seed}", [train_call(a, rdir, obj, seed, steps, N, w, precomputed,
+                                                                logs / f"{rdir.name}.log")], ("precompute",)))
+    for (obj, seed), rdir in runs.items():
+        jobs.append(Job(f"eval_{obj}_{seed}", [eval_call(a, rdir, ref, a.num_inference_steps,
+                                                         logs / f"{rdir.name}.log")], (f"train_{obj}_{seed}", "teacher")))
+    n_workers = workers_for(a, 2 * len(a.seeds))
+    print(f"cmdistill demo: toy world {a.world}, outputs in {out} (program logs: {logs}); {n_workers or 'no'} "
+          f"worker process{'es' if n_workers != 1 else ''}, {a.threads} torch thread{'s' if a.threads > 1 else ''} "
+          "each", flush=True)
+    if build is None:
+        print(f"[1/5] toy world present in {a.world}", flush=True)
 
-            done = ((rdir / "pytorch_lora_weights.safetensors").is_file()
-                    and (_final_step(rdir) or 0) >= a.max_train_steps)
-            times[f"train_{obj}_{seed}"] = 0.0 if done else run(
-                [py, f"train_{obj}.py", *common, "--output_dir", rdir, "--seed", seed, "--center_crop",
-                 "--train_batch_size", a.train_batch_size, "--max_train_steps", a.max_train_steps,
-                 "--learning_rate", a.learning_rate, "--lora_rank", a.lora_rank, "--lora_alpha", a.lora_rank,
-                 "--checkpointing_steps", a.max_train_steps, "--validation_steps", 0, "--mixed_precision", "no",
-                 "--precomputed_dir", out / "precomputed", "--resume_from_checkpoint", "latest"], log, env)
-            times[f"eval_{obj}_{seed}"] = run(
-                [py, "test.py", "--output_dir", rdir, "--train_data_dir", ref, "--num_inference_steps",
-                 *a.num_inference_steps, "--max_prompts", a.num_prompts, "--batch_size", 100,
-                 "--vae_decode_batch_size", 100, *metric_flags], log, env)
-            if seed == a.seeds[0]:
-                runs[name] = rdir
-            for e in load_metrics(rdir).values():
-                if e.get("num_inference_steps") in a.num_inference_steps:
-                    rows.setdefault((name, e["num_inference_steps"]), []).append({**e, "seed": seed})
+    def what(job):
+        name = job.name
+        if name == "world":
+            return "[1/5] toy world (python -m cmdistill.toy build: present stages are reused)"
+        if name == "precompute":
+            return "[2/5] precomputing latents and text embeddings"
+        if name == "teacher":
+            return (f"[3/5] teacher references: {a.num_prompts} captions, {a.solver.upper()}, N = {N}, w = {w}")
+        kind, obj, seed = name.split("_", 1)[0], name.split("_", 1)[1].rsplit("_", 1)[0], name.rsplit("_", 1)[1]
+        if kind == "train":
+            return f"[4/5] seed {seed}: {names[obj]}: {steps} steps of batch {a.train_batch_size}"
+        return f"[4/5] seed {seed}: {names[obj]}: test.py at {', '.join(map(str, a.num_inference_steps))} steps"
+
+    def started(job):
+        print(f"{what(job)} ...", flush=True)
+
+    def done(job, seconds):
+        print(f"      done in {sum(seconds):.0f} s: {what(job)[6:]}", flush=True)
+
+    with Workers(n_workers, a.threads) as pool:
+        ran = run_jobs(pool, jobs, on_start=started, on_done=done)
+    times = {name: round(sum(seconds), 1) for name, seconds in ran.items()}
+    t_programs = time.time() - t0
 
     # 5. the table, its plots and the picture.
-    order = [("Teacher", a.num_discr_timesteps)] + [(n, k) for n in ("CM", "Direct CM") for k in a.num_inference_steps]
-    rows = {k: rows[k] for k in order if k in rows}
-    folders = [tdir] + [out / f"{obj}_seed{seed}" for obj in ("cm", "direct_cm") for seed in a.seeds]
+    folders = [tdir] + [runs[(obj, seed)] for obj in ("cm", "direct_cm") for seed in a.seeds]
     table_rows = [r for r in results.collect([str(f) for f in folders])
                   if r.get("kind") == "teacher" or r.get("num_inference_steps") in a.num_inference_steps]
     text = results.format_table(table_rows, "markdown")
     files = results.write_report(table_rows, out)
-    lines = verdict(rows, a.num_inference_steps)
-    pic = picture(out, ref, runs, a.num_inference_steps)
-    total = sum(times.values())
+    lines = verdict(table_rows, a.num_inference_steps)
+    pic = picture(out, ref, {"CM": runs[("cm", a.seeds[0])], "Direct CM": runs[("direct_cm", a.seeds[0])]},
+                  a.num_inference_steps)
+    total = time.time() - t0
     figures = "".join(f"![{name}]({name})\n" for name in ("ode_error_vs_fd.png", "comparison.png")
                       if (out / name).is_file())
     others = ", ".join(n for n in files if n.endswith(".png") and n != "ode_error_vs_fd.png")
     report = (f"{text}\n\n" + "\n".join(lines) + f"\n\n{figures}\npicture: {pic}; plots: ode_error_vs_fd.png"
-              + (f", {others}" if others else "") + "\nstage seconds: "
-              + json.dumps({k: round(v, 1) for k, v in times.items()}) + f"\ntotal: {total / 60:.1f} min\n")
+              + (f", {others}" if others else "")
+              + f"\nprogram seconds ({n_workers or 1} worker{'s' if n_workers > 1 else ''} side by side, "
+              f"{a.threads} thread{'s' if a.threads > 1 else ''} each): " + json.dumps(times)
+              + f"\nwall seconds: programs {t_programs:.0f}, table and plots {total - t_programs:.0f}"
+              + f"\ntotal: {total / 60:.1f} min\n")
     (out / "RESULTS.md").write_text(report)
-    (out / "results.json").write_text(json.dumps({"rows": {f"{k[0]}|{k[1]}": v for k, v in rows.items()},
-                                                  "verdict": lines, "seconds": times}, indent=1, default=str))
+    rows_by = {}
+    for r in table_rows:
+        name = "Teacher" if r.get("kind") == "teacher" else names.get(r.get("method"), r.get("method"))
+        rows_by.setdefault(f"{name}|{r.get('num_inference_steps')}", []).append(
+            {**{k: v for k, v in r.items() if k not in ("recipe", "group")}, "seed": r.get("train_seed")})
+    (out / "results.json").write_text(json.dumps({"rows": rows_by, "verdict": lines, "seconds": times,
+                                                  "total_seconds": round(total, 1)}, indent=1, default=str))
     print("[5/5] results\n" + report, flush=True)
+
 
 if __name__ == "__main__":
     main()

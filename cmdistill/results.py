@@ -60,13 +60,19 @@ def record(output_dir: str | Path, setting: str, row: dict) -> None:
         data = load(output_dir)
         data[setting] = {"setting": setting, **row}
         atomic_write_text(output_dir / METRICS_NAME, json.dumps(data, indent=2, default=str) + "\n")
-        extra = sorted({k for r in data.values() for k in r} - set(LEADING_COLUMNS))
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=LEADING_COLUMNS + extra, extrasaction="ignore")
-        w.writeheader()
-        for r in data.values():
-            w.writerow({k: ("" if v is None else v) for k, v in r.items()})
-        atomic_write_text(output_dir / RESULTS_NAME, buf.getvalue())
+        atomic_write_text(output_dir / RESULTS_NAME, rows_csv(data.values()))
+
+
+def rows_csv(rows: Iterable[dict], leading: list[str] = LEADING_COLUMNS) -> str:
+    """Results rows as CSV: the ``leading`` columns, then every other field alphabetically; empty for None."""
+    rows = list(rows)
+    extra = sorted({k for r in rows for k in r} - set(leading))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(leading) + extra, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,8 +179,9 @@ def model_label(r: dict) -> str:
 def aggregate(rows: list[dict]) -> list[dict]:
     """One entry per group (same model and setting, runs differing only by the training seed), in the rows'
     order: ``model``, ``steps``, ``runs``, ``seeds`` (training seeds), ``n``, ``training_step``, ``rows``,
-    ``metrics`` = {key: (mean, std, count)}. Models of different recipes whose labels collide get their first run's name
-    added."""
+    ``metrics`` = {key: (mean, std, count)}. Models of different recipes whose labels collide get the recipe
+    settings in which they differ added ('CM [max_train_steps=600, w=9.0]'), or their first run's name where a
+    recipe is unknown."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["group"], []).append(r)
@@ -199,9 +206,59 @@ def aggregate(rows: list[dict]) -> list[dict]:
     for e in out:
         labels.setdefault(e["model"], set()).add(e["rows"][0]["recipe"])
     for e in out:
-        if len(labels[e["model"]]) > 1:
-            e["model"] += f" [{e['runs'][0]}]"
+        recipes = labels[e["model"]]
+        if len(recipes) > 1:
+            e["model"] += f" [{_differing(e['rows'][0]['recipe'], recipes) or e['runs'][0]}]"
     return out
+
+
+def _recipe_dict(recipe: str) -> dict | None:
+    try:
+        d = json.loads(recipe)
+    except ValueError:  # 'folder:...': a run without its training configuration
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def _differing(recipe: str, recipes: set) -> str:
+    """'key=value, ...' of the settings of ``recipe`` that differ among ``recipes``; '' where one is unknown."""
+    dicts = [_recipe_dict(r) for r in recipes]
+    mine = _recipe_dict(recipe)
+    if mine is None or any(d is None for d in dicts):
+        return ""
+    keys = sorted({k for d in dicts for k in d if len({json.dumps(x.get(k), default=str) for x in dicts}) > 1})
+    return ", ".join(f"{k}={mine.get(k)}" for k in keys)
+
+
+def compare(rows: list[dict], key: str, lower_is_better: bool = True, a: str = "direct_cm",
+            b: str = "cm") -> list[dict]:
+    """Method ``a`` against method ``b`` on metric ``key`` (rows of :func:`collect`; final weights at LoRA scale
+    1), per setting (the training recipe less its objective) and number of sampling steps: ``a`` and ``b``
+    (means over the training seeds both have), ``better`` and ``worse`` (in how many of those seeds ``a`` is
+    strictly better, strictly worse; paired by seed), ``n``, ``seeds``, ``setting`` (the recipe, a dict) and
+    ``steps``."""
+    by: dict[tuple, dict] = {}
+    for r in rows:
+        if (r.get("kind") == "teacher" or r.get("method") not in (a, b) or r.get("weights", "final") != "final"
+                or r.get("lora_scale", 1.0) not in (None, 1, 1.0) or not _finite(r.get(key))):
+            continue
+        setting = _recipe_dict(r["recipe"])
+        if setting is None:
+            continue
+        setting.pop("objective", None)
+        ident = (json.dumps(setting, sort_keys=True, default=str), r.get("num_inference_steps"))
+        by.setdefault(ident, {}).setdefault(r["method"], {})[r.get("train_seed")] = r[key]
+    out = []
+    for (setting, steps), m in by.items():
+        seeds = sorted(set(m.get(a, {})) & set(m.get(b, {})), key=str)
+        if not seeds:
+            continue
+        va, vb = [m[a][s] for s in seeds], [m[b][s] for s in seeds]
+        sign = 1 if lower_is_better else -1
+        out.append({"setting": json.loads(setting), "steps": steps, "a": mean_spread(va)[0], "b": mean_spread(vb)[0],
+                    "better": sum(sign * (x - y) < 0 for x, y in zip(va, vb)),
+                    "worse": sum(sign * (x - y) > 0 for x, y in zip(va, vb)), "n": len(seeds), "seeds": seeds})
+    return sorted(out, key=lambda c: (json.dumps(c["setting"], sort_keys=True, default=str), c["steps"] or 0))
 
 
 def _cell(stat, key: str) -> str:

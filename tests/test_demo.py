@@ -12,8 +12,9 @@ def small_world(tmp_path_factory):
     from cmdistill.toy.build import BuildConfig, build
 
     world = tmp_path_factory.mktemp("world") / "w"
-    build(world, BuildConfig(num_images=96, num_holdout=32, vae_steps=20, vae_batch_size=16, encoder_steps=20,
-                             teacher_steps=20, batch_size=16, eval_num=0), log=lambda *a: None)
+    # One torch thread: two OpenMP threads on a busy 2-core machine run these small networks several times slower.
+    build(world, BuildConfig(num_images=96, num_holdout=32, vae_steps=5, vae_batch_size=16, encoder_steps=5,
+                             teacher_steps=5, batch_size=16, eval_num=0, threads=1), log=lambda *a: None)
     return world
 
 

@@ -2,6 +2,10 @@
 encoder, VAE, teacher, evidence), printing the time of each stage; stages already built are skipped.
 
 ``python -m cmdistill.toy eval --world toy/world --ws 1 3 5``: rerun the evidence at other settings.
+
+``python -m cmdistill.toy sweep [--dry_run] [--only budget|grid|guidance] [--time_limit_s S]``: the toy study
+over training budget, teacher grid and guidance (``cmdistill.toy.sweep``); ``python -m cmdistill.toy report``:
+docs/toy_study.md from its finished cells. ``python -m cmdistill.toy sweep -h`` lists their flags.
 """
 
 from __future__ import annotations
@@ -41,11 +45,18 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--json", default=None, help="also write the result here")
+    sub.add_parser("sweep", add_help=False, help="the toy study over budget, grid and guidance (see sweep -h)")
+    sub.add_parser("report", add_help=False, help="docs/toy_study.md from the sweep's finished cells (see report -h)")
     return p
 
 
 @exit_on_user_error
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["sweep"], ["report"]):
+        from . import sweep
+
+        return (sweep.main if argv[0] == "sweep" else sweep.report_main)(argv[1:])
     args = _parser().parse_args(argv)
     if args.cmd == "build":
         kw = dict(REDUCED) if args.reduced else {}
