@@ -62,16 +62,17 @@ def test_table_has_every_metric_and_aggregates_over_seeds(runs):
     assert header[3:-1] == ["FID", "toy FD", "caption acc.", "ODE error", "pixel MSE", "PSNR", "my_new_metric"]
     body = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:] if line.startswith("|")]
     assert body[0][0].startswith("Teacher") and body[0][2] == "1" and body[0][4] == "70"
-    cm1 = next(b for b in body if b[0] == "CM [cm_seed0]" and b[1] == "1")
+    cm1 = next(b for b in body if b[0] == "CM [learning_rate=0.001]" and b[1] == "1")
     assert cm1[2] == "3"  # three seeds
     assert cm1[6] == "0.31 ± 0.01"  # ODE error: mean of 0.30, 0.31, 0.32, std 0.01
     assert cm1[4] == "101 ± 1"
     assert cm1[9] == "2.5 ± 1"
     assert cm1[3] == "-"  # no FID in this group
     assert [b[0] for b in body if b[0].startswith("Direct CM")] == ["Direct CM"] * 3  # no collision, no name
-    # The other recipe: its own row, its own run named (same label as the 3-seed CM).
+    # The other recipe: its own row, labelled by the setting in which it differs from the 3-seed CM.
     other = [b for b in body if b[-1] == "cm_lr"]
-    assert len(other) == 1 and other[0][2] == "1" and other[0][3] == "12.50" and "[cm_lr]" in other[0][0]
+    assert len(other) == 1 and other[0][2] == "1" and other[0][3] == "12.50"
+    assert other[0][0] == "CM [learning_rate=0.0001]"
     assert "seeds 0, 1, 2" in text
     assert len(results.format_table(rows, "csv").splitlines()) == 1 + len(body)
 
@@ -106,3 +107,17 @@ def test_missing_metrics_json_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         results.main([str(tmp_path)])
     assert "has no metrics.json" in capsys.readouterr().err
+
+
+def test_compare_pairs_the_objectives_by_setting_and_seed(runs):
+    rows = results.collect([str(r) for r in runs])
+    ode = {c["steps"]: c for c in results.compare(rows, "ode_error")}
+    assert set(ode) == {1, 2, 4}  # the lr=1e-4 CM has no Direct CM of its recipe: no comparison
+    c = ode[2]
+    assert c["n"] == 3 and c["seeds"] == [0, 1, 2] and (c["better"], c["worse"]) == (3, 0)
+    assert c["a"] == pytest.approx(0.2 / 2 + 0.01) and c["b"] == pytest.approx(0.3 / 2 + 0.01)
+    assert c["setting"]["learning_rate"] == 1e-3 and "objective" not in c["setting"]
+    fd = results.compare(rows, "fd_toy")[0]  # the same values for both objectives: tied in every seed
+    assert (fd["better"], fd["worse"]) == (0, 0)
+    acc = results.compare(rows, "toy_caption_acc", lower_is_better=False)[0]
+    assert acc["better"] == acc["worse"] == 0

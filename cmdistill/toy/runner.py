@@ -84,8 +84,10 @@ def run_call(call: Call, threads: int) -> float:
     fd = os.open(call.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
-    argv, cwd, code = sys.argv, os.getcwd(), 0
+    argv, cwd, code, streams = sys.argv, os.getcwd(), 0, (sys.stdout, sys.stderr)
     try:
+        # The interpreter's own streams (on file descriptors 1 and 2), which a program's log handlers may keep.
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
         os.chdir(ROOT)
         if call.program.startswith("-m "):
             module = call.program[3:]
@@ -107,6 +109,7 @@ def run_call(call: Call, threads: int) -> float:
         sys.stdout.flush()
         sys.stderr.flush()
         sys.argv = argv
+        sys.stdout, sys.stderr = streams
         os.chdir(cwd)
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)

@@ -50,6 +50,9 @@ CELL_FILES = ("metrics.json", "training_config.json")
 # Flags that define what a cell computes (recorded, compared on resume, repeated in its one-line command).
 RECIPE_FLAGS = ("world", "train_batch_size", "learning_rate", "lora_rank", "solver", "num_prompts", "eval_seed",
                 "num_inference_steps", "threads")
+# The sweep's settings, written to --results/sweep_config.json: the report's defaults.
+CONFIG_NAME = "sweep_config.json"
+CONFIG_FLAGS = RECIPE_FLAGS + ("seeds", "num_discr_timesteps", "w", "budgets", "fixed_budget", "grid_N", "ws")
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,10 @@ COSTS = {"cpu": {"student": 0.17, "teacher_step": 0.08, "sample": 0.0017, "image
                   "precompute": 10.0}}
 
 
+# Worker processes sharing one GPU: each is bound by its own kernel launches, so several keep the GPU busier.
+CUDA_WORKERS = 4
+
+
 def train_estimate(cost: dict, cell: Cell) -> float:
     teacher = 1 if cell.objective == "cm" else cell.N / 2
     return cost["start"] + cell.budget * (cost["student"] + teacher * cost["teacher_step"])
@@ -239,6 +246,13 @@ def _estimate(a, job: Job, meta: dict, cost: dict) -> float:
     return cost["precompute"]
 
 
+def default_worker_count(a, kind: str) -> int:
+    """--workers, else one per core on a CPU, CUDA_WORKERS processes sharing the GPU."""
+    from .runner import default_workers
+
+    return a.workers if a.workers is not None else CUDA_WORKERS if kind == "cuda" else default_workers()
+
+
 def run(a) -> dict:
     """Run the unfinished cells of the selection (``--cell``: that one); returns {cell name: seconds}."""
     selected = [Cell.parse(a.cell)] if a.cell else cells(a)
@@ -247,6 +261,9 @@ def run(a) -> dict:
             if not 1 <= k <= c.N:
                 raise UserError(f"--num_inference_steps {k} must lie in 1..N ({c.N} for cell {c.name})")
     todo = [c for c in selected if not finished(a, c)]
+    if not a.cell:
+        Path(a.results).mkdir(parents=True, exist_ok=True)
+        (Path(a.results) / CONFIG_NAME).write_text(json.dumps({k: getattr(a, k) for k in CONFIG_FLAGS}, indent=1) + "\n")
     device = device_name()
     cost = COSTS["cuda" if device.startswith("cuda") else "cpu"]
     skipped = len(selected) - len(todo)
@@ -257,11 +274,7 @@ def run(a) -> dict:
     refs = list(dict.fromkeys((c.N, c.w) for c in todo))
     jobs, meta = _jobs(a, todo, refs)
     t0, ratio = time.time(), {"measured": 0.0, "estimated": 0.0}
-    workers = 0 if a.cell else (a.workers if a.workers is not None else (4 if device.startswith("cuda") else None))
-    if workers is None:
-        from .runner import default_workers
-
-        workers = min(default_workers(), len(jobs))
+    workers = 0 if a.cell else min(default_worker_count(a, "cuda" if device.startswith("cuda") else "cpu"), len(jobs))
 
     def expected(job):
         scale = ratio["measured"] / ratio["estimated"] if ratio["estimated"] else 1.0
@@ -330,10 +343,11 @@ def dry_run(a) -> None:
                     per_axis[axis] = per_axis.get(axis, 0.0) + est
                     total += est
                     print(f"{c.name:<32} {axis:<9} {'finished' if c.name in done else 'to run':<9} {est:8.0f}")
-    workers = a.workers if a.workers is not None else (4 if kind == "cuda" else 1)
+    workers = default_worker_count(a, kind)
     print(f"\n{len(selected)} cells, {len(done)} finished; estimated {total:.0f} s of one worker ("
-          + ", ".join(f"{k} {v:.0f} s" for k, v in per_axis.items()) + f"); with {workers} workers about "
-          f"{total / max(1, workers) / 60:.1f} min if they run side by side at full speed")
+          + ", ".join(f"{k} {v:.0f} s" for k, v in per_axis.items()) + ")"
+          + (f"; with {workers} workers about {total / workers / 60:.1f} min if they run side by side at full speed"
+             if workers > 1 else f", {total / 60:.1f} min"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,6 +454,28 @@ def _where(comps: list[dict], holds: bool) -> str:
     return "; ".join(parts) or "nowhere"
 
 
+AXIS_TITLES = {"budget": "Training budget (N = {N}, w = {w:g})", "grid": "Teacher grid N (budget {budget}, w = {w:g})",
+               "guidance": "Guidance w (budget {budget}, N = {N})"}
+
+
+def on_axis(a, axis: str, cell: Cell) -> bool:
+    """Whether ``cell`` lies on ``axis`` around the base setting (N, w of the recipe, --fixed_budget)."""
+    N, w, fixed = a.num_discr_timesteps, float(a.w), a.fixed_budget
+    return {"budget": cell.N == N and cell.w == w, "grid": cell.budget == fixed and cell.w == w,
+            "guidance": cell.budget == fixed and cell.N == N}[axis]
+
+
+def _section(a, title: str, members: list[Cell], rel: Path) -> list[str]:
+    """A report section: the table of ``members`` with their teachers' rows, the ODE-error-vs-FD plot per setting."""
+    rows = _rows(a, {c.name for c in members}, {f"N{c.N}_w{c.w:g}" for c in members})
+    lines = [f"## {title}", "", results.format_table(rows, "markdown"), ""]
+    for c in sorted({(c.budget, c.N, c.w) for c in members}):
+        s = setting_name(*c)
+        if (Path(a.results) / s / "ode_error_vs_fd.png").is_file():
+            lines.append(f"![ODE error against toy FD, {s}]({(rel / s / 'ode_error_vs_fd.png').as_posix()})")
+    return lines + [""]
+
+
 def report(a) -> Path:
     """docs/toy_study.md from the finished cells: the statements of where each half holds, the tables per axis,
     the plots per setting; every number read from ``--results``."""
@@ -486,25 +522,18 @@ def report(a) -> Path:
                   f"- holds: {_where(comps, True)}.",
                   f"- does not hold: {_where(comps, False)}.",
                   ""]
-    # Tables and plots, axis by axis.
+    # Tables and plots, axis by axis: every finished cell on the axis (whatever the sweep's lists say now).
     finished_names = {c.name for c in done}
-    for axis, axis_settings in settings(a).items():
-        title = {"budget": f"Training budget (N = {a.num_discr_timesteps}, w = {a.w:g})",
-                 "grid": f"Teacher grid N (budget {a.fixed_budget}, w = {a.w:g})",
-                 "guidance": f"Guidance w (budget {a.fixed_budget}, N = {a.num_discr_timesteps})"}[axis]
-        names = {c.name for c in cells(argparse.Namespace(**{**vars(a), "only": [axis]})) if c.name in finished_names}
-        if not names:
-            lines += [f"## {title}", "", "No finished cell yet.", ""]
-            continue
-        teachers = {f"N{n}_w{x:g}" for _, n, x in axis_settings}
-        axis_rows = _rows(a, names, teachers)
-        lines += [f"## {title}", "", results.format_table(axis_rows, "markdown"), ""]
-        for budget, N, w in axis_settings:
-            s = setting_name(budget, N, w)
-            png = Path(a.results) / s / "ode_error_vs_fd.png"
-            if png.is_file():
-                lines.append(f"![ODE error against toy FD, {s}]({(rel / s / 'ode_error_vs_fd.png').as_posix()})")
-        lines.append("")
+    placed = set()
+    for axis in AXES:
+        members = [c for c in done if on_axis(a, axis, c)]
+        placed.update(c.name for c in members)
+        if members:
+            lines += _section(a, AXIS_TITLES[axis].format(N=a.num_discr_timesteps, w=a.w, budget=a.fixed_budget),
+                              members, rel)
+    others = [c for c in done if c.name not in placed]
+    if others:
+        lines += _section(a, "Other settings", others, rel)
     missing = [c.name for c in cells(a) if c.name not in finished_names]
     if missing:
         lines += ["## Not run yet", "", f"{len(missing)} cells: " + ", ".join(missing) + ".", ""]
@@ -562,5 +591,10 @@ def main(argv=None) -> int:
 
 
 def report_main(argv=None) -> int:
-    report(parser("python -m cmdistill.toy report", report_only=True).parse_args(argv))
+    """The report, its settings defaulting to those of the sweep that wrote --results (sweep_config.json)."""
+    p = parser("python -m cmdistill.toy report", report_only=True)
+    config = Path(p.parse_known_args(argv)[0].results) / CONFIG_NAME
+    if config.is_file():
+        p.set_defaults(**{k: v for k, v in json.loads(config.read_text()).items() if k in CONFIG_FLAGS})
+    report(p.parse_args(argv))
     return 0
