@@ -51,8 +51,7 @@ def check_objective_flags(args, objective: str) -> None:
         raise UserError("--merged_target applies to train_cm.py (Direct CM has no student target pass); drop it")
     if getattr(args, "merged_target", False) and args.lora_dropout:
         raise UserError("--merged_target folds the LoRA update into the weights, without --lora_dropout's "
-                        "dropout on the target pass: use one of them (COMPILE=1 in scripts/train_cm.sh adds "
-                        "--merged_target unless MERGED_TARGET=0)")
+                        "dropout on the target pass: use one of them")
     if args.teacher_lookahead is None:  # default: on wherever it applies
         args.teacher_lookahead = 2 if objective == "direct_cm" and args.trajectory_pairs == 1 else 0
     if args.teacher_lookahead and objective == "direct_cm" and args.trajectory_pairs > 1:
@@ -149,6 +148,11 @@ class Trainer:
         self.unet, self.optimizer = acc.prepare(unet, optimizer)
         self.base_unet = acc.unwrap_model(self.unet)
         self.global_step, self.samples_seen, self.skipped_images = 0, 0, 0
+        # --compile off|on|auto: which compilation this run gets (auto: whether the planned steps repay it).
+        done = self.resume[1]["global_step"] if self.resume is not None else 0
+        self.compiled = fast.plan.resolve(objective, args, dev, args.max_train_steps - done)
+        logger.info("--compile %s", self.compiled)
+        self.compile_timer = fast.plan.CompileTimer(objective, args)
         # The step: eps functions from the speed wing, the target source chosen once.
         self.fast = fast.build(self.unet, self.base_unet, args, optimizer_step=lambda: self.global_step)
         self.ctx = DistillContext(teacher_eps=self.fast.teacher_eps, student_eps_nograd=self.fast.target_eps,
@@ -165,7 +169,7 @@ class Trainer:
         self.config = hub.recordable_config(args)  # secrets (--hub_token, ...) never recorded or logged
         self.config.update(objective=objective, num_processes=acc.num_processes, global_batch_size=self.global_batch,
                            mixed_precision=acc.mixed_precision, vae_scale_factor=self.vae_scale_factor,
-                           selective_checkpointing=self.checkpointing)
+                           selective_checkpointing=self.checkpointing, compile_decision=self.compiled)
         if acc.is_main_process:
             write_json_atomic(self.output_dir / CONFIG_NAME, self.config)
 
@@ -372,6 +376,7 @@ class Trainer:
         acc.log(logs, step=self.global_step)
         if acc.is_main_process:
             append_log(log_path, self.global_step, logs)
+            self.compile_timer.observe(logs["step_s"])
         for what, value in (("loss is", loss_mean), ("gradient norm is", norm_mean)):
             if not math.isfinite(value):
                 self.stop_non_finite(what)
