@@ -75,6 +75,18 @@ def captions_digest(captions: list[str]) -> str:
     return hashlib.sha256(json.dumps(captions).encode()).hexdigest()[:16]
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object a program wrote (training_config.json, eval_config.json): {} if the file is absent."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"'{path}' is not readable JSON ({type(e).__name__}): restore it, or delete it and rerun "
+                        "the program that wrote it") from None
+    return data if isinstance(data, dict) else {}
+
+
 # ---------------------------------------------------------------------------------------------
 # Initial noise (docs/method.md §8: teacher and student start from the same noise per caption)
 
