@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import results
 from .errors import UserError, exit_on_user_error
-from .results import mean_spread
+from .summary import mean_spread
 
 ROOT = Path(__file__).resolve().parents[1]
 

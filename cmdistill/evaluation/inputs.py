@@ -12,6 +12,7 @@ import torch
 
 from ..data import caption_text  # one rule for training and evaluation: a missing caption is ""
 from ..errors import UserError
+from ..files import atomic_save_image, atomic_torch_save
 from ..noise import per_sample_noise
 
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")
@@ -189,8 +190,6 @@ def noise_resolution(table: torch.Tensor) -> int:
 def make_init_noise(path: str | Path, num_captions: int, resolution: int, seed: int, chunk: int = 256) -> Path:
     """Write ``[num_captions, 4, H/8, W/8]`` float32 noise, row i = ``per_sample_noise(seed, [i], ...)``:
     a run with the file and a run without it then start from the same noise."""
-    from .store import atomic_torch_save
-
     shape = latent_shape(resolution)
     table = torch.empty((num_captions, *shape), dtype=torch.float32)
     for a in range(0, num_captions, chunk):
@@ -234,7 +233,5 @@ def prepare_reference_image(src: Path, dst: Path, resolution: int, write: bool =
         im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BILINEAR)
         left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
         im = im.crop((left, top, left + resolution, top + resolution))
-    from .store import atomic_save_image
-
     atomic_save_image(im, dst)
     return dst
