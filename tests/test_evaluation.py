@@ -707,7 +707,8 @@ def test_old_png_samples_need_overwrite_or_png(tmp_path):
 
 
 def test_empty_captions_stay_empty_and_are_counted(tmp_path):
-    from cmdistill.evaluation.inputs import empty_caption_note, read_captions_file, read_metadata
+    from cmdistill.data import empty_caption_note
+    from cmdistill.evaluation.inputs import read_captions_file, read_metadata
 
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.jpg", "text": null}\n'
                                              '{"file_name": "b.jpg", "text": "a dog"}\n')
@@ -715,7 +716,8 @@ def test_empty_captions_stay_empty_and_are_counted(tmp_path):
     assert captions == ["", "a dog"]
     (tmp_path / "caps.json").write_text('[null, "", "a cat"]')
     assert read_captions_file(tmp_path / "caps.json") == ["", "", "a cat"]
-    assert empty_caption_note(["", " ", "a"], "caps") == "2 of 3 captions of caps are empty: kept as empty strings"
+    assert empty_caption_note(["", " ", "a"], "caps") == '2 of 3 captions of caps are empty: they are kept as empty ' \
+                                                         'prompts ("")'
     assert empty_caption_note(["a"], "caps") is None
 
 

@@ -22,12 +22,6 @@ METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 # Captions
 
 
-def empty_caption_note(captions: list[str], source) -> str | None:
-    """One line counting the empty captions of ``source``, or None."""
-    n = sum(not c.strip() for c in captions)
-    return f"{n} of {len(captions)} captions of {source} are empty: kept as empty strings" if n else None
-
-
 def _read_table(path: Path) -> list[dict]:
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as f:

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from .. import results
+from ..data import empty_caption_note
 from ..errors import UserError, exit_on_user_error
 from ..models import DEFAULT_LORA_TARGETS, LORA_WEIGHT_NAME, add_lora, load_lora_into
 from . import scoring
@@ -18,7 +19,7 @@ from .driver import Job, process_state, quality, resolved_config, run_jobs
 from .flags import (PAPER_TEACHER, TRAINING_CONFIG, absolute, caption_count, check_compile_flags, common_parser,
                     resolve_size_and_grid, warn)
 from .generate import student_sampler
-from .inputs import InitNoise, empty_caption_note, read_captions_file, read_json
+from .inputs import InitNoise, read_captions_file, read_json
 from .references import (check_teacher_images, check_teacher_latents, read_teacher_latents, reference_mismatches,
                          teacher_folder, teacher_format)
 from .store import CAPTIONS_NAME, CONFIG_NAME, LATENTS_NAME, SampleStore

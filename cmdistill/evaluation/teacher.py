@@ -7,13 +7,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..data import empty_caption_note
 from ..errors import UserError, exit_on_user_error
 from . import scoring
 from .driver import Job, process_state, quality, resolved_config, run_jobs
 from .flags import (PAPER_TEACHER, absolute, caption_count, check_compile_flags, common_parser,
                     resolve_size_and_grid, warn)
 from .generate import teacher_sampler
-from .inputs import InitNoise, empty_caption_note, prepare_reference_image, read_captions_file, read_metadata
+from .inputs import InitNoise, prepare_reference_image, read_captions_file, read_metadata
 from .store import SampleStore
 
 
