@@ -17,6 +17,7 @@ import torch
 from .. import plots, results
 from ..errors import UserError
 from ..hub import redact, update_model_card
+from ..progress import quiet_libraries
 from . import scoring
 from .flags import warn
 from .generate import Models, generate, load_models
@@ -53,19 +54,10 @@ def process_state():
     return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=12))
 
 
-def _quiet_hub_logs() -> None:
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-
-
 def run_jobs(args, state, jobs: list[Job], captions: list[str], count: int, init_noise: InitNoise) -> list[dict]:
     """Generate, score and record the jobs over ``captions[:count]``; the rows recorded (none off the main
     process)."""
+    quiet_libraries(errors_only=True)
     main = state.is_main_process
     clear = [job.store.check_config(job.identity, captions, args.overwrite) for job in jobs]
     state.wait_for_everyone()
@@ -85,7 +77,6 @@ def run_jobs(args, state, jobs: list[Job], captions: list[str], count: int, init
             print(f"{job.desc}: {len(done)} of this process's {len(mine)} captions already done, skipped", flush=True)
     if any(todo):
         featurize = scoring.instance_featurizer(args, state.device)  # before the generator: missing weights fail fast
-        _quiet_hub_logs()
         models, attached = None, None
         for job, td in zip(jobs, todo):
             if not td:
