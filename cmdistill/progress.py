@@ -20,6 +20,7 @@ from typing import Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 LINE_EVERY_S = 60.0  # a plain line at least this often, however slow a tenth of the work is
+EPS = 1e-6  # counts closer than this are the same (fractions of a batch add up to a float near its size)
 
 
 def quiet_libraries(errors_only: bool = False) -> None:
@@ -42,7 +43,7 @@ def quiet_libraries(errors_only: bool = False) -> None:
 
 
 def _number(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:.1f}"
+    return str(round(x)) if abs(x - round(x)) < EPS else f"{x:.1f}"
 
 
 class Progress:
@@ -66,7 +67,7 @@ class Progress:
         self._next = self._after(initial)
 
     def _after(self, n: float) -> float:
-        return (math.floor(n / self._tenth + 1e-9) + 1) * self._tenth if self._tenth else math.inf
+        return (math.floor(n / self._tenth + EPS) + 1) * self._tenth if self._tenth else math.inf
 
     def update(self, amount: float = 1, **info) -> None:
         self.n += amount
@@ -77,7 +78,7 @@ class Progress:
             return
         self.info.update(info)
         now = time.monotonic()
-        if self.enabled and (self.n >= self._next - 1e-9 or now - self._last >= LINE_EVERY_S):
+        if self.enabled and (self.n >= self._next - EPS or now - self._last >= LINE_EVERY_S):
             self._line(now)
 
     def _line(self, now: float) -> None:
@@ -94,7 +95,7 @@ class Progress:
         """The bar closed, or the last count as a line if it was not shown yet."""
         if self.bar is not None:
             self.bar.close()
-        elif self.enabled and self.n != self._shown:
+        elif self.enabled and abs(self.n - self._shown) > EPS:
             self._line(time.monotonic())
         self.bar, self.enabled = None, False  # a second close shows nothing
 

@@ -34,6 +34,15 @@ def test_plain_lines_off_a_terminal_and_a_bar_on_one():
     out = io.StringIO()
     assert list(track(range(3), "shards", "shard", stream=out)) == [0, 1, 2]
     assert [line.split()[1] for line in out.getvalue().splitlines()] == ["1/3", "2/3", "3/3"]
+    # Fractions of a batch (a sampler's steps) that add up to a float near the count: one line per tenth.
+    out = io.StringIO()
+    p = Progress(8, "teacher", "img", stream=out)
+    for _ in range(10):
+        p.update(8 / 10)
+    p.update(8 - p.n)  # the batch counted whole
+    p.close()
+    assert [line.split()[1] for line in out.getvalue().splitlines()] == [
+        "0.8/8", "1.6/8", "2.4/8", "3.2/8", "4/8", "4.8/8", "5.6/8", "6.4/8", "7.2/8", "8/8"]
     quiet = io.StringIO()
     p = Progress(5, "hidden", stream=quiet, enabled=False)
     p.update(5)
