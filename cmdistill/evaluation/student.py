@@ -28,9 +28,9 @@ from .weights import check_lora_file, lora_sha256, resolve_lora, select_checkpoi
 
 def student_parser() -> argparse.ArgumentParser:
     p = common_parser("Student samples: multistep consistency sampling with the LoRA of a training run, from the "
-                "teacher's noise, scored against the teacher's samples.",
-                "the training run's folder (required): it holds the LoRA; the samples and results go there too",
-                student=True)
+                      "teacher's noise, scored against the teacher's samples.",
+                      "the training run's folder (required): it holds the LoRA; the samples and results go there too",
+                      student=True)
     g = p.add_argument_group("student sampling")
     g.add_argument("--train_data_dir", default=None,
                    help="the teacher reference folder, .../train_gen_images/{N}_steps/{w}_gscale of "

@@ -20,8 +20,8 @@ from .store import SampleStore
 
 def teacher_parser() -> argparse.ArgumentParser:
     p = common_parser("Teacher reference samples: deterministic ODE sampling with classifier-free guidance from "
-                "per-caption noise, scored against the real training images.",
-                "where the samples (train_gen_images/{N}_steps/{w}_gscale) and results go")
+                      "per-caption noise, scored against the real training images.",
+                      "where the samples (train_gen_images/{N}_steps/{w}_gscale) and results go")
     g = p.add_argument_group("teacher sampling")
     g.add_argument("--train_data_dir", default=None,
                    help="training image folder with metadata.csv: the captions and the real reference images "
