@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import results
 from .errors import UserError, exit_on_user_error
-from .results import mean_spread
+from .summary import mean_spread
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,10 +190,10 @@ def main(argv=None):
             print(f"[4/5] seed {seed}: {name}: {a.max_train_steps} steps of batch {a.train_batch_size} ...",
                   flush=True)
             # A finished run (final weights of the last step) is reused as is: resuming would save them again.
-            from .evaluation.cli import _final_step
+            from .evaluation.weights import final_step
 
             done = ((rdir / "pytorch_lora_weights.safetensors").is_file()
-                    and (_final_step(rdir) or 0) >= a.max_train_steps)
+                    and (final_step(rdir) or 0) >= a.max_train_steps)
             times[f"train_{obj}_{seed}"] = 0.0 if done else run(
                 [py, f"train_{obj}.py", *common, "--output_dir", rdir, "--seed", seed, "--center_crop",
                  "--train_batch_size", a.train_batch_size, "--max_train_steps", a.max_train_steps,

@@ -33,6 +33,7 @@ from .noise import per_sample_noise
 from .objectives import DistillContext
 from .optimizer import check_resumed_optimizer, make_optimizer, resolve_batch_size
 from .precompute import collate_precomputed, find_cache
+from .progress import Progress, quiet_libraries
 from .run_folder import (CONFIG_NAME, LOG_NAME, STATE_NAME, _why, append_log, check_run_inputs, non_finite_error,
                          plan_resume, read_checkpoint, save_checkpoint, truncate_log, write_json_atomic)
 from .sampling import student_sample
@@ -76,6 +77,7 @@ class Trainer:
             log_with=report_to, project_config=ProjectConfiguration(
                 project_dir=str(self.output_dir), logging_dir=str(self.output_dir / args.logging_dir)))
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        quiet_libraries()  # the loading bars of the libraries; the loop shows its own progress
         # Per-device batch from --global_batch_size (or its default) for this number of processes.
         self.global_batch = resolve_batch_size(args, acc.num_processes)
         if not acc.is_main_process:
@@ -302,8 +304,6 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------------------
     def train(self):
-        from tqdm.auto import tqdm
-
         acc, args = self.accelerator, self.args
         if acc.is_main_process:
             cfg = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
@@ -316,8 +316,8 @@ class Trainer:
         logger.info("training %s: %d samples, %d steps of global batch %d (%d per device x %d processes x %d "
                     "accumulation)", self.objective_name, len(self.dataset), args.max_train_steps, self.global_batch,
                     args.train_batch_size, acc.num_processes, args.gradient_accumulation_steps)
-        self.bar = bar = tqdm(total=args.max_train_steps, initial=self.global_step, desc=f"{self.objective_name} steps",
-                              disable=not acc.is_local_main_process)
+        self.bar = bar = Progress(args.max_train_steps, f"{self.objective_name} steps", "step",
+                                  enabled=acc.is_local_main_process, initial=self.global_step)
         log_path = self.output_dir / LOG_NAME
         if acc.is_main_process:
             truncate_log(log_path, self.global_step)
@@ -380,8 +380,7 @@ class Trainer:
         for what, value in (("loss is", loss_mean), ("gradient norm is", norm_mean)):
             if not math.isfinite(value):
                 self.stop_non_finite(what)
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss_mean:.4g}")
+        self.bar.update(1, loss=f"{loss_mean:.4g}")
 
     def upcoming(self, batches):
         """The prepared micro-batches of the rest of the run, in order, each submitted to the target source when
