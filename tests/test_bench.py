@@ -115,13 +115,15 @@ def test_a_failed_row_is_reported_and_the_others_run(tmp_path):
 
 
 def test_full_size_configs_have_sdxl_parameter_counts():
-    bench = load_bench()
-    unet, vae, te1, te2 = bench.build_sdxl_modules("meta")  # asserts the UNet's 2,567,463,684
-    assert bench.count_params(unet) == bench.SDXL_UNET_PARAMS == 2_567_463_684
-    assert bench.count_params(vae) == bench.SDXL_VAE_PARAMS
-    assert bench.count_params(te1) == bench.CLIP_L_PARAMS
-    assert bench.count_params(te2) == bench.CLIP_BIGG_PARAMS
-    assert vae.config.scaling_factor == 0.13025 and unet.config.addition_embed_type == "text_time"
+    load_bench()  # (puts benchmarks/ on the path)
+    import random_sdxl as r
+
+    c = r.full_size_components("meta")  # asserts the UNet's 2,567,463,684
+    assert r.count_params(c["unet"]) == r.SDXL_UNET_PARAMS == 2_567_463_684
+    assert r.count_params(c["vae"]) == r.SDXL_VAE_PARAMS
+    assert r.count_params(c["text_encoder"]) == r.CLIP_L_PARAMS
+    assert r.count_params(c["text_encoder_2"]) == r.CLIP_BIGG_PARAMS
+    assert c["vae"].config.scaling_factor == 0.13025 and c["unet"].config.addition_embed_type == "text_time"
 
 
 def test_random_sdxl_folder_trains_through_the_users_loading_path(tmp_path):
