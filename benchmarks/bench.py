@@ -189,10 +189,9 @@ class Bench:
         """``fast.build`` with the flags that ``--compile on`` (``compile``) or off sets for ``objective``."""
         key = (objective, compile, self._dtype)
         if key not in self._fast:
-            flags = {**dict.fromkeys(fast.plan.FLAGS, False),
-                     **(fast.plan.on_flags(objective, SimpleNamespace(lora_dropout=0.0)) if compile else {})}
-            args = SimpleNamespace(**flags, compile_mode=None, teacher_max_batch=None, train_batch_size=self.B,
-                                   w=self.w)
+            args = SimpleNamespace(compile="on" if compile else "off", lora_dropout=0.0, compile_mode=None, w=self.w,
+                                   teacher_max_batch=None, train_batch_size=self.B, **dict.fromkeys(fast.plan.FLAGS))
+            fast.plan.resolve(objective, args, self.device, steps=1)  # sets fast.plan.on_flags(objective) for "on"
             self._fast[key] = fast.build(self.unet, self.unet, args, optimizer_step=lambda: self.optimizer_steps)
         return self._fast[key]
 
