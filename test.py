@@ -7,7 +7,7 @@ numbers of steps, from the teacher's noise; scored against the teacher's samples
 See ``python test.py --help`` and scripts/test.sh; the code is cmdistill/evaluation/.
 """
 
-from cmdistill.evaluation.cli import student_main
+from cmdistill.evaluation.student import student_main
 
 if __name__ == "__main__":
     student_main()

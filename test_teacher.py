@@ -7,7 +7,7 @@ guidance from the shared per-caption noise, scored against the real training ima
 See ``python test_teacher.py --help`` and scripts/test_teacher.sh; the code is cmdistill/evaluation/.
 """
 
-from cmdistill.evaluation.cli import teacher_main
+from cmdistill.evaluation.teacher import teacher_main
 
 if __name__ == "__main__":
     teacher_main()

@@ -177,6 +177,10 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
     g.add_argument("--vae_encode_batch_size", type=int, default=8, help="images per VAE encoder call")
     g.add_argument("--teacher_max_batch", type=int, default=None,
                    help="most samples per teacher call in the Direct CM loop; None: the batch")
+    g.add_argument("--compile", default="auto", choices=("off", "on", "auto"),
+                   help="torch.compile the recipe's compiled set (CM: every block + the merged target; Direct CM: "
+                        "the whole teacher + the student's blocks); auto: on a GPU when the planned steps repay "
+                        "the compile time (estimated, logged); off: eager, or the flags below by hand")
     g.add_argument("--compile_teacher", action="store_true",
                    help="torch.compile the teacher's passes (dynamic batch); compiles on first use")
     g.add_argument("--compile_mode", default="default", choices=COMPILE_MODES,
@@ -228,10 +232,10 @@ def validate_args(args):
     Grid(1000, args.num_discr_timesteps)  # raises a one-line error when N does not divide T
     for flag in ("teacher_freezing", "teacher_channels_last"):
         if getattr(args, flag, False) and not args.compile_teacher:
-            raise UserError(f"--{flag} applies to the compiled teacher: add --compile_teacher (COMPILE=1)")
+            raise UserError(f"--{flag} applies to the compiled teacher: add --compile_teacher")
     if getattr(args, "teacher_freezing", False) and args.compile_mode not in (None, "default"):
         raise UserError(f"--teacher_freezing applies to torch.compile's default mode: drop --compile_mode "
-                        f"{args.compile_mode} or --teacher_freezing (FREEZING=0 with COMPILE=1)")
+                        f"{args.compile_mode} or --teacher_freezing")
     if args.resolution % 8:
         raise UserError(f"--resolution {args.resolution} must be a multiple of 8 (the VAE downsamples 8x)")
     # The batch arithmetic before any model loads, for the number of processes the launcher started

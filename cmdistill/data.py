@@ -68,12 +68,13 @@ def check_image_folder(train_data_dir: str) -> None:
             raise UserError(f"{path} is not a readable UTF-8 CSV file ({type(e).__name__}: {e})") from None
 
 
-def count_empty_captions(ds, caption_column: str) -> int:
-    """Rows whose caption is empty (``caption_text`` == "" after stripping), said once in the log."""
-    n = sum(1 for v in ds[caption_column] if not caption_text(v).strip())
-    if n:
-        logger.warning("%d of %d captions are empty: they are kept as empty prompts (\"\")", n, len(ds))
-    return n
+def empty_caption_note(captions, source=None) -> str | None:
+    """One line counting the empty captions (blank after ``caption_text``) of ``source``, or None if there are
+    none; training and evaluation alike keep them as empty prompts."""
+    captions = list(captions)
+    n = sum(1 for v in captions if not caption_text(v).strip())
+    of = f" of {source}" if source else ""
+    return f'{n} of {len(captions)} captions{of} are empty: they are kept as empty prompts ("")' if n else None
 
 
 def count_long_captions(captions, tokenizer, at_most: int = 100_000) -> int:
@@ -244,10 +245,11 @@ def make_dataloader(dataset, batch_size, num_processes, rank, seed, start_positi
 
 def training_dataset(args, main_process: bool = True) -> SDXLImageCaptions:
     """The training data of the flags (``--train_data_dir`` / ``--dataset_name``, columns, resolution, crop, flip,
-    seed); the main process counts the empty captions in the log."""
+    seed); the main process says in the log how many captions are empty."""
     ds = load_caption_dataset(args.train_data_dir, args.dataset_name, args.dataset_config_name, args.image_column,
                               args.caption_column, args.cache_dir, args.max_train_samples)
-    if main_process:
-        count_empty_captions(ds, args.caption_column)
+    note = empty_caption_note(ds[args.caption_column]) if main_process else None
+    if note:
+        logger.warning(note)
     return SDXLImageCaptions(ds, args.image_column, args.caption_column, args.resolution, args.interpolation_type,
                              args.center_crop, args.random_flip, args.seed)

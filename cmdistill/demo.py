@@ -25,7 +25,7 @@ import json
 import time
 from pathlib import Path
 
-from . import results
+from . import results, summary
 from .errors import exit_on_user_error
 from .toy.runner import Call, Job, Workers, default_workers, run_jobs
 
@@ -137,10 +137,10 @@ def train_call(a, rdir: Path, objective: str, seed: int, steps: int, N: int, w: 
 
 def trained(rdir: Path, steps: int) -> bool:
     """A finished run (final weights of its last step): reused as is, since resuming would save them again."""
-    from .evaluation.cli import _final_step
+    from .evaluation.weights import final_step
 
     rdir = Path(rdir)
-    return (rdir / "pytorch_lora_weights.safetensors").is_file() and (_final_step(rdir) or 0) >= steps
+    return (rdir / "pytorch_lora_weights.safetensors").is_file() and (final_step(rdir) or 0) >= steps
 
 
 def eval_call(a, rdir: Path, ref: Path, steps_list: list[int], log: Path) -> Call:
@@ -161,7 +161,7 @@ def verdict(rows: list[dict], steps_list: list[int]) -> list[str]:
     """Plain statements of the finding, per number of sampling steps (rows of ``results.collect``): seed means,
     and in how many seeds the comparison goes the same way."""
     def by_steps(key, lower_is_better=True):
-        return {c["steps"]: c for c in results.compare(rows, key, lower_is_better)}
+        return {c["steps"]: c for c in summary.compare(rows, key, lower_is_better)}
 
     ode, fd, acc = by_steps("ode_error"), by_steps("fd_toy"), by_steps("toy_caption_acc", lower_is_better=False)
     out = []

@@ -15,6 +15,8 @@ import json
 import math
 from pathlib import Path
 
+from .summary import aggregate, metric_header, metric_keys, model_label
+
 FD_KEYS = ["fd_toy", "fid", "fd_dinov2"]
 
 
@@ -55,8 +57,6 @@ def _series(entries, key):
 
 
 def metrics_vs_steps(entries: list[dict], keys: list[str], path: Path):
-    from .results import metric_header
-
     plt = _plt()
     keys = [k for k in keys if _series(entries, k) or any(k in e["metrics"] for e in entries)]
     if not keys:
@@ -76,8 +76,6 @@ def metrics_vs_steps(entries: list[dict], keys: list[str], path: Path):
 
 
 def ode_vs_fd(entries: list[dict], path: Path):
-    from .results import metric_header
-
     fd = next((k for k in FD_KEYS if any(k in e["metrics"] and "ode_error" in e["metrics"] for e in entries)), None)
     if fd is None:
         return None
@@ -125,8 +123,6 @@ def loss_curves(rows: list[dict], path: Path):
     curves = {d: c for d, c in curves.items() if c}
     if not curves:
         return None
-    from .results import model_label
-
     fig, ax = plt.subplots(figsize=(6, 4))
     colours = {}
     for d, c in curves.items():
@@ -148,8 +144,6 @@ def loss_curves(rows: list[dict], path: Path):
 def metrics_vs_training_step(rows: list[dict], keys: list[str], path: Path):
     """Per run and sampling steps, each metric against the training step of the evaluated checkpoint, where a
     run has more than one."""
-    from .results import metric_header, model_label
-
     series: dict[tuple, dict] = {}
     for r in rows:
         if r.get("kind") == "teacher" or r.get("training_step") is None:
@@ -175,8 +169,6 @@ def metrics_vs_training_step(rows: list[dict], keys: list[str], path: Path):
 
 def write_plots(rows: list[dict], out_dir: Path) -> dict[str, Path]:
     """Every plot the rows allow, as PNG in ``out_dir``; returns file name -> path."""
-    from .results import aggregate, metric_keys
-
     out_dir = Path(out_dir)
     entries = aggregate(rows)
     keys = metric_keys(rows)

@@ -133,13 +133,13 @@ def find_cache(args, dataset, dtype: torch.dtype):
 def main(argv=None):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     from . import models
     from .args import precompute_parser, training_parser, validate_args
     from .data import collate, count_long_captions, training_dataset
     from .errors import exit_on_user_error
     from .inputs import Encoders
+    from .progress import quiet_libraries, track
     from .run_folder import check_run_inputs, write_json_atomic
 
     @exit_on_user_error
@@ -153,6 +153,7 @@ def main(argv=None):
         check_run_inputs(args)
         acc = Accelerator(mixed_precision=args.mixed_precision)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        quiet_libraries()
         set_seed(args.seed)
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
         data = training_dataset(args, acc.is_main_process)
@@ -167,7 +168,7 @@ def main(argv=None):
         n = len(data)
         shards = [s for s in range(math.ceil(n / SHARD_SIZE)) if s % acc.num_processes == acc.process_index]
         todo = [s for s in shards if not shard_path(d, s).is_file()]
-        for s in tqdm(todo, desc="precompute shards", disable=not acc.is_local_main_process):
+        for s in track(todo, "precompute shards", "shard", enabled=acc.is_local_main_process):
             keys = [(0, i, i) for i in range(s * SHARD_SIZE, min(n, (s + 1) * SHARD_SIZE))]
             loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, keys), collate_fn=collate,
                                                  batch_size=args.vae_encode_batch_size,

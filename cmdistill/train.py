@@ -33,6 +33,7 @@ from .noise import per_sample_noise
 from .objectives import DistillContext
 from .optimizer import check_resumed_optimizer, make_optimizer, resolve_batch_size
 from .precompute import collate_precomputed, find_cache
+from .progress import Progress, quiet_libraries
 from .run_folder import (CONFIG_NAME, LOG_NAME, STATE_NAME, _why, append_log, check_run_inputs, non_finite_error,
                          plan_resume, read_checkpoint, save_checkpoint, truncate_log, write_json_atomic)
 from .sampling import student_sample
@@ -51,8 +52,7 @@ def check_objective_flags(args, objective: str) -> None:
         raise UserError("--merged_target applies to train_cm.py (Direct CM has no student target pass); drop it")
     if getattr(args, "merged_target", False) and args.lora_dropout:
         raise UserError("--merged_target folds the LoRA update into the weights, without --lora_dropout's "
-                        "dropout on the target pass: use one of them (COMPILE=1 in scripts/train_cm.sh adds "
-                        "--merged_target unless MERGED_TARGET=0)")
+                        "dropout on the target pass: use one of them")
     if args.teacher_lookahead is None:  # default: on wherever it applies
         args.teacher_lookahead = 2 if objective == "direct_cm" and args.trajectory_pairs == 1 else 0
     if args.teacher_lookahead and objective == "direct_cm" and args.trajectory_pairs > 1:
@@ -77,6 +77,7 @@ class Trainer:
             log_with=report_to, project_config=ProjectConfiguration(
                 project_dir=str(self.output_dir), logging_dir=str(self.output_dir / args.logging_dir)))
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        quiet_libraries()  # the loading bars of the libraries; the loop shows its own progress
         # Per-device batch from --global_batch_size (or its default) for this number of processes.
         self.global_batch = resolve_batch_size(args, acc.num_processes)
         if not acc.is_main_process:
@@ -149,6 +150,11 @@ class Trainer:
         self.unet, self.optimizer = acc.prepare(unet, optimizer)
         self.base_unet = acc.unwrap_model(self.unet)
         self.global_step, self.samples_seen, self.skipped_images = 0, 0, 0
+        # --compile off|on|auto: which compilation this run gets (auto: whether the planned steps repay it).
+        done = self.resume[1]["global_step"] if self.resume is not None else 0
+        self.compiled = fast.plan.resolve(objective, args, dev, args.max_train_steps - done)
+        logger.info("--compile %s", self.compiled)
+        self.compile_timer = fast.plan.CompileTimer(objective, args)
         # The step: eps functions from the speed wing, the target source chosen once.
         self.fast = fast.build(self.unet, self.base_unet, args, optimizer_step=lambda: self.global_step)
         self.ctx = DistillContext(teacher_eps=self.fast.teacher_eps, student_eps_nograd=self.fast.target_eps,
@@ -165,7 +171,7 @@ class Trainer:
         self.config = hub.recordable_config(args)  # secrets (--hub_token, ...) never recorded or logged
         self.config.update(objective=objective, num_processes=acc.num_processes, global_batch_size=self.global_batch,
                            mixed_precision=acc.mixed_precision, vae_scale_factor=self.vae_scale_factor,
-                           selective_checkpointing=self.checkpointing)
+                           selective_checkpointing=self.checkpointing, compile_decision=self.compiled)
         if acc.is_main_process:
             write_json_atomic(self.output_dir / CONFIG_NAME, self.config)
 
@@ -298,8 +304,6 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------------------
     def train(self):
-        from tqdm.auto import tqdm
-
         acc, args = self.accelerator, self.args
         if acc.is_main_process:
             cfg = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
@@ -312,8 +316,8 @@ class Trainer:
         logger.info("training %s: %d samples, %d steps of global batch %d (%d per device x %d processes x %d "
                     "accumulation)", self.objective_name, len(self.dataset), args.max_train_steps, self.global_batch,
                     args.train_batch_size, acc.num_processes, args.gradient_accumulation_steps)
-        self.bar = bar = tqdm(total=args.max_train_steps, initial=self.global_step, desc=f"{self.objective_name} steps",
-                              disable=not acc.is_local_main_process)
+        self.bar = bar = Progress(args.max_train_steps, f"{self.objective_name} steps", "step",
+                                  enabled=acc.is_local_main_process, initial=self.global_step)
         log_path = self.output_dir / LOG_NAME
         if acc.is_main_process:
             truncate_log(log_path, self.global_step)
@@ -372,11 +376,11 @@ class Trainer:
         acc.log(logs, step=self.global_step)
         if acc.is_main_process:
             append_log(log_path, self.global_step, logs)
+            self.compile_timer.observe(logs["step_s"])
         for what, value in (("loss is", loss_mean), ("gradient norm is", norm_mean)):
             if not math.isfinite(value):
                 self.stop_non_finite(what)
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss_mean:.4g}")
+        self.bar.update(1, loss=f"{loss_mean:.4g}")
 
     def upcoming(self, batches):
         """The prepared micro-batches of the rest of the run, in order, each submitted to the target source when

@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cmdistill.evaluation.cli import init_noise_main  # noqa: E402
+from cmdistill.evaluation.init_noise import init_noise_main  # noqa: E402
 
 if __name__ == "__main__":
     init_noise_main()

@@ -7,12 +7,11 @@
 # MAIN_PROCESS_PORT for several machines: cmdistill/launch.py); GLOBAL_BATCH (default 16, the paper's) is split
 # over them, so a bigger global batch is an explicit GLOBAL_BATCH=... . OPTIMIZER_FALLBACK=adamw trains with
 # torch's AdamW where bitsandbytes' AdamW8bit cannot run (default: a one-line error).
-# A rerun resumes from the latest checkpoint in OUTPUT_DIR. COMPILE=1 runs the teacher's passes through
-# torch.compile and compiles every UNet block for the student (--compile_teacher --compile_blocks), and for CM
-# runs the target pass on weight copies with the LoRA update folded in (--merged_target: more GPU memory;
-# MERGED_TARGET=0 leaves it out, e.g. for --lora_dropout), and compiles the teacher in channels_last with
-# inductor's freezing (--teacher_channels_last --teacher_freezing; CHANNELS_LAST=0 / FREEZING=0 leave them out,
-# e.g. FREEZING=0 for --compile_mode); timings in benchmarks/RESULTS.md. Add
+# A rerun resumes from the latest checkpoint in OUTPUT_DIR. COMPILE=auto (the default) compiles on a GPU when
+# the planned steps repay the compile time (the estimate is logged), COMPILE=1 always, COMPILE=0 never (then add
+# single compile flags by hand, e.g. --compile_blocks; see --compile in `python train_cm.py --help`). Compiled
+# graphs stay in a cache folder that later runs reuse (TORCHINDUCTOR_CACHE_DIR, else ~/.cache/cmdistill/
+# torch_compile); timings in benchmarks/RESULTS.md. Add
 # --checkpointing_budget_gib auto (or a number of GiB) to keep activations where the card has room. Direct CM
 # solves the next two batches' teacher trajectories in the room of each step's teacher calls
 # (--teacher_lookahead 2, the default; same targets).
@@ -26,6 +25,10 @@ SOLVER=${SOLVER:-ddim}
 N=${N:-100}
 W=${W:-9.0}
 NAME=$(basename "$SCRIPT" .py | sed 's/^train_//')
+case ${COMPILE:-auto} in
+  1|on) COMPILE=on ;; 0|off) COMPILE=off ;; auto) COMPILE=auto ;;
+  *) echo "error: COMPILE=$COMPILE: use auto (the default), 1 or 0" >&2; exit 2 ;;
+esac
 if [ -n "${BATCH_SIZE:-}" ]; then
   echo "error: BATCH_SIZE (per GPU) is replaced by GLOBAL_BATCH (all GPUs together, default 16): set GLOBAL_BATCH" >&2
   exit 2
@@ -49,8 +52,5 @@ python3 -m cmdistill.launch "$SCRIPT" \
   --lora_rank 64 --lora_alpha 64 \
   --dataloader_num_workers "${NUM_WORKERS:-4}" \
   --resume_from_checkpoint latest \
-  $([ "${COMPILE:-0}" != 0 ] && echo --compile_teacher --compile_blocks) \
-  $([ "${COMPILE:-0}" != 0 ] && [ "$NAME" = cm ] && [ "${MERGED_TARGET:-1}" != 0 ] && echo --merged_target) \
-  $([ "${COMPILE:-0}" != 0 ] && [ "${CHANNELS_LAST:-1}" != 0 ] && echo --teacher_channels_last) \
-  $([ "${COMPILE:-0}" != 0 ] && [ "${FREEZING:-1}" != 0 ] && echo --teacher_freezing) \
+  --compile "$COMPILE" \
   "$@"

@@ -67,7 +67,7 @@ def _cell_metrics(folder):
 
 
 def test_toy_sweep_runs_skips_reproduces_and_reports(small_world, tmp_path, capsys):
-    from cmdistill.toy.sweep import main, report_main
+    from cmdistill.toy.study import main, report_main
 
     out, res, doc = tmp_path / "work", tmp_path / "results", tmp_path / "docs" / "toy_study.md"
     def flags(budget=2):

@@ -20,7 +20,10 @@ import torch
 from PIL import Image
 
 from cmdistill import results
-from cmdistill.evaluation.cli import init_noise_main, resolve_lora, student_main, teacher_main
+from cmdistill.evaluation.init_noise import init_noise_main
+from cmdistill.evaluation.student import student_main
+from cmdistill.evaluation.teacher import teacher_main
+from cmdistill.evaluation.weights import resolve_lora
 from cmdistill.evaluation.generate import conditioning, load_models, student_sampler, teacher_sampler
 from cmdistill.evaluation.inputs import InitNoise
 from cmdistill.models import DEFAULT_LORA_TARGETS, add_lora, encode_prompts, load_teacher, save_lora
@@ -610,7 +613,7 @@ def test_error_classes_are_one_line_before_loading(case, tiny_pipeline, tiny_ima
                                                    tmp_path, capsys, monkeypatch):
     """Each bad input: exit status 2, one line naming the file or flag and the fix, no traceback, and no
     model loaded (the loader is replaced by one that fails the test)."""
-    import cmdistill.evaluation.cli as cli
+    import cmdistill.evaluation.driver as cli
 
     def no_load(*a, **k):
         raise AssertionError("models loaded before the input was checked")
@@ -659,7 +662,9 @@ def test_reference_mismatch_can_be_allowed(student_unet, tiny_pipeline, teacher_
 def test_every_flag_has_help_and_shows_its_default():
     import re
 
-    from cmdistill.evaluation.cli import init_noise_parser, student_parser, teacher_parser
+    from cmdistill.evaluation.init_noise import init_noise_parser
+    from cmdistill.evaluation.student import student_parser
+    from cmdistill.evaluation.teacher import teacher_parser
 
     for parser in (teacher_parser(), student_parser(), init_noise_parser()):
         text = parser.format_help()
@@ -676,12 +681,12 @@ def test_every_flag_has_help_and_shows_its_default():
 
 
 def test_resolution_defaults_to_the_init_noise_file_then_the_model(tiny_pipeline, tmp_path):
-    from cmdistill.evaluation.cli import _resolve_size_and_grid
+    from cmdistill.evaluation.flags import resolve_size_and_grid
 
     def resolved(**kw):
         args = SimpleNamespace(pretrained_teacher_model=str(tiny_pipeline), pretrained_vae_model_name_or_path=None,
                                revision=None, teacher_revision=None, **{"resolution": None, "init_noise": None, **kw})
-        _resolve_size_and_grid(args, N, "--num_original_inference_steps")
+        resolve_size_and_grid(args, N, "--num_original_inference_steps")
         return args.resolution
 
     assert resolved() == RES  # the tiny UNet's sample_size 8 x the VAE factor 8
@@ -702,7 +707,8 @@ def test_old_png_samples_need_overwrite_or_png(tmp_path):
 
 
 def test_empty_captions_stay_empty_and_are_counted(tmp_path):
-    from cmdistill.evaluation.inputs import empty_caption_note, read_captions_file, read_metadata
+    from cmdistill.data import empty_caption_note
+    from cmdistill.evaluation.inputs import read_captions_file, read_metadata
 
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.jpg", "text": null}\n'
                                              '{"file_name": "b.jpg", "text": "a dog"}\n')
@@ -710,7 +716,8 @@ def test_empty_captions_stay_empty_and_are_counted(tmp_path):
     assert captions == ["", "a dog"]
     (tmp_path / "caps.json").write_text('[null, "", "a cat"]')
     assert read_captions_file(tmp_path / "caps.json") == ["", "", "a cat"]
-    assert empty_caption_note(["", " ", "a"], "caps") == "2 of 3 captions of caps are empty: kept as empty strings"
+    assert empty_caption_note(["", " ", "a"], "caps") == '2 of 3 captions of caps are empty: they are kept as empty ' \
+                                                         'prompts ("")'
     assert empty_caption_note(["a"], "caps") is None
 
 

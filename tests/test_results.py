@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cmdistill import results
+from cmdistill import results, summary
 
 
 def fake_run(root: Path, name: str, objective: str | None, seed: int | None, metrics_by_k: dict, lr=1e-3,
@@ -111,13 +111,13 @@ def test_missing_metrics_json_is_a_one_line_error(tmp_path, capsys):
 
 def test_compare_pairs_the_objectives_by_setting_and_seed(runs):
     rows = results.collect([str(r) for r in runs])
-    ode = {c["steps"]: c for c in results.compare(rows, "ode_error")}
+    ode = {c["steps"]: c for c in summary.compare(rows, "ode_error")}
     assert set(ode) == {1, 2, 4}  # the lr=1e-4 CM has no Direct CM of its recipe: no comparison
     c = ode[2]
     assert c["n"] == 3 and c["seeds"] == [0, 1, 2] and (c["better"], c["worse"]) == (3, 0)
     assert c["a"] == pytest.approx(0.2 / 2 + 0.01) and c["b"] == pytest.approx(0.3 / 2 + 0.01)
     assert c["setting"]["learning_rate"] == 1e-3 and "objective" not in c["setting"]
-    fd = results.compare(rows, "fd_toy")[0]  # the same values for both objectives: tied in every seed
+    fd = summary.compare(rows, "fd_toy")[0]  # the same values for both objectives: tied in every seed
     assert (fd["better"], fd["worse"]) == (0, 0)
-    acc = results.compare(rows, "toy_caption_acc", lower_is_better=False)[0]
+    acc = summary.compare(rows, "toy_caption_acc", lower_is_better=False)[0]
     assert acc["better"] == acc["worse"] == 0

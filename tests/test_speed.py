@@ -241,7 +241,7 @@ def test_frozen_compiled_teacher_gives_the_eager_values():
     with pytest.raises(UserError, match="freezing applies"):
         fast.compile_unet(view, mode="max-autotune-no-cudagraphs", freezing=True)
     from cmdistill.args import training_parser
-    from cmdistill.evaluation.cli import teacher_parser
+    from cmdistill.evaluation.teacher import teacher_parser
     from cmdistill.train import validate_args
 
     with pytest.raises(UserError, match="add --compile_teacher"):
@@ -285,11 +285,13 @@ def test_channelwise_group_norm_is_group_norm():
 
 def test_channels_last_compiled_teacher_gives_the_eager_values():
     """--teacher_channels_last / --compile_channels_last: the teacher view with channel-wise group norms (every
-    weight shared) gives the view's values; compiled by inductor in channels_last with freezing (COMPILE=1 in the
-    scripts) too, at two batch sizes (dynamic batch; float32, CPU). Without the compile flag: one-line errors."""
+    weight shared) gives the view's values; compiled by inductor in channels_last with freezing (Direct CM's
+    --compile on) too, at two batch sizes (dynamic batch; float32, CPU). Without the compile flag: one-line errors."""
     from cmdistill.args import training_parser
     from cmdistill.errors import UserError
-    from cmdistill.evaluation.cli import _check_compile_flags, student_parser, teacher_parser
+    from cmdistill.evaluation.flags import check_compile_flags
+    from cmdistill.evaluation.student import student_parser
+    from cmdistill.evaluation.teacher import teacher_parser
     from cmdistill.train import validate_args
 
     unet = student_unet(torch.float32)
@@ -312,8 +314,8 @@ def test_channels_last_compiled_teacher_gives_the_eager_values():
     fast.compile_unet(view, mode="max-autotune-no-cudagraphs", channels_last=True)  # a mode with options: not refused
     for parser in (teacher_parser, student_parser):
         with pytest.raises(UserError, match="add --compile"):
-            _check_compile_flags(parser().parse_args(["--compile_channels_last"]))
-        _check_compile_flags(parser().parse_args(["--compile", "--compile_channels_last"]))
+            check_compile_flags(parser().parse_args(["--compile_channels_last"]))
+        check_compile_flags(parser().parse_args(["--compile", "--compile_channels_last"]))
 
 
 def test_base_view_refuses_a_forward_it_cannot_follow():
@@ -395,7 +397,7 @@ def test_compile_flags_give_the_same_losses(tiny_pipeline, tiny_image_folder, tm
     monkeypatch.setattr(fast, "compile_blocks", lambda unet: blocks.append(real_blocks(unet, backend="aot_eager")))
     losses = {}
     for flag in ([], ["--compile_teacher", "--compile_mode", "max-autotune-no-cudagraphs"],
-                 ["--compile_blocks", "--compile_teacher"]):  # COMPILE=1 in the scripts
+                 ["--compile_blocks", "--compile_teacher"]):  # --compile on's set for Direct CM (fast.plan)
         torch._dynamo.reset()
         out = tmp_path / ("-".join(flag).replace("--", "") or "eager")
         args = training_parser("direct_cm").parse_args([

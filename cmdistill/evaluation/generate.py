@@ -7,12 +7,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .. import models as M
 from ..fast import compile_unet, to_device
 from ..guidance import GuidedEps, UNetEps
 from ..noise import per_sample_noise
+from ..progress import Progress
 from ..sampling import student_sample, teacher_sample
 from ..schedule import Grid, NoiseSchedule
 from ..solvers import get_solver
@@ -130,8 +130,8 @@ def generate(store: SampleStore, todo: list[int], captions: list[str], init_nois
              featurize: Callable | None = None) -> None:
     """Generate the captions ``todo`` in batches; each batch's images and latents are committed at once,
     with ``featurize(images)`` (the instance metrics' features of the in-memory images) if given."""
-    bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not show_progress, dynamic_ncols=True,
-               bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}, {rate_fmt}]")
+    bar = Progress(len(todo), desc, "img", enabled=show_progress, dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}, {rate_fmt}]")
     for b in range(0, len(todo), batch_size):
         idx = todo[b:b + batch_size]
         cond = conditioning(models, [captions[i] for i in idx], store.resolution)
@@ -139,6 +139,5 @@ def generate(store: SampleStore, todo: list[int], captions: list[str], init_nois
         latents = sample(x_T, cond, idx, lambda f: bar.update(f * len(idx)))
         images = decode(models.vae, latents, vae_batch_size)
         store.write_batch(idx, latents, images, featurize(images) if featurize else None)
-        bar.n = b + len(idx)
-        bar.refresh()
+        bar.update(b + len(idx) - bar.n)  # the batch counted whole, whatever its ticks added up to
     bar.close()

@@ -12,6 +12,7 @@ import torch
 
 from ..data import caption_text  # one rule for training and evaluation: a missing caption is ""
 from ..errors import UserError
+from ..files import atomic_save_image, atomic_torch_save
 from ..noise import per_sample_noise
 
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")
@@ -19,12 +20,6 @@ METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 
 # ---------------------------------------------------------------------------------------------
 # Captions
-
-
-def empty_caption_note(captions: list[str], source) -> str | None:
-    """One line counting the empty captions of ``source``, or None."""
-    n = sum(not c.strip() for c in captions)
-    return f"{n} of {len(captions)} captions of {source} are empty: kept as empty strings" if n else None
 
 
 def _read_table(path: Path) -> list[dict]:
@@ -73,6 +68,18 @@ def read_captions_file(path: str | Path) -> list[str]:
 
 def captions_digest(captions: list[str]) -> str:
     return hashlib.sha256(json.dumps(captions).encode()).hexdigest()[:16]
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object a program wrote (training_config.json, eval_config.json): {} if the file is absent."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"'{path}' is not readable JSON ({type(e).__name__}): restore it, or delete it and rerun "
+                        "the program that wrote it") from None
+    return data if isinstance(data, dict) else {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,8 +184,6 @@ def noise_resolution(table: torch.Tensor) -> int:
 def make_init_noise(path: str | Path, num_captions: int, resolution: int, seed: int, chunk: int = 256) -> Path:
     """Write ``[num_captions, 4, H/8, W/8]`` float32 noise, row i = ``per_sample_noise(seed, [i], ...)``:
     a run with the file and a run without it then start from the same noise."""
-    from .store import atomic_torch_save
-
     shape = latent_shape(resolution)
     table = torch.empty((num_captions, *shape), dtype=torch.float32)
     for a in range(0, num_captions, chunk):
@@ -222,7 +227,5 @@ def prepare_reference_image(src: Path, dst: Path, resolution: int, write: bool =
         im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BILINEAR)
         left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
         im = im.crop((left, top, left + resolution, top + resolution))
-    from .store import atomic_save_image
-
     atomic_save_image(im, dst)
     return dst

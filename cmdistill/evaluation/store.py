@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..files import atomic_save_image, atomic_torch_save, atomic_write_text
 
 CONFIG_NAME = "eval_config.json"
 LATENTS_NAME = "latents.pt"
@@ -28,31 +29,6 @@ FEATURES_NAME = "instance_features.pt"
 IMAGE_FORMATS = ("jpg", "png")
 # Identity keys added after samples were first written, with the value those older samples had.
 LEGACY_IDENTITY = {"image_format": "png"}
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    tmp = _tmp(Path(path))
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_save_image(image, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    # No options: JPEG at PIL's defaults (quality 75, 4:2:0), byte for byte the paper's image.save(f"{i}.jpg").
-    image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG"))
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = _tmp(Path(path))
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _load(path: Path):

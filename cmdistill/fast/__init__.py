@@ -8,7 +8,8 @@ trainer asks ``build`` for its eps functions and does not know how they were mad
 * ``checkpointing``: selective activation checkpointing sized to a memory budget;
 * ``copies``: host-to-device copies without a host sync (injected into the science as ``copy=``);
 * ``lookahead``: teacher work of the next batches issued ahead (trajectory pool, CM lookahead);
-* ``cfg``: the choice between batched and separate guidance passes.
+* ``cfg``: the choice between batched and separate guidance passes;
+* ``plan``: ``--compile off|on|auto``, the compiled set of each objective and whether it repays its compile time.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..guidance import UNetEps
-from . import checkpointing
+from . import checkpointing, plan
 from .cfg import AdaptiveCFG
 from .compile import (BLOCK_TYPES, COMPILE_MODES, RECOMPILE_LIMIT, ChannelwiseGroupNorm, channelwise_norms,
                       compile_blocks, compile_unet)
@@ -27,7 +28,7 @@ from .views import MergedAdapters, base_view
 
 __all__ = ["AdaptiveCFG", "BLOCK_TYPES", "COMPILE_MODES", "ChannelwiseGroupNorm", "Fast", "LookaheadCMTargets",
            "MergedAdapters", "PooledTargets", "RECOMPILE_LIMIT", "TrajectoryPool", "base_view", "build",
-           "channelwise_norms", "checkpointing", "compile_blocks", "compile_unet", "to_device"]
+           "channelwise_norms", "checkpointing", "plan", "compile_blocks", "compile_unet", "to_device"]
 
 
 @dataclass

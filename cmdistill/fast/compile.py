@@ -3,6 +3,10 @@ and the channels_last form of its group norms (docs/method.md §11)."""
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
+
 import torch
 
 from ..errors import UserError
@@ -11,6 +15,27 @@ from .views import _tree_view
 # torch.compile modes that the flags offer: none that replays CUDA graphs (their outputs are overwritten by the next
 # replay; measured and rejected, benchmarks/RESULTS.md).
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+logger = logging.getLogger(__name__)
+
+
+def compile_cache() -> Path:
+    """The folder of torch.compile's on-disk caches (inductor's compiled kernels and FX graphs, AOTAutograd's
+    graphs), kept between runs: ``$TORCHINDUCTOR_CACHE_DIR`` where set, else ``$XDG_CACHE_HOME/cmdistill/
+    torch_compile`` (``~/.cache/...``) instead of inductor's own default under /tmp, which a reboot clears. A
+    later run of the same graphs (training, ``test.py``, ``test_teacher.py``; a copy of the folder on another
+    machine of the same GPU and versions) loads them instead of compiling again. Called before the first
+    compile of a process; the folder can be deleted at any time."""
+    if not os.environ.get(CACHE_ENV):
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        os.environ[CACHE_ENV] = str(base / "cmdistill" / "torch_compile")
+    path = Path(os.environ[CACHE_ENV])
+    if getattr(compile_cache, "_said", None) != path:
+        logger.info("torch.compile cache: %s (%s)", path, "reused" if path.is_dir() and any(path.iterdir())
+                    else "empty: the first compile fills it")
+        compile_cache._said = path
+    return path
 
 
 def compile_unet(unet, backend: str = "inductor", mode: str | None = None, freezing: bool = False,
@@ -32,6 +57,7 @@ def compile_unet(unet, backend: str = "inductor", mode: str | None = None, freez
     if freezing and (backend != "inductor" or mode not in (None, "default")):
         raise UserError("freezing applies to torch.compile's default mode with the inductor backend: drop "
                         "--compile_mode, or the freezing flag")
+    compile_cache()
     if channels_last:
         unet = channelwise_norms(unet)
     options = {**({"freezing": True} if freezing else {}),
@@ -110,6 +136,7 @@ def compile_blocks(unet, enabled: bool = True, backend: str = "inductor", mode: 
     blocks."""
     blocks = [m for m in unet.modules() if type(m).__name__ in BLOCK_TYPES]
     if enabled:
+        compile_cache()
         # A class's compiled code has an entry per parameter shape (SDXL: ~12 ResNet configurations) x grad mode
         # x tree (the student's blocks, the teacher view's, the merged target's) x batch (static, then dynamic):
         # far more than dynamo's default of 8 per code object, past which blocks would silently run eager.

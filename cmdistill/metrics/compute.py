@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..progress import track
 from .extractors import FeatureExtractor, load_feature_extractor
 from .frechet import frechet_distance
 from .instance import MetricContext, get_instance_metric
@@ -76,7 +76,7 @@ def extract_features(paths: Sequence[str], extractors: dict[str, FeatureExtracto
                         pin_memory=device.type == "cuda")
     out: dict[str, list[np.ndarray]] = {k: [] for k in extractors}
     with torch.inference_mode():
-        for batch in tqdm(loader, desc=f"{desc} ({', '.join(extractors)})", unit="batch"):
+        for batch in track(loader, f"{desc} ({', '.join(extractors)})", "batch"):
             bad = batch["index"][~batch["ok"]]
             if len(bad):
                 raise UserError(f"image file '{paths[int(bad[0])]}' does not decode (truncated or corrupt): delete "

@@ -54,9 +54,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["sweep"], ["report"]):
-        from . import sweep
+        from . import study
 
-        return (sweep.main if argv[0] == "sweep" else sweep.report_main)(argv[1:])
+        return (study.main if argv[0] == "sweep" else study.report_main)(argv[1:])
     args = _parser().parse_args(argv)
     if args.cmd == "build":
         kw = dict(REDUCED) if args.reduced else {}

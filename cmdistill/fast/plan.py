@@ -1,0 +1,148 @@
+"""``--compile off|on|auto``: which compilation a training run gets, and (``auto``) whether its compile time is
+repaid by the steps it makes faster (docs/method.md §11).
+
+``on`` is the recipe's compiled set, measured per objective on an H200 (benchmarks/RESULTS.md, whole-recipe time):
+
+* CM: every UNet block compiled once per block shape (regional compilation: the student, the teacher view and the
+  merged target share the compiled code of a block class) and the target pass on merged weights. A whole-UNet
+  compile of the teacher is no faster per CM step and costs minutes more to compile.
+* Direct CM: the teacher compiled whole (dynamic batch, channels_last, freezing: its calls are most of the step)
+  and the student's blocks.
+
+``auto`` compiles on a GPU when ``steps x (eager step - compiled step) > compile time``, with the step times of
+the recipe scaled to this run's work per step (pixels x samples per device) and the compile time of a cold cache,
+or of a warm one where this machine's compile cache (``compile.compile_cache``) holds the same graphs. Each
+compiled run records its measured compile time (first step minus a steady one) and step time in that cache; later
+``auto`` decisions use them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .compile import compile_cache
+
+logger = logging.getLogger(__name__)
+RECORD_NAME = "cmdistill_compile_record.json"
+CHOICES = ("off", "on", "auto")
+FLAGS = ("compile_teacher", "teacher_channels_last", "teacher_freezing", "compile_blocks", "merged_target")
+
+# Seconds on one H200 at 1024 px with 16 samples per device (benchmarks/RESULTS.md): the recipe's eager and
+# compiled steps (precomputed inputs) and the compile time with an empty and with a filled cache.
+RECIPE_COSTS = {
+    "cm": dict(eager_step_s=2.76, compiled_step_s=2.0, cold_compile_s=140.0, warm_compile_s=50.0),
+    "direct_cm": dict(eager_step_s=46.0, compiled_step_s=22.5, cold_compile_s=610.0, warm_compile_s=300.0),
+}
+
+
+def on_flags(objective: str, args) -> dict:
+    """The flags that ``--compile on`` sets for ``objective``."""
+    if objective == "cm":
+        return dict(compile_blocks=True, merged_target=not args.lora_dropout)
+    return dict(compile_teacher=True, teacher_channels_last=True, teacher_freezing=True, compile_blocks=True)
+
+
+def record_key(objective: str, args, flags: dict | None = None) -> str:
+    """What the compiled graphs depend on: objective, sizes, precision, versions, the card and the compile flags
+    (``flags``, else those set in ``args``)."""
+    flags = flags if flags is not None else {k: getattr(args, k, False) for k in FLAGS}
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    on = ",".join(sorted(k for k, v in flags.items() if v))
+    return (f"{objective}|{args.resolution}px|b{args.train_batch_size}|{args.mixed_precision}|torch {torch.__version__}"
+            f"|{card}|{on}")
+
+
+def read_record() -> dict:
+    path = compile_cache() / RECORD_NAME
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@dataclass
+class Estimate:
+    steps: int
+    saved_per_step_s: float
+    compile_s: float
+    cache: str  # "cold", "warm" or "measured"
+
+    @property
+    def repays(self) -> bool:
+        return self.steps * self.saved_per_step_s > self.compile_s
+
+    def __str__(self):
+        return (f"{self.steps} steps x {self.saved_per_step_s:.2f} s saved = {self.steps * self.saved_per_step_s:.0f} s "
+                f"{'>' if self.repays else '<='} {self.compile_s:.0f} s to compile ({self.cache} cache)")
+
+
+def estimate(objective: str, args, steps: int, record: dict | None = None) -> Estimate:
+    """The time ``--compile on`` would save over ``steps`` steps, and its compile time, for this run's sizes."""
+    costs = RECIPE_COSTS[objective]
+    work = (args.resolution / 1024) ** 2 * args.train_batch_size / 16
+    saved = (costs["eager_step_s"] - costs["compiled_step_s"]) * work
+    entry = (record if record is not None else read_record()).get(record_key(objective, args, on_flags(objective, args)))
+    if entry is None:
+        return Estimate(steps, saved, costs["cold_compile_s"], "cold")
+    if entry.get("warm_compile_s") is not None:
+        return Estimate(steps, saved, entry["warm_compile_s"], "measured")
+    return Estimate(steps, saved, costs["warm_compile_s"], "warm")
+
+
+def resolve(objective: str, args, device: torch.device, steps: int) -> str:
+    """Sets the compile flags that ``args.compile`` asks for (``auto``: decided here) and returns what was decided,
+    e.g. ``"auto: off (no GPU)"``; the individual flags given by hand stay set."""
+    choice = getattr(args, "compile", "off") or "off"
+    if choice == "off":
+        return "off"
+    if choice == "auto":
+        if device.type != "cuda":
+            return "auto: off (no GPU)"
+        if any(getattr(args, k, False) for k in FLAGS):
+            return "auto: off (compile flags given by hand)"
+        est = estimate(objective, args, steps)
+        decided = f"auto: {'on' if est.repays else 'off'} ({est})"
+        if not est.repays:
+            return decided
+    else:
+        decided = "on"
+    for k, v in on_flags(objective, args).items():
+        setattr(args, k, getattr(args, k, False) or v)
+    return decided
+
+
+class CompileTimer:
+    """Records, in the compile cache, the compile time of a compiled run (its first step minus its next one) and
+    its step time, for later ``auto`` decisions."""
+
+    def __init__(self, objective: str, args):
+        compiled = args.compile_teacher or args.compile_blocks
+        self.key = record_key(objective, args) if compiled else None
+        self.first = None
+
+    def observe(self, step_s: float):
+        if self.key is None:
+            return
+        if self.first is None:
+            self.first = step_s
+            return
+        record = read_record()
+        entry = record.setdefault(self.key, {})
+        kind = "warm_compile_s" if entry else "cold_compile_s"
+        entry.update({kind: round(max(self.first - step_s, 0.0), 1), "step_s": round(step_s, 3)})
+        path = compile_cache() / RECORD_NAME
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+            os.replace(tmp, path)
+        except OSError as e:  # a read-only cache folder costs later estimates, not this run
+            logger.warning("could not record the compile time in %s: %s", path, e)
+        logger.info("compile time %.0f s (first step %.1f s, then %.2f s a step), recorded in %s",
+                    self.first - step_s, self.first, step_s, path)
+        self.key = None

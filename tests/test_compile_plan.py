@@ -1,0 +1,84 @@
+"""--compile off|on|auto (cmdistill.fast.plan): the compiled set per objective, the auto estimate from the planned
+steps and the compile cache's record, and the record a compiled run writes."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cmdistill.fast import plan
+
+
+def _args(**kw):
+    base = dict(compile="auto", resolution=1024, train_batch_size=16, mixed_precision="fp16", lora_dropout=0.0,
+                compile_teacher=False, teacher_channels_last=False, teacher_freezing=False, compile_blocks=False,
+                merged_target=False)
+    return SimpleNamespace(**{**base, **kw})
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_on_sets_each_objectives_compiled_set(cache):
+    cuda = torch.device("cuda")
+    args = _args(compile="on")
+    assert plan.resolve("cm", args, cuda, 250) == "on"
+    assert args.compile_blocks and args.merged_target and not args.compile_teacher  # regional, no whole teacher
+    args = _args(compile="on", lora_dropout=0.1)  # the merged target cannot apply dropout
+    plan.resolve("cm", args, cuda, 250)
+    assert args.compile_blocks and not args.merged_target
+    args = _args(compile="on")
+    plan.resolve("direct_cm", args, torch.device("cpu"), 250)  # on is on, wherever it runs
+    assert args.compile_teacher and args.teacher_channels_last and args.teacher_freezing and args.compile_blocks
+    assert not args.merged_target
+    args = _args(compile="off")
+    assert plan.resolve("cm", args, cuda, 250) == "off" and not args.compile_blocks
+
+
+def test_auto_compiles_where_the_planned_steps_repay_it(cache):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    args = _args()
+    assert plan.resolve("cm", args, cpu, 10_000) == "auto: off (no GPU)" and not args.compile_blocks
+    cm = plan.RECIPE_COSTS["cm"]
+    saved = cm["eager_step_s"] - cm["compiled_step_s"]
+    breakeven = cm["cold_compile_s"] / saved
+    few, many = int(breakeven) - 1, int(breakeven) + 1
+    assert plan.resolve("cm", args, cuda, few).startswith("auto: off") and not args.compile_blocks
+    decided = plan.resolve("cm", args, cuda, many)
+    assert decided.startswith("auto: on") and "cold cache" in decided and args.compile_blocks
+    # Less work per step saves less per step: a quarter of the pixels needs four times the steps.
+    small = _args(resolution=512)
+    assert plan.resolve("cm", small, cuda, many).startswith("auto: off")
+    assert plan.estimate("cm", small, many).saved_per_step_s == pytest.approx(saved / 4)
+    # Flags given by hand are the user's choice.
+    hand = _args(compile_blocks=True)
+    assert plan.resolve("cm", hand, cuda, 10_000) == "auto: off (compile flags given by hand)"
+    assert hand.compile_blocks and not hand.merged_target
+
+
+def test_a_compiled_run_records_its_compile_time_and_auto_reads_it(cache):
+    cuda = torch.device("cuda")
+    args = _args(compile="on")
+    plan.resolve("cm", args, cuda, 250)
+    timer = plan.CompileTimer("cm", args)
+    for s in (141.0, 2.0, 2.0):  # the first step compiles
+        timer.observe(s)
+    record = json.loads((cache / plan.RECORD_NAME).read_text())
+    (entry,) = record.values()
+    assert entry == {"cold_compile_s": 139.0, "step_s": 2.0}
+    # The cache now holds these graphs: the next estimate is a warm one, then the measured warm time.
+    assert plan.estimate("cm", _args(), 250).cache == "warm"
+    timer = plan.CompileTimer("cm", args)
+    timer.observe(32.0)
+    timer.observe(2.0)
+    est = plan.estimate("cm", _args(), 250)
+    assert (est.cache, est.compile_s) == ("measured", 30.0)
+    # An eager run records nothing.
+    eager = plan.CompileTimer("cm", _args())
+    eager.observe(5.0)
+    eager.observe(2.0)
+    assert len(json.loads((cache / plan.RECORD_NAME).read_text())) == 1
