@@ -96,6 +96,10 @@ def test_toy_sweep_runs_skips_reproduces_and_reports(small_world, tmp_path, caps
     capsys.readouterr()
     main(flags() + ["--workers", "0"])
     assert "2 finished" in capsys.readouterr().out
+    main(flags(budget=3) + ["--budgets", "2", "3", "--dry_run", "cuda"])  # lists the cells, runs nothing
+    listed = capsys.readouterr().out
+    assert "cm_b2_N10_w3_s0" in listed and "finished" in listed and "direct_cm_b3_N10_w3_s0" in listed
+    assert "4 cells, 2 finished" in listed and not (out / "cells" / "cm_b3_N10_w3_s0").exists()
     assert {c: (res / "cells" / c / "metrics.json").read_text() for c in cells} == before
 
     # A time limit starts no cell that cannot finish in it.

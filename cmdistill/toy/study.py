@@ -15,6 +15,7 @@ from .. import results, summary
 from ..errors import UserError
 from .sweep import AXES, CONFIG_FLAGS, CONFIG_NAME, Cell, cells, dry_run, finished, parser, run, setting_name
 
+
 def _rows(a, cell_names=None, teachers=None) -> list[dict]:
     res = Path(a.results)
     folders = [d for d in sorted((res / "cells").glob("*")) if (d / results.METRICS_NAME).is_file()
@@ -103,9 +104,14 @@ def findings(rows: list[dict]) -> list[dict]:
 
 
 def _where(comps: list[dict], holds: bool) -> str:
-    """'budget 150, N = 10, w = 3 at 1 step (3 of 3 seeds), 2 steps (2 of 3); ...'."""
+    """'budget 150, N = 10, w = 3 at 1 step (3 of 3 seeds), 2 steps (2 of 3 seeds); ...': the comparisons that
+    hold (or not), by setting, with the seeds that go the paper's way."""
+    def order(c):
+        s = c["setting"]
+        return (s.get("max_train_steps") or 0, s.get("num_discr_timesteps") or 0, s.get("w") or 0, c["steps"] or 0)
+
     by: dict[str, list] = {}
-    for c in comps:
+    for c in sorted(comps, key=order):
         if c["holds"] == holds:
             by.setdefault(_fmt_setting(c["setting"]), []).append(c)
     parts = []

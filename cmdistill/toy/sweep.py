@@ -149,16 +149,19 @@ def finished(a, cell: Cell) -> bool:
     return True
 
 
-def record_cell(a, cell: Cell, rdir: Path, calls: list[Call], seconds: list[float], device: str) -> None:
-    """The finished cell's small files into ``--results/cells/<name>``."""
+def record_cell(a, cell: Cell, rdir: Path, programs: list[Call], ran: list[Call], seconds: list[float],
+                device: str) -> None:
+    """The finished cell's small files into ``--results/cells/<name>``: its metrics and training configuration,
+    and ``cell.json`` (its settings, its one command, the program calls it makes, the seconds of those that ran
+    here)."""
     folder = Path(a.results) / "cells" / cell.name
     folder.mkdir(parents=True, exist_ok=True)
     for name in CELL_FILES:
         if (rdir / name).is_file():
             shutil.copyfile(rdir / name, folder / name)
     info = {"cell": cell.name, "spec": asdict(cell), "recipe": recipe(a), "command": cell_command(a, cell),
-            "programs": [c.command(a.threads) for c in calls], "seconds": dict(zip([c.program for c in calls],
-                                                                                    [round(s, 1) for s in seconds])),
+            "programs": [c.command(a.threads) for c in programs],
+            "seconds": {c.program: round(s, 1) for c, s in zip(ran, seconds)},
             "device": device, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     (folder / "cell.json").write_text(json.dumps(info, indent=1) + "\n")
 
@@ -178,14 +181,18 @@ def device_name() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Time estimates: seconds of one worker per training step, per caption and sampling step, per program start.
-# CPU: measured on a 2-core machine, one torch thread (docs/toy_study.md); CUDA: an H200, measured the same way.
-# A cell's training step costs one student forward/backward and the teacher's work: one guided DDIM step for CM,
-# the solve to t = 0 for Direct CM (N/2 guided steps on average).
-COSTS = {"cpu": {"student": 0.17, "teacher_step": 0.08, "sample": 0.0017, "image": 0.008, "start": 6.0,
-                 "precompute": 40.0},
-         "cuda": {"student": 0.012, "teacher_step": 0.004, "sample": 0.00005, "image": 0.001, "start": 3.0,
-                  "precompute": 10.0}}
+# Time estimates, seconds of one worker: per training step, a student forward/backward with the optimizer step
+# (``student``) and the teacher's guided steps (``teacher_step`` each: one for CM, the solve to t = 0 for Direct CM,
+# N/2 on average); per caption, a sampling step (``sample``) and a decoded, saved and scored image (``image``); per
+# program, its start in a warm worker (``start``). CPU: measured at budget 150 on the 2-core development machine,
+# one torch thread, under a load of 2-3 (a Direct CM step 0.57 s, a CM step 0.28 s, test.py on 1000 captions at
+# 1/2/4/8 steps 70 s, the N = 10 references 52 s). CUDA: not measured; an H200 runs these 8x8-latent networks
+# bound by kernel launches, about 10 ms a UNet forward (540 operations), whatever the batch. A sweep's finished
+# cells calibrate the estimate of the rest (``calibration``).
+COSTS = {"cpu": {"student": 0.21, "teacher_step": 0.073, "sample": 0.00185, "image": 0.009, "start": 6.0,
+                 "precompute": 35.0},
+         "cuda": {"student": 0.04, "teacher_step": 0.02, "sample": 0.0001, "image": 0.001, "start": 4.0,
+                  "precompute": 15.0}}
 
 
 # Worker processes sharing one GPU: each is bound by its own kernel launches, so several keep the GPU busier.
@@ -227,12 +234,13 @@ def _jobs(a, todo: list[Cell], refs: list[tuple]) -> tuple[list[Job], dict]:
     for cell in todo:
         rdir = out / "cells" / cell.name
         log = logs / f"{cell.name}.log"
-        calls = [] if trained(rdir, cell.budget) else [
-            train_call(a, rdir, cell.objective, cell.seed, cell.budget, cell.N, cell.w, precomputed, log)]
         ref = reference_folder(teacher_dir(a, cell.N, cell.w), cell.N, cell.w)
-        calls.append(eval_call(a, rdir, ref, a.num_inference_steps, log))
+        programs = [train_call(a, rdir, cell.objective, cell.seed, cell.budget, cell.N, cell.w, precomputed, log),
+                    eval_call(a, rdir, ref, a.num_inference_steps, log)]
+        # A run trained in --out already (its evaluation was interrupted) is only evaluated.
+        calls = programs[1:] if trained(rdir, cell.budget) else programs
         jobs.append(Job(cell.name, calls, ("precompute", f"teacher_N{cell.N}_w{cell.w:g}")))
-        meta[cell.name] = ("cell", cell, rdir)
+        meta[cell.name] = ("cell", cell, rdir, programs)
     return jobs, meta
 
 
@@ -299,7 +307,7 @@ def run(a) -> dict:
         ratio["measured"] += sum(seconds)
         ratio["estimated"] += _estimate(a, job, meta, cost)
         if what[0] == "cell":
-            record_cell(a, what[1], what[2], job.calls, seconds, device)
+            record_cell(a, what[1], what[2], what[3], job.calls, seconds, device)
         elif what[0] == "teacher":
             record_teacher(a, what[1], what[2])
         print(f"[{time.time() - t0:6.0f} s] {job.name} done in {sum(seconds):.0f} s", flush=True)
@@ -312,12 +320,33 @@ def run(a) -> dict:
     return {k: sum(v) for k, v in ran.items()}
 
 
+def calibration(a, kind: str) -> tuple[float, int]:
+    """(measured / estimated seconds, count) of the finished cells in --results that ran on ``kind`` (a worker's
+    seconds, as long as the workers running beside it made them), or (1, 0)."""
+    measured = estimated = 0.0
+    count = 0
+    for path in (Path(a.results) / "cells").glob("*/cell.json"):
+        try:
+            info = json.loads(path.read_text())
+            cell, secs = Cell(**info["spec"]), info["seconds"]
+            recipe_a = argparse.Namespace(**info["recipe"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not str(info.get("device", "")).startswith(kind) or len(secs) < 2:  # a cell trained here and scored
+            continue
+        measured += sum(secs.values())
+        estimated += train_estimate(COSTS[kind], cell) + eval_estimate(COSTS[kind], recipe_a)
+        count += 1
+    return (measured / estimated, count) if estimated else (1.0, 0)
+
+
 def dry_run(a) -> None:
     """The cells, which are finished, and the estimated time of the rest (per axis and in all)."""
     import torch
 
-    kind = "cuda" if torch.cuda.is_available() else "cpu"
-    cost = COSTS[kind]
+    kind = a.dry_run if a.dry_run in COSTS else "cuda" if torch.cuda.is_available() else "cpu"
+    scale, measured = calibration(a, kind)
+    cost = {k: v * scale for k, v in COSTS[kind].items()}
     selected = cells(a)
     done = {c.name for c in selected if finished(a, c)}
     ref_done = {(N, w) for N, w in {(c.N, c.w) for c in selected}
@@ -342,6 +371,9 @@ def dry_run(a) -> None:
                     total += est
                     print(f"{c.name:<32} {axis:<9} {'finished' if c.name in done else 'to run':<9} {est:8.0f}")
     workers = default_worker_count(a, kind)
+    if measured:
+        print(f"\n(estimates x {scale:.2f}: the measured seconds of {measured} finished cells on {kind} over their "
+              "estimates)")
     print(f"\n{len(selected)} cells, {len(done)} finished; estimated {total:.0f} s of one worker ("
           + ", ".join(f"{k} {v:.0f} s" for k, v in per_axis.items()) + ")"
           + (f"; with {workers} workers about {total / workers / 60:.1f} min if they run side by side at full speed"
@@ -369,7 +401,8 @@ def add_flags(p: argparse.ArgumentParser, report_only: bool = False) -> None:
     g.add_argument("--time_limit_s", type=float, default=None,
                    help="start no cell that would not finish within this many seconds of the start (its estimate, "
                         "scaled by how the finished ones compared with theirs); running ones finish")
-    g.add_argument("--dry_run", action="store_true", help="list the cells, which are finished, the estimated time")
+    g.add_argument("--dry_run", nargs="?", const="here", choices=["here", *COSTS], default=None,
+                   help="list the cells, which are finished, and the estimated time here (or on cpu / cuda)")
     g.add_argument("--cell", default=None, help="run this one cell in this process (its reproduction), e.g. "
                                                 "cm_b600_N10_w3_s0")
 
