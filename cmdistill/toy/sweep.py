@@ -15,7 +15,8 @@ shared:
 - ``guidance``: w in 1, 3, 9 at ``--fixed_budget``, N = 10;
 
 three seeds each; a cell shared by two axes runs once. The programs run in worker processes
-(``cmdistill.toy.runner``; on CUDA when available). Each cell is reproduced by one command,
+(``cmdistill.toy.runner``): on CUDA when available, four sharing the GPU (each is bound by its own kernel launches),
+else one per core; ``--workers`` says otherwise. Each cell is reproduced by one command,
 ``python -m cmdistill.toy sweep ... --cell NAME``, recorded with the programs it runs in the cell's ``cell.json``.
 
 Two folders: ``--out`` holds the work (precomputed latents, references, runs with their LoRA and samples);
