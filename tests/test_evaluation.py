@@ -29,7 +29,7 @@ from cmdistill.evaluation.inputs import InitNoise
 from cmdistill.models import DEFAULT_LORA_TARGETS, add_lora, encode_prompts, load_teacher, save_lora
 from cmdistill.noise import per_sample_noise
 
-from conftest import ROOT, TINY_CAPTIONS
+from conftest import ROOT, TINY_CAPTIONS, free_port
 
 RES, N, W, SEED = 64, 10, 3.0, 24
 SHAPE = (4, RES // 8, RES // 8)
@@ -395,7 +395,7 @@ def test_two_processes_write_the_same_files_as_one(tiny_pipeline, tiny_image_fol
                TRAIN_DATA_DIR=str(tiny_image_folder), OUTPUT_DIR=str(out), INIT_NOISE=str(noise),
                NUM_ORIGINAL_INFERENCE_STEPS=str(N), GUIDANCE_SCALE=str(W), RESOLUTION=str(RES), WEIGHT_DTYPE="fp32",
                BATCH_SIZE="2", DGM_METRICS="none", INSTANCE_METRICS="none", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT))
+               PYTHONPATH=str(ROOT), ACCELERATE_ARGS=f"--main_process_port {free_port()}")  # tests run side by side
     r = subprocess.run(["bash", str(ROOT / "scripts" / "test_teacher.sh")], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -1,30 +1,37 @@
-"""Precomputed latents and text embeddings give the same training steps as encoding on the fly."""
+"""Precomputed latents and text embeddings give the same training steps as encoding on the fly.
+
+In-process (``cmdistill.precompute.main``, ``cmdistill.train.main``: the programs' own entry points, without an
+interpreter start-up each); the scripts' command lines are run end to end by tests/test_demo.py."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from test_train import ROOT, common, losses, make_image_folder, run_script
+from test_faults import logs
+from test_train import common, losses, make_image_folder
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from cmdistill.tiny import build_tiny_pipeline
-
+def setup(tiny_pipeline, tmp_path_factory):
     base = tmp_path_factory.mktemp("pre")
-    return build_tiny_pipeline(base / "teacher"), make_image_folder(base / "data", n=5), base / "cache"
+    return tiny_pipeline, make_image_folder(base / "data", n=5), base / "cache"
 
 
 def precompute(teacher, data, cache, *extra):
-    r = subprocess.run([sys.executable, "-m", "cmdistill.precompute", "--pretrained_teacher_model", str(teacher),
-                        "--train_data_dir", str(data), "--resolution", "64", "--precomputed_dir", str(cache),
-                        *map(str, extra)], capture_output=True, text=True, cwd=ROOT,
-                       env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
-    assert r.returncode == 0, r.stderr[-2000:]
-    return r
+    from cmdistill.precompute import main
+
+    main(["--pretrained_teacher_model", str(teacher), "--train_data_dir", str(data), "--resolution", "64",
+          "--precomputed_dir", str(cache), *map(str, extra)])
+
+
+def train(objective, *args) -> str:
+    """train_<objective>.py in-process; returns its log lines (cmdistill's logger, INFO and above)."""
+    from cmdistill.train import main
+
+    with logs() as lines:
+        main(objective, [str(a) for a in args])
+    return "\n".join(lines)
 
 
 def test_training_on_the_cache_equals_training_without_it(setup, tmp_path):
@@ -39,10 +46,10 @@ def test_training_on_the_cache_equals_training_without_it(setup, tmp_path):
 
     extra = ("--max_train_steps", 2, "--validation_steps", 0, "--report_to", "none", "--checkpointing_steps", 0,
              "--precomputed_dir", cache, "--solver", "euler")
-    on = run_script("train_direct_cm.py", *common(teacher, data, tmp_path / "on", *extra))
-    off = run_script("train_direct_cm.py", *common(teacher, data, tmp_path / "off", *extra, "--no_precomputed"))
-    assert "using precomputed" in on.stderr and "using precomputed" not in off.stderr
+    on = train("direct_cm", *common(teacher, data, tmp_path / "on", *extra))
+    off = train("direct_cm", *common(teacher, data, tmp_path / "off", *extra, "--no_precomputed"))
+    assert "using precomputed" in on and "using precomputed" not in off
     np.testing.assert_allclose(losses(tmp_path / "on"), losses(tmp_path / "off"), rtol=1e-4)
 
-    other = run_script("train_cm.py", *common(teacher, data, tmp_path / "res", *extra, "--center_crop"))
-    assert "no precomputed latents" in other.stderr  # another crop policy: the cache does not apply
+    other = train("cm", *common(teacher, data, tmp_path / "res", *extra, "--center_crop"))
+    assert "no precomputed latents" in other  # another crop policy: the cache does not apply

@@ -202,7 +202,8 @@ def test_recipe_script_keeps_the_global_batch_and_8bit_adam_across_process_count
     out = tmp_path / "run"
     env = {"MODEL_NAME": str(tiny_pipeline), "VAE_PATH": "", "TRAIN_DATA_DIR": str(tiny_image_folder),
            "OUTPUT_DIR": str(out), "RESOLUTION": "64", "N": "10", "GLOBAL_BATCH": "2", "MIXED_PRECISION": "no",
-           "NUM_WORKERS": "0", "VALIDATION_STEPS": "0", "CHECKPOINT_STEPS": "1", "MAX_STEPS": "1", "NUM_GPUS": "2"}
+           "NUM_WORKERS": "0", "VALIDATION_STEPS": "0", "CHECKPOINT_STEPS": "1", "MAX_STEPS": "1", "NUM_GPUS": "2",
+           "ACCELERATE_ARGS": f"--main_process_port {free_port()}"}  # not 29500: tests may run side by side
     r = recipe_script(env, "--lora_rank", "4")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "--global_batch_size 2" in r.stderr and "--use_8bit_adam" in r.stderr
@@ -245,8 +246,10 @@ def test_two_machines_match_one_process_with_the_same_global_batch(tiny_pipeline
     for m, (_, err) in zip(machines, logs):
         assert m.returncode == 0, err[-3000:]
     assert "1 per device x 2 processes" in logs[0][1]
-    r = subprocess.run([sys.executable, str(ROOT / "train_cm.py"), *args(one)], capture_output=True, text=True,
-                       cwd=ROOT, env={**os.environ, **ENV})
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "2 per device x 1 processes" in r.stderr
+    from cmdistill.train import main  # the one process: in-process (no second interpreter start-up)
+    from test_faults import logs
+
+    with logs() as lines:
+        main("cm", args(one))
+    assert any("2 per device x 1 processes" in line for line in lines), lines
     np.testing.assert_allclose(losses(two), losses(one), rtol=1e-4)

@@ -86,20 +86,33 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+# The test world: the reduced world (``--reduced``: the same data, encoder, VAE and teacher) with a smaller
+# evidence stage (64 captions at w = 1 and 3 instead of 128 at w = 1, 3 and 9: under half of its time) that
+# shows the same. The same settings as flags of ``python -m cmdistill.toy build --reduced``, for the CLI test.
+SMALLER = dict(eval_num=64, eval_ws=(1.0, 3.0))
+SMALLER_FLAGS = ["--eval_num", "64", "--eval_ws", "1", "3"]
+
+
+def world_config(**kw):
+    from cmdistill.toy.__main__ import REDUCED
+    from cmdistill.toy.build import BuildConfig
+
+    return BuildConfig(**{**REDUCED, **SMALLER, **kw})
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """The reduced toy world (``--reduced``), built once for this module."""
-    from cmdistill.toy.__main__ import REDUCED
-    from cmdistill.toy.build import BuildConfig, build
+    """The test world, built once for this module."""
+    from cmdistill.toy.build import build
 
     out = tmp_path_factory.mktemp("toy") / "world"
-    record = build(out, BuildConfig(**REDUCED, threads=1), log=lambda m: None)
+    record = build(out, world_config(threads=1), log=lambda m: None)
     return out, record
 
 
 def test_reduced_build_loads_as_sdxl_teacher(world):
     from cmdistill.models import encode_prompts, load_teacher
-    from cmdistill.toy.build import BuildConfig, build
+    from cmdistill.toy.build import build
 
     out, record = world
     assert set(record["stage_seconds"]) == {"data", "encoder", "vae", "teacher", "eval"}
@@ -121,10 +134,10 @@ def test_reduced_build_loads_as_sdxl_teacher(world):
     from cmdistill.errors import UserError
     from cmdistill.toy.__main__ import REDUCED
 
-    again = build(out, BuildConfig(**REDUCED), log=lambda m: None)
+    again = build(out, world_config(), log=lambda m: None)
     assert again["total_seconds_this_run"] < 5
     with pytest.raises(UserError, match="other settings"):
-        build(out, BuildConfig(**{**REDUCED, "teacher_steps": REDUCED["teacher_steps"] + 1}), log=lambda m: None)
+        build(out, world_config(teacher_steps=REDUCED["teacher_steps"] + 1), log=lambda m: None)
 
 
 def test_toy_encoder_sees_real_images(world):
@@ -177,9 +190,9 @@ def test_full_world_teacher_scores_on_toy_metrics():
     ref, _ = encoder_outputs(enc, real)
     scores = {}
     for w in (1.0, 3.0):
-        _, imgs = sample_teacher(teacher, captions, w, num_steps=20)
+        _, imgs = sample_teacher(teacher, captions, w, num_steps=10)  # N = 10, as the demo's teacher
         scores[w] = toy_scores(enc, imgs, captions, ref)
-    _, imgs = sample_teacher(teacher, captions, 1.0, num_steps=20, unet=teacher_components(0)["unet"])
+    _, imgs = sample_teacher(teacher, captions, 1.0, num_steps=10, unet=teacher_components(0)["unet"])
     untrained = toy_scores(enc, imgs, captions, ref)
     assert scores[1.0]["toy_caption_acc"] > untrained["toy_caption_acc"] + 0.2, (scores, untrained)
     assert scores[1.0]["fd_toy"] < 0.3 * untrained["fd_toy"], (scores, untrained)
@@ -190,7 +203,7 @@ def test_cli_resumes_a_built_world(world, capsys):
     from cmdistill.toy.__main__ import main
 
     out, _ = world
-    assert main(["build", "--out", str(out), "--reduced"]) == 0
+    assert main(["build", "--out", str(out), "--reduced", *SMALLER_FLAGS]) == 0  # explicit flags win over --reduced
     text = capsys.readouterr().out
     assert text.count("skipped") == 5
 

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    from cmdistill.tiny import build_tiny_pipeline
-
-    return build_tiny_pipeline(tmp_path_factory.mktemp("teacher") / "tiny-sdxl")
+def teacher_dir(tiny_pipeline):
+    """The session's tiny SDXL pipeline (tests/conftest.py; read only)."""
+    return tiny_pipeline
 
 
 def make_image_folder(folder: Path, n: int = 6, corrupt: int = 0) -> Path:
@@ -45,13 +45,40 @@ def data_dir(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("data") / "imgs")
 
 
-def run_script(script, *args, env=None, check=True):
-    e = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
-    r = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True, env=e,
-                       cwd=ROOT)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{script} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return r
+def run_main(script, *args, check=True):
+    """``script``'s entry point (``cmdistill.train.main``) in-process, not in a new interpreter (seconds of imports
+    each; the scripts themselves run in the multi-process tests below, tests/test_recipe.py and tests/test_demo.py):
+    the exit status and what the run wrote to stderr (its log lines, warnings and one-line errors)."""
+    import contextlib
+    import io
+    import logging
+    import warnings
+
+    from cmdistill.train import main
+
+    objective = {"train_cm.py": "cm", "train_direct_cm.py": "direct_cm"}[script]
+    err, lines = io.StringIO(), []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    log = logging.getLogger("cmdistill")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    code = 0
+    try:
+        with contextlib.redirect_stderr(err), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                main(objective, [str(a) for a in args])
+            except SystemExit as e:
+                code = e.code
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    stderr = "\n".join([*lines, *(str(w.message) for w in caught), err.getvalue()])
+    if check and code != 0:
+        raise AssertionError(f"{script} failed ({code}):\n{stderr[-3000:]}")
+    return types.SimpleNamespace(returncode=code, stderr=stderr, stdout="")
 
 
 def common(teacher_dir, data_dir, out, *extra):
@@ -68,8 +95,8 @@ def losses(out: Path):
                                            ("train_direct_cm.py", "euler")])
 def test_script_trains_checkpoints_and_leaves_loadable_lora(teacher_dir, data_dir, tmp_path, script, solver):
     out = tmp_path / "run"
-    run_script(script, *common(teacher_dir, data_dir, out, "--max_train_steps", 3, "--solver", solver,
-                               "--checkpointing_steps", 2, "--validation_steps", 3, "--num_inference_steps", 1, 2))
+    run_main(script, *common(teacher_dir, data_dir, out, "--max_train_steps", 3, "--solver", solver,
+                             "--checkpointing_steps", 2, "--validation_steps", 3, "--num_inference_steps", 1, 2))
     assert (out / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "checkpoint-2" / "training_state.pt").is_file()
     cfg = json.loads((out / "training_config.json").read_text())
@@ -118,11 +145,11 @@ def run_two_processes(script, *args):
 def test_trajectory_pairs_opt_in_trains_and_is_refused_where_it_does_not_apply(teacher_dir, data_dir, tmp_path):
     out = tmp_path / "pairs"
     extra = ("--max_train_steps", 2, "--checkpointing_steps", 0, "--validation_steps", 0, "--report_to", "none")
-    run_script("train_direct_cm.py", *common(teacher_dir, data_dir, out, *extra, "--trajectory_pairs", 3))
+    run_main("train_direct_cm.py", *common(teacher_dir, data_dir, out, *extra, "--trajectory_pairs", 3))
     assert len(losses(out)) == 2 and all(np.isfinite(losses(out)))
     assert json.loads((out / "training_config.json").read_text())["trajectory_pairs"] == 3
-    r = run_script("train_cm.py", *common(teacher_dir, data_dir, tmp_path / "cm", *extra, "--trajectory_pairs", 2),
-                   check=False)
+    r = run_main("train_cm.py", *common(teacher_dir, data_dir, tmp_path / "cm", *extra, "--trajectory_pairs", 2),
+                 check=False)
     assert r.returncode != 0 and "--trajectory_pairs applies to train_direct_cm.py" in r.stderr
     assert "Traceback" not in r.stderr
 
@@ -131,7 +158,7 @@ def test_direct_cm_on_two_processes_matches_one_process_with_the_same_global_bat
     """Direct CM (per-sample loop, shrinking active sets): 2 gloo processes x batch 1 == 1 process x batch 2."""
     one, two = tmp_path / "one", tmp_path / "two"
     extra = ("--max_train_steps", 2, "--checkpointing_steps", 0, "--validation_steps", 0, "--report_to", "none")
-    run_script("train_direct_cm.py", *common(teacher_dir, data_dir, one, *extra))
+    run_main("train_direct_cm.py", *common(teacher_dir, data_dir, one, *extra))
     args = common(teacher_dir, data_dir, two, *extra)
     args[args.index("--train_batch_size") + 1] = 1
     r = run_two_processes("train_direct_cm.py", *args)
@@ -144,15 +171,15 @@ def test_resume_and_process_count_reproduce_the_uninterrupted_run(teacher_dir, d
     then resumed from `latest` on 1 process: same losses, same final LoRA."""
     full, part = tmp_path / "full", tmp_path / "part"
     extra = ("--checkpointing_steps", 2, "--validation_steps", 0, "--report_to", "none")
-    run_script("train_cm.py", *common(teacher_dir, data_dir, full, "--max_train_steps", 4, *extra))
+    run_main("train_cm.py", *common(teacher_dir, data_dir, full, "--max_train_steps", 4, *extra))
     two = common(teacher_dir, data_dir, part, "--max_train_steps", 2, *extra)
     two[two.index("--train_batch_size") + 1] = 1
     r = run_two_processes("train_cm.py", *two)
     assert "2 per device" not in r.stderr and "1 per device x 2 processes" in r.stderr
     np.testing.assert_allclose(losses(part), losses(full)[:2], rtol=1e-4)
-    r = run_script("train_cm.py", *common(teacher_dir, data_dir, part, "--max_train_steps", 4,
-                                          "--resume_from_checkpoint", "latest",
-                                          "--allow_config_change", "max_train_steps", *extra))
+    r = run_main("train_cm.py", *common(teacher_dir, data_dir, part, "--max_train_steps", 4,
+                                        "--resume_from_checkpoint", "latest",
+                                        "--allow_config_change", "max_train_steps", *extra))
     assert "resuming from" in r.stderr + r.stdout
     np.testing.assert_allclose(losses(part), losses(full), rtol=1e-4)
     from safetensors.torch import load_file
@@ -166,10 +193,10 @@ def test_resume_and_process_count_reproduce_the_uninterrupted_run(teacher_dir, d
 
 def test_checkpoint_rotation_and_gradient_accumulation(teacher_dir, data_dir, tmp_path):
     out = tmp_path / "rot"
-    run_script("train_direct_cm.py", *common(teacher_dir, data_dir, out, "--max_train_steps", 4,
-                                             "--checkpointing_steps", 1, "--checkpoints_total_limit", 2,
-                                             "--gradient_accumulation_steps", 2, "--validation_steps", 0,
-                                             "--report_to", "none", "--solver", "ddim"))
+    run_main("train_direct_cm.py", *common(teacher_dir, data_dir, out, "--max_train_steps", 4,
+                                           "--checkpointing_steps", 1, "--checkpoints_total_limit", 2,
+                                           "--gradient_accumulation_steps", 2, "--validation_steps", 0,
+                                           "--report_to", "none", "--solver", "ddim"))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
     state = torch.load(out / "checkpoint-4" / "training_state.pt", weights_only=False)
     assert state["global_step"] == 4 and state["samples_seen"] == 4 * 2 * 2
@@ -178,10 +205,9 @@ def test_checkpoint_rotation_and_gradient_accumulation(teacher_dir, data_dir, tm
 def test_corrupt_image_is_skipped_with_a_warning_and_counted(teacher_dir, tmp_path):
     data = make_image_folder(tmp_path / "bad", n=3, corrupt=2)
     out = tmp_path / "out"
-    r = run_script("train_cm.py", *common(teacher_dir, data, out, "--max_train_steps", 4, "--validation_steps", 0,
-                                          "--report_to", "none", "--checkpointing_steps", 0,
-                                          "--max_train_samples", 5),
-                   env={"PYTHONWARNINGS": "default"})
+    r = run_main("train_cm.py", *common(teacher_dir, data, out, "--max_train_steps", 4, "--validation_steps", 0,
+                                        "--report_to", "none", "--checkpointing_steps", 0,
+                                        "--max_train_samples", 5))  # every warning recorded
     assert "skipping unreadable image" in r.stderr
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["skipped_images"] >= 1
@@ -195,18 +221,28 @@ def test_corrupt_image_is_skipped_with_a_warning_and_counted(teacher_dir, tmp_pa
     ({"--num_discr_timesteps": 33}, "must divide"),
     ({"--train_data_dir": "/nonexistent/data"}, "does not exist"),
 ])
-def test_bad_input_gives_one_line_error(teacher_dir, data_dir, tmp_path, change, message):
+def test_bad_input_gives_one_line_error(teacher_dir, data_dir, tmp_path, change, message, capsys, monkeypatch):
+    """train_cm.py's entry point in-process (no interpreter start-up per case; the script itself exits the same
+    way in tests/test_recipe.py::test_batch_arithmetic_is_checked_before_models_load_for_the_launched_processes)."""
+    from huggingface_hub import constants
+
+    from cmdistill.train import main
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as the scripts' HF_HUB_OFFLINE=1
     args = common(teacher_dir, data_dir, tmp_path / "x", "--max_train_steps", 1)
     for flag, value in change.items():
         if flag in args:
             args[args.index(flag) + 1] = value
         else:
             args += [flag, value]
-    r = run_script("train_cm.py", *args, check=False)
-    assert r.returncode == 2
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0], r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main("cm", [str(a) for a in args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], err[-2000:]
+    assert "Traceback" not in err
 
 
 def test_gradient_clipping_really_clips(teacher_dir, data_dir, tmp_path):
