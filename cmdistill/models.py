@@ -186,6 +186,27 @@ def save_lora(unet, directory: str | Path) -> None:
     StableDiffusionXLPipeline.save_lora_weights(str(directory), unet_lora_layers=lora_state_dict(unet),
                                                 safe_serialization=True,
                                                 unet_lora_adapter_metadata=lora_metadata(unet))
+    canonical_header(Path(directory) / LORA_WEIGHT_NAME)
+
+
+def canonical_header(path: str | Path) -> None:
+    """Rewrite a safetensors file's JSON header in place with its keys sorted: safetensors writes the header's
+    entries (and the metadata's) in a hash order that changes from process to process, so the same weights would
+    not always give the same bytes. Same length, same tensors and offsets: only the order of the entries."""
+    import json
+    import struct
+
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        header = json.loads(raw)
+        if isinstance(header.get("__metadata__"), dict):
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(dict(sorted(header.items())), separators=(",", ":")).encode()
+        if len(text) > n:  # (never: the same entries, compact) leave the file as written
+            return
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
 
 
 def read_lora_metadata(directory: str | Path) -> dict | None:
@@ -290,6 +311,7 @@ def write_peft_adapter(lora_dir: str | Path, dest: str | Path | None = None,
     dest.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(dest))
     save_file(weights, str(dest / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+    canonical_header(dest / SAFETENSORS_WEIGHTS_NAME)
     return dest
 
 

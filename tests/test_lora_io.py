@@ -242,3 +242,28 @@ def test_lora_files_are_byte_stable(trained):
     for folder in (out, out / "checkpoint-2"):
         names = models.read_lora_metadata(folder)["target_modules"]
         assert names == sorted(names)
+
+
+def test_canonical_header_makes_the_bytes_independent_of_entry_order(tmp_path):
+    """safetensors writes header entries in a per-process hash order; after ``canonical_header`` the same
+    tensors and metadata give the same bytes whatever the order, and the file reads back the same."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from cmdistill.models import canonical_header
+
+    tensors = {f"layer{i}.weight": torch.full((2, 3), float(i)) for i in range(6)}
+    meta = {f"key{i}": str(i) for i in range(6)}
+    paths = []
+    for j, order in enumerate((sorted, lambda xs: sorted(xs, reverse=True))):
+        p = tmp_path / f"{j}.safetensors"
+        save_file({k: tensors[k] for k in order(tensors)}, str(p), metadata={k: meta[k] for k in order(meta)})
+        canonical_header(p)
+        paths.append(p)
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    back = load_file(str(paths[0]))
+    assert set(back) == set(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    from safetensors import safe_open
+
+    with safe_open(str(paths[0]), "pt") as f:
+        assert f.metadata() == meta
