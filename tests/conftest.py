@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import logging
 import os
 import sys
 from pathlib import Path
@@ -71,3 +73,20 @@ def tiny_image_folder(tmp_path_factory) -> Path:
             Image.fromarray(rng.integers(0, 256, (72 + 8 * i, 80, 3), dtype=np.uint8)).save(folder / f"{i:03d}.jpg")
             w.writerow([f"{i:03d}.jpg", caption])
     return folder
+
+
+@contextlib.contextmanager
+def logs():
+    """The cmdistill log lines emitted inside the block (INFO and above)."""
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    log = logging.getLogger("cmdistill")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)

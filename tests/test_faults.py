@@ -6,11 +6,9 @@ come before any model loads run with ``models.load_teacher`` replaced by a trap.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import errno
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -24,6 +22,7 @@ from cmdistill import models
 from cmdistill.run_folder import list_checkpoints
 from cmdistill.train import main
 from test_train import make_image_folder
+from conftest import logs
 
 LONG_CAPTION = " ".join(["a very long caption about a picture"] * 15)  # > 77 CLIP tokens
 
@@ -48,23 +47,6 @@ def argv(teacher, data, out, *extra):
                              "--resolution", 64, "--train_batch_size", 2, "--num_discr_timesteps", 10,
                              "--lora_rank", 4, "--lora_alpha", 4, "--learning_rate", 1e-3, "--report_to", "none",
                              "--max_train_steps", 3, "--checkpointing_steps", 1, "--validation_steps", 0, *extra)]
-
-
-@contextlib.contextmanager
-def logs():
-    """The cmdistill log lines emitted inside the block (INFO and above)."""
-    lines: list[str] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: lines.append(record.getMessage())
-    log = logging.getLogger("cmdistill")
-    level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    try:
-        yield lines
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
 
 
 def run(capsys, args, objective="cm"):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from conftest import logs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,30 +52,18 @@ def run_main(script, *args, check=True):
     the exit status and what the run wrote to stderr (its log lines, warnings and one-line errors)."""
     import contextlib
     import io
-    import logging
     import warnings
 
     from cmdistill.train import main
 
     objective = {"train_cm.py": "cm", "train_direct_cm.py": "direct_cm"}[script]
-    err, lines = io.StringIO(), []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: lines.append(record.getMessage())
-    log = logging.getLogger("cmdistill")
-    level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    code = 0
-    try:
-        with contextlib.redirect_stderr(err), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                main(objective, [str(a) for a in args])
-            except SystemExit as e:
-                code = e.code
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
+    err, code = io.StringIO(), 0
+    with logs() as lines, contextlib.redirect_stderr(err), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            main(objective, [str(a) for a in args])
+        except SystemExit as e:
+            code = e.code
     stderr = "\n".join([*lines, *(str(w.message) for w in caught), err.getvalue()])
     if check and code != 0:
         raise AssertionError(f"{script} failed ({code}):\n{stderr[-3000:]}")
