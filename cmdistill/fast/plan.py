@@ -57,10 +57,14 @@ def record_key(objective: str, args, flags: dict | None = None) -> str:
             f"|{card}|{on}")
 
 
+def record_path():
+    """The compile record's file, in the compile cache folder."""
+    return compile_cache() / RECORD_NAME
+
+
 def read_record() -> dict:
-    path = compile_cache() / RECORD_NAME
     try:
-        return json.loads(path.read_text())
+        return json.loads(record_path().read_text())
     except (OSError, ValueError):
         return {}
 
@@ -135,7 +139,7 @@ class CompileTimer:
         entry = record.setdefault(self.key, {})
         kind = "warm_compile_s" if entry else "cold_compile_s"
         entry.update({kind: round(max(self.first - step_s, 0.0), 1), "step_s": round(step_s, 3)})
-        path = compile_cache() / RECORD_NAME
+        path = record_path()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
