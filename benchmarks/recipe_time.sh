@@ -42,7 +42,7 @@ for s in "$@"; do
   case $s in
     setup) stage setup 300 python benchmarks/random_sdxl.py --out "$MODEL_NAME" --data "$TRAIN_DATA_DIR" --images 64 ;;
     precompute) stage precompute 300 bash scripts/precompute.sh ;;
-    ours_cold) rm -rf "${TORCHINDUCTOR_CACHE_DIR:-$HOME/.cache/cmdistill/torch_compile}"; ours ours_cold "${COLD_LIMIT:-300}" ;;
+    ours_cold) rm -rf "${TORCHINDUCTOR_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cmdistill/torch_compile}"; ours ours_cold "${COLD_LIMIT:-300}" ;;
     ours_warm) ours ours_warm "${WARM_LIMIT:-150}" ;;
     ours_full) MAX_STEPS=250 ours ours_full "${FULL_LIMIT:-590}" ;;
     ours_dcm) SCRIPT=train_direct_cm.py ours ours_dcm "${DCM_LIMIT:-300}" ;;
