@@ -221,3 +221,23 @@ def test_compute_metrics_with_toy_encoder(world, tmp_path, monkeypatch):
                                   dgm_models=("toy",), instance_metrics=("toy_caption_acc",))
     assert set(res) == {"fd_toy", "toy_caption_acc"}
     assert res["toy_caption_acc"] > 0.9 and res["fd_toy"] >= 0
+
+
+def test_every_call_runs_with_the_workers_threads(tmp_path, monkeypatch):
+    """A program that sets its own torch threads (the toy world's build: 2) does not leave them to the next call
+    of the same worker: two workers of one thread each would otherwise run three threads on two cores (the demo's
+    trainings ran ~3x slower after the world's build)."""
+    from cmdistill.toy.runner import Call, Workers
+
+    (tmp_path / "sets_threads.py").write_text("import torch\ntorch.set_num_threads(2)\n")
+    (tmp_path / "reports_threads.py").write_text(
+        "import sys, torch\nopen(sys.argv[1], 'w').write(str(torch.get_num_threads()))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = torch.get_num_threads()
+    try:
+        with Workers(0, threads=1) as pool:
+            pool.submit([Call("-m sets_threads", [], tmp_path / "a.log"),
+                         Call("-m reports_threads", [tmp_path / "threads.txt"], tmp_path / "b.log")]).result()
+    finally:
+        torch.set_num_threads(before)
+    assert (tmp_path / "threads.txt").read_text() == "1"

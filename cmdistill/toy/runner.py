@@ -75,6 +75,7 @@ def run_call(call: Call, threads: int) -> float:
     """Run ``call`` in this process, its output (Python's and the libraries') appended to ``call.log``; returns
     its seconds. A program that exits with an error is a :class:`UserError` quoting the end of the log."""
     call.log.parent.mkdir(parents=True, exist_ok=True)
+    set_threads(threads)  # a program may have set its own (the toy world's build: 2), which would outlive it here
     t = time.time()
     with open(call.log, "a") as f:
         f.write(f"\n$ {call.command(threads)}\n")
