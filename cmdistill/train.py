@@ -1,7 +1,7 @@
 """The shared training loop of ``train_cm.py`` and ``train_direct_cm.py`` (docs/method.md §6-§7).
 
 The loop reads: data -> step -> optimizer -> log -> checkpoint. The step is ``step.distill_loss`` with the target
-source chosen once at setup (``step.target_source``); the eps functions come from the speed wing (``fast.build``).
+source chosen once at setup (``fast.target_source``); the eps functions come from the speed wing (``fast.build``).
 Around the loop: the run folder (``run_folder``: checkpoints, resume, one run per folder, the step log), the
 optimizer and batch arithmetic (``optimizer``), the step's inputs (``inputs``), the flags (``args``).
 Randomness (timesteps, noise, VAE sampling, crops, data order) is a pure function of the seed and
@@ -39,7 +39,7 @@ from .run_folder import (CONFIG_NAME, LOG_NAME, STATE_NAME, _why, append_log, ch
 from .sampling import student_sample
 from .schedule import Grid, NoiseSchedule
 from .solvers import get_solver
-from .step import LossConfig, distill_loss, target_source
+from .step import LossConfig, distill_loss
 
 logger = logging.getLogger("cmdistill")
 
@@ -160,9 +160,10 @@ class Trainer:
         self.ctx = DistillContext(teacher_eps=self.fast.teacher_eps, student_eps_nograd=self.fast.target_eps,
                                   step=get_solver(args.solver), sched=self.sched, grid=self.grid,
                                   timestep_scaling=args.timestep_scaling_factor, max_batch=args.teacher_max_batch)
-        self.targets = target_source(objective, self.ctx, lookahead=args.teacher_lookahead,
-                                     trajectory_pairs=args.trajectory_pairs, seed=args.seed,
-                                     capacity=args.teacher_max_batch or args.train_batch_size, autocast=acc.autocast)
+        self.targets = fast.target_source(objective, self.ctx, lookahead=args.teacher_lookahead,
+                                          trajectory_pairs=args.trajectory_pairs, seed=args.seed,
+                                          capacity=args.teacher_max_batch or args.train_batch_size,
+                                          autocast=acc.autocast)
         self.loss_config = LossConfig(args.timestep_scaling_factor, args.loss_type, args.huber_c)
 
         if self.resume is not None:

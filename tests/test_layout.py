@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "cmdistill"
-SCIENCE = {"schedule", "solvers", "guidance", "sampling", "objectives", "noise", "errors"}
+SCIENCE = {"schedule", "solvers", "guidance", "sampling", "objectives", "noise", "step", "errors"}
 
 
 def module_name(path: Path) -> str:

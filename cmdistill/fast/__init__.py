@@ -1,13 +1,14 @@
 """The speed wing: everything that makes training fast without changing what it computes (docs/method.md §11).
 
-The science modules (schedule, solvers, guidance, sampling, objectives, noise) import nothing from here; the
+The science modules (schedule, solvers, guidance, sampling, objectives, noise, step) import nothing from here; the
 trainer asks ``build`` for its eps functions and does not know how they were made fast.
 
 * ``compile``: ``torch.compile`` of the UNet or its blocks, channels_last group norms;
 * ``views``: the teacher as a view of the student's UNet without its adapters, the CM target on merged weights;
 * ``checkpointing``: selective activation checkpointing sized to a memory budget;
 * ``copies``: host-to-device copies without a host sync (injected into the science as ``copy=``);
-* ``lookahead``: teacher work of the next batches issued ahead (trajectory pool, CM lookahead);
+* ``lookahead``: teacher work of the next batches issued ahead (trajectory pool, CM lookahead), and
+  ``target_source``, the choice of a run's target source;
 * ``cfg``: the choice between batched and separate guidance passes;
 * ``plan``: ``--compile off|on|auto``, the compiled set of each objective and whether it repays its compile time.
 """
@@ -23,12 +24,12 @@ from .cfg import AdaptiveCFG
 from .compile import (BLOCK_TYPES, COMPILE_MODES, RECOMPILE_LIMIT, ChannelwiseGroupNorm, channelwise_norms,
                       compile_blocks, compile_unet)
 from .copies import to_device
-from .lookahead import LookaheadCMTargets, PooledTargets, TrajectoryPool
+from .lookahead import LookaheadCMTargets, PooledTargets, TrajectoryPool, target_source
 from .views import MergedAdapters, base_view
 
 __all__ = ["AdaptiveCFG", "BLOCK_TYPES", "COMPILE_MODES", "ChannelwiseGroupNorm", "Fast", "LookaheadCMTargets",
            "MergedAdapters", "PooledTargets", "RECOMPILE_LIMIT", "TrajectoryPool", "base_view", "build",
-           "channelwise_norms", "checkpointing", "plan", "compile_blocks", "compile_unet", "to_device"]
+           "channelwise_norms", "checkpointing", "plan", "compile_blocks", "compile_unet", "target_source", "to_device"]
 
 
 @dataclass
