@@ -277,7 +277,7 @@ class Bench:
         self.use(side)
         prep = self.prepare(side, 0, precomputed=True)
         unet = self.unet if side.ref else self.ours("direct_cm", side.compile).teacher_unet
-        eps = UNetEps(unet, dynamic_batch=side.compile, copy=host_to if side.ref else fast.to_device)
+        eps = UNetEps(fast.DynamicBatch(unet) if side.compile else unet, copy=host_to if side.ref else fast.to_device)
 
         def fwd():
             with torch.no_grad(), torch.autocast(self.device.type, dtype=side.dtype):

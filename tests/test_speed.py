@@ -2,7 +2,7 @@
 
 * switching off PEFT's copy of LoRA inputs to fp32 (``models.set_lora_input_casting``) under autocast;
 * the teacher through ``torch.compile`` with a dynamic batch dimension (``fast.compile_unet`` +
-  ``UNetEps(dynamic_batch=True)``), with the adapter disabled, for several batch sizes;
+  ``fast.DynamicBatch``), with the adapter disabled, for several batch sizes;
 * ``--compile_teacher`` and ``--compile_blocks`` in the training loop (same losses as without);
 * the teacher as a view of the UNet without its adapter layers (``fast.base_view``, shared weights) against the
   UNet with its adapter layers switched off (``adapters_disabled`` below, the oracle).
@@ -233,7 +233,7 @@ def test_frozen_compiled_teacher_gives_the_eager_values():
 
     unet = student_unet(torch.float32)
     view = fast.base_view(unet)
-    frozen = UNetEps(fast.compile_unet(view, freezing=True), dynamic_batch=True)
+    frozen = UNetEps(fast.DynamicBatch(fast.compile_unet(view, freezing=True)))
     for b in (3, 2):
         x, t, cond = inputs(b, seed=b)
         with torch.no_grad():
@@ -304,7 +304,7 @@ def test_channels_last_compiled_teacher_gives_the_eager_values():
     x, t, cond = inputs(3)
     with torch.no_grad():
         torch.testing.assert_close(UNetEps(cw)(x, t, cond), UNetEps(view)(x, t, cond), rtol=1e-5, atol=1e-5)
-    compiled = UNetEps(fast.compile_unet(view, channels_last=True, freezing=True), dynamic_batch=True)
+    compiled = UNetEps(fast.DynamicBatch(fast.compile_unet(view, channels_last=True, freezing=True)))
     for b in (3, 2):
         x, t, cond = inputs(b, seed=b)
         with torch.no_grad():
@@ -371,7 +371,7 @@ def test_compiled_teacher_with_dynamic_batch_matches_eager_with_the_adapter_disa
     compiled = fast.compile_unet(unet, backend="eager")
     for w in (1.0, 3.0):
         eager_teacher = GuidedEps(UNetEps(unet), w, batched=True)
-        fast_teacher = GuidedEps(UNetEps(compiled, dynamic_batch=True), w, batched=True)
+        fast_teacher = GuidedEps(UNetEps(fast.DynamicBatch(compiled)), w, batched=True)
         for b in (4, 3, 5, 2):  # the shrinking active sets of the Direct CM loop
             x, t, cond = inputs(b, seed=b)
             with torch.no_grad(), adapters_disabled(unet):
@@ -384,8 +384,27 @@ def test_compiled_teacher_with_dynamic_batch_matches_eager_with_the_adapter_disa
             assert (student - teacher_plain).abs().max() > 1e-3  # the adapter matters here...
     with torch.no_grad():  # ... and the compiled module follows the adapter switch (its guards)
         x, t, cond = inputs(3, seed=9)
-        torch.testing.assert_close(UNetEps(compiled, dynamic_batch=True)(x, t, cond), UNetEps(unet)(x, t, cond),
+        torch.testing.assert_close(UNetEps(fast.DynamicBatch(compiled))(x, t, cond), UNetEps(unet)(x, t, cond),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_batch_compiles_once_for_every_batch_size():
+    """``fast.DynamicBatch``: the batch dimension of every tensor input (keyword and nested ones included) is
+    symbolic from the first call, so shrinking batches do not recompile; the values are the module's."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+
+    def f(x, t, encoder_hidden_states=None, added_cond_kwargs=None, return_dict=False):
+        return (x * t[:, None] + encoder_hidden_states.sum(1) + added_cond_kwargs["text_embeds"],)
+
+    counter = CompileCounter()
+    compiled = fast.DynamicBatch(torch.compile(f, backend=counter))
+    for b in (4, 3, 5, 2):
+        x, t, emb, te = torch.randn(b, 3), torch.randn(b), torch.randn(b, 2, 3), torch.randn(b, 3)
+        got = compiled(x, t, encoder_hidden_states=emb, added_cond_kwargs={"text_embeds": te})[0]
+        torch.testing.assert_close(got, f(x, t, emb, {"text_embeds": te})[0])
+    assert counter.frame_count == 1
 
 
 def test_compile_flags_give_the_same_losses(tiny_pipeline, tiny_image_folder, tmp_path, monkeypatch):

@@ -21,15 +21,16 @@ from typing import Callable
 from ..guidance import UNetEps
 from . import checkpointing, plan
 from .cfg import AdaptiveCFG
-from .compile import (BLOCK_TYPES, COMPILE_MODES, RECOMPILE_LIMIT, ChannelwiseGroupNorm, channelwise_norms,
-                      compile_blocks, compile_unet)
+from .compile import (BLOCK_TYPES, COMPILE_MODES, RECOMPILE_LIMIT, ChannelwiseGroupNorm, DynamicBatch,
+                      channelwise_norms, compile_blocks, compile_unet)
 from .copies import to_device
 from .lookahead import LookaheadCMTargets, PooledTargets, TrajectoryPool, target_source
 from .views import MergedAdapters, base_view
 
-__all__ = ["AdaptiveCFG", "BLOCK_TYPES", "COMPILE_MODES", "ChannelwiseGroupNorm", "Fast", "LookaheadCMTargets",
-           "MergedAdapters", "PooledTargets", "RECOMPILE_LIMIT", "TrajectoryPool", "base_view", "build",
-           "channelwise_norms", "checkpointing", "plan", "compile_blocks", "compile_unet", "target_source", "to_device"]
+__all__ = ["AdaptiveCFG", "BLOCK_TYPES", "COMPILE_MODES", "ChannelwiseGroupNorm", "DynamicBatch", "Fast",
+           "LookaheadCMTargets", "MergedAdapters", "PooledTargets", "RECOMPILE_LIMIT", "TrajectoryPool", "base_view",
+           "build", "channelwise_norms", "checkpointing", "plan", "compile_blocks", "compile_unet", "target_source",
+           "to_device"]
 
 
 @dataclass
@@ -67,11 +68,13 @@ def build(unet, base_unet, args, optimizer_step: Callable[[], int] = lambda: Non
         compile_blocks(merged.tree)
     target_unet = (base_unet if merged is None else
                    compile_unet(merged.tree, channels_last=channels_last) if compiled else merged.tree)
-    target = UNetEps(target_unet, dynamic_batch=compiled and merged is not None, copy=to_device)
+    # A compiled whole UNet (teacher, merged target) is called with a symbolic batch dimension (DynamicBatch).
+    target = UNetEps(DynamicBatch(target_unet) if compiled and merged is not None else target_unet, copy=to_device)
     if merged is not None:  # the adapter weights change at every optimizer step (and on resume)
         target = merged.refreshing(target, step=optimizer_step)
     # Conditional + unconditional passes as one call where the call is small (<= half the batch).
     threshold = (args.teacher_max_batch or args.train_batch_size) // 2
-    teacher = AdaptiveCFG(UNetEps(teacher_unet, dynamic_batch=compiled, copy=to_device), args.w, threshold)
+    teacher = AdaptiveCFG(UNetEps(DynamicBatch(teacher_unet) if compiled else teacher_unet, copy=to_device),
+                          args.w, threshold)
     return Fast(teacher_eps=teacher, target_eps=target, student_eps=UNetEps(unet, copy=to_device),
                 teacher_unet=teacher_unet, target_unet=target_unet, merged=merged)
