@@ -163,7 +163,7 @@ class Bench:
                         t.data = t.data.to(side.dtype)
             self._dtype = side.dtype
             self.empty_cache()
-        models.set_lora_input_casting(self.unet, side.ref)
+        fast.set_lora_input_casting(self.unet, side.ref)
         self.sched.copy = host_to if side.ref else fast.to_device
         plan = (0.0 if side.ref else self.args.checkpointing_budget_gib, side.dtype)  # the dry run reads the dtype
         if plan != self._checkpointing:

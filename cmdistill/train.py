@@ -116,9 +116,6 @@ class Trainer:
         for p in unet.parameters():  # fp32 LoRA parameters under mixed precision (docs/method.md §7)
             if p.requires_grad:
                 p.data = p.data.float()
-        if self.weight_dtype != torch.float32 and args.lora_dropout == 0:
-            # Every adapter forward runs under autocast: skip PEFT's copy of each activation to fp32 (same values).
-            models.set_lora_input_casting(unet, False)
         self.checkpointing = {}
         if args.gradient_checkpointing or args.checkpointing_budget_gib is not None:
             # Every block checkpointed, or (--checkpointing_budget_gib) the blocks that are dearest to recompute

@@ -1,6 +1,6 @@
 """The speed options compute the same numbers as the plain path (CPU, tiny SDXL-architecture UNet).
 
-* switching off PEFT's copy of LoRA inputs to fp32 (``models.set_lora_input_casting``) under autocast;
+* switching off PEFT's copy of LoRA inputs to fp32 (``fast.set_lora_input_casting``) under autocast;
 * the teacher through ``torch.compile`` with a dynamic batch dimension (``fast.compile_unet`` +
   ``fast.DynamicBatch``), with the adapter disabled, for several batch sizes;
 * ``--compile_teacher`` and ``--compile_blocks`` in the training loop (same losses as without);
@@ -71,7 +71,7 @@ def test_lora_input_casting_off_gives_the_same_forward_and_gradients_under_autoc
     cond = {k: v.bfloat16() for k, v in cond.items()}
     results = []
     for enabled in (True, False):
-        assert models.set_lora_input_casting(unet, enabled) > 0
+        assert fast.set_lora_input_casting(unet, enabled) > 0
         unet.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = UNetEps(unet)(x, t, cond)
@@ -83,6 +83,18 @@ def test_lora_input_casting_off_gives_the_same_forward_and_gradients_under_autoc
     for ga, gb in zip(grads_a, grads_b):
         # the forward is bit-identical; the backward's fp32 copy only changes where the gradient is rounded
         torch.testing.assert_close(ga, gb, rtol=2e-2, atol=1e-5)
+
+
+def test_build_skips_the_lora_input_copy_only_for_16_bit_weights_without_dropout():
+    """``fast.build`` switches PEFT's copy off where the trainer runs every adapter forward under autocast (frozen
+    weights in 16 bits) and no LoRA dropout acts on the copy; elsewhere the copy stays."""
+    for dtype, dropout, skipped in ((torch.bfloat16, 0.0, True), (torch.bfloat16, 0.1, False),
+                                    (torch.float32, 0.0, False)):
+        unet = student_unet(dtype)
+        args = types.SimpleNamespace(lora_dropout=dropout, compile_mode=None, w=3.0, teacher_max_batch=None,
+                                     train_batch_size=2, **dict.fromkeys(fast.plan.FLAGS, False))
+        fast.build(unet, unet, args)
+        assert {m.cast_input_dtype_enabled for m in models.tuner_layers(unet)} == {not skipped}, (dtype, dropout)
 
 
 def test_base_view_is_the_adapter_disabled_unet_on_shared_weights():

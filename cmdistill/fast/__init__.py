@@ -4,6 +4,7 @@ The science modules (schedule, solvers, guidance, sampling, objectives, noise, s
 trainer asks ``build`` for its eps functions and does not know how they were made fast.
 
 * ``compile``: ``torch.compile`` of the UNet or its blocks, channels_last group norms;
+* ``casting``: PEFT's fp32 copy of every LoRA input skipped under autocast;
 * ``views``: the teacher as a view of the student's UNet without its adapters, the CM target on merged weights;
 * ``checkpointing``: selective activation checkpointing sized to a memory budget;
 * ``copies``: host-to-device copies without a host sync (injected into the science as ``copy=``);
@@ -20,6 +21,7 @@ from typing import Callable
 
 from ..guidance import UNetEps
 from . import checkpointing, plan
+from .casting import set_lora_input_casting, skip_lora_input_casting
 from .cfg import AdaptiveCFG
 from .compile import (BLOCK_TYPES, COMPILE_MODES, RECOMPILE_LIMIT, ChannelwiseGroupNorm, DynamicBatch,
                       channelwise_norms, compile_blocks, compile_unet)
@@ -29,8 +31,8 @@ from .views import MergedAdapters, base_view
 
 __all__ = ["AdaptiveCFG", "BLOCK_TYPES", "COMPILE_MODES", "ChannelwiseGroupNorm", "DynamicBatch", "Fast",
            "LookaheadCMTargets", "MergedAdapters", "PooledTargets", "RECOMPILE_LIMIT", "TrajectoryPool", "base_view",
-           "build", "channelwise_norms", "checkpointing", "plan", "compile_blocks", "compile_unet", "target_source",
-           "to_device"]
+           "build", "channelwise_norms", "checkpointing", "plan", "compile_blocks", "compile_unet",
+           "set_lora_input_casting", "skip_lora_input_casting", "target_source", "to_device"]
 
 
 @dataclass
@@ -49,9 +51,12 @@ def build(unet, base_unet, args, optimizer_step: Callable[[], int] = lambda: Non
     """The training step's eps functions for the student ``unet`` (as the optimizer sees it, e.g. wrapped for DDP)
     and ``base_unet`` (the unwrapped module), made fast as ``args`` asks (``--compile_teacher``,
     ``--compile_blocks``, ``--teacher_freezing``, ``--teacher_channels_last``, ``--merged_target``,
-    ``--teacher_max_batch``). ``optimizer_step()`` is the trainer's optimizer step: the merged CM target is refreshed
+    ``--teacher_max_batch``; under mixed precision without ``--lora_dropout``, no fp32 copy of the LoRA inputs).
+    ``optimizer_step()`` is the trainer's optimizer step: the merged CM target is refreshed
     once per step. The same function as the plain UNet passes, to kernel rounding (tests/test_speed.py)."""
     compiled = bool(args.compile_teacher)
+    # Every adapter forward of a 16-bit UNet runs under autocast: skip PEFT's copy of each input to fp32 (same values).
+    skip_lora_input_casting(base_unet, args.lora_dropout)
     # The teacher: the same frozen weights seen without the adapter layers (no switch to flip per call).
     teacher_view = base_view(base_unet)
     if args.compile_blocks:  # regional compilation: every pass through the UNet runs compiled blocks
