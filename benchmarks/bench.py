@@ -2,10 +2,10 @@
 """The paper's behaviour ("reference") and ours, side by side, on full-size SDXL with random weights (the networks
 of ``random_sdxl.py``, no download): the teacher forward, the student's part of a step, the CM and Direct CM
 training steps and teacher reference images, in one process on one card. Every timed training step is the
-product's step (``cmdistill.step.distill_loss`` with a target source of ``cmdistill.step``) on batches from
-``inputs.prepare``; ours gets its eps functions from ``fast.build`` with the compiled set of ``--compile on`` for
-the objective (``fast.plan.on_flags``). A failed row is recorded and the next row runs. benchmarks/README.md
-lists the rows and what each side runs; RESULTS.md holds the numbers.
+product's step (``cmdistill.step.distill_loss`` with the trainer's target source, ``fast.target_source``) on
+batches from ``inputs.prepare``; ours gets its eps functions from ``fast.build`` with the compiled set of
+``--compile on`` for the objective (``fast.plan.on_flags``). A failed row is recorded and the next row runs.
+benchmarks/README.md lists the rows and what each side runs; RESULTS.md holds the numbers.
 
     python benchmarks/bench.py --json out.json
     python benchmarks/bench.py --tiny --device cpu --json tiny.json     # the tiny random SDXL on a CPU (the test)
@@ -44,7 +44,7 @@ from cmdistill.objectives import DistillContext  # noqa: E402
 from cmdistill.optimizer import make_optimizer  # noqa: E402
 from cmdistill.schedule import Grid, NoiseSchedule, host_to  # noqa: E402
 from cmdistill.solvers import get_solver, solve_to_zero_reference  # noqa: E402
-from cmdistill.step import LossConfig, ObjectiveTargets, distill_loss, target_source  # noqa: E402
+from cmdistill.step import LossConfig, ObjectiveTargets, distill_loss  # noqa: E402
 from random_sdxl import count_params, full_size_components  # noqa: E402
 
 T0 = time.perf_counter()
@@ -163,7 +163,7 @@ class Bench:
                         t.data = t.data.to(side.dtype)
             self._dtype = side.dtype
             self.empty_cache()
-        models.set_lora_input_casting(self.unet, side.ref)
+        fast.set_lora_input_casting(self.unet, side.ref)
         self.sched.copy = host_to if side.ref else fast.to_device
         plan = (0.0 if side.ref else self.args.checkpointing_budget_gib, side.dtype)  # the dry run reads the dtype
         if plan != self._checkpointing:
@@ -277,7 +277,7 @@ class Bench:
         self.use(side)
         prep = self.prepare(side, 0, precomputed=True)
         unet = self.unet if side.ref else self.ours("direct_cm", side.compile).teacher_unet
-        eps = UNetEps(unet, dynamic_batch=side.compile, copy=host_to if side.ref else fast.to_device)
+        eps = UNetEps(fast.DynamicBatch(unet) if side.compile else unet, copy=host_to if side.ref else fast.to_device)
 
         def fwd():
             with torch.no_grad(), torch.autocast(self.device.type, dtype=side.dtype):
@@ -323,7 +323,7 @@ class Bench:
         """One CM training step, its batch prepared inside (the reference encodes it there)."""
         self.use(side)
         ctx, student = self.context(side, "cm")
-        source = target_source("cm", ctx)
+        source = fast.target_source("cm", ctx)
         batches = self.batches(side, source)
 
         def step():
@@ -354,7 +354,8 @@ class Bench:
                 pre = self.prepare(side, 0, precomputed=True)  # warm-up: one guided call
                 ctx.teacher_eps(pre["x_t"], pre["t"], pre["cond"])
         else:
-            source, warm, n_timed = target_source("direct_cm", ctx, lookahead=2, capacity=self.B), 1, self.args.repeats
+            source = fast.target_source("direct_cm", ctx, lookahead=2, capacity=self.B)
+            warm, n_timed = 1, self.args.repeats
         batches, steps, teacher_s, preps = self.batches(side, source), [], [], []
 
         def timed_targets(prep):

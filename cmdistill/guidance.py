@@ -14,15 +14,12 @@ from .schedule import host_to
 class UNetEps:
     """``eps_fn(x, t, cond)`` for an SDXL UNet: casts the float32 state to the UNet's dtype and the
     prediction back to float32. ``t`` holds timestep values, passed to the UNet as they are (docs/method.md §2).
+    ``unet`` is any callable with the UNet's signature. ``copy(t, device)`` copies the host timesteps to the UNet's
+    device (``schedule.host_to`` by default; a caller may inject another copy function)."""
 
-    ``dynamic_batch=True`` (for a ``torch.compile``d UNet, ``cmdistill.fast.compile_unet``) marks the
-    batch dimension of every input as dynamic, so one compiled graph serves every batch size.
-    ``copy(t, device)`` copies the host timesteps to the UNet's device (``schedule.host_to`` by default)."""
-
-    def __init__(self, unet, dtype: torch.dtype | None = None, dynamic_batch: bool = False, copy=host_to):
+    def __init__(self, unet, dtype: torch.dtype | None = None, copy=host_to):
         self.unet = unet
         self.dtype = dtype
-        self.dynamic_batch = dynamic_batch
         self.copy = copy
 
     def __call__(self, x: torch.Tensor, t, cond: dict) -> torch.Tensor:
@@ -32,9 +29,6 @@ class UNetEps:
             t = t.expand(x.shape[0]).contiguous()
         x, emb = x.to(dtype), cond["prompt_embeds"].to(dtype)
         added = {"text_embeds": cond["text_embeds"].to(dtype), "time_ids": cond["time_ids"].to(dtype)}
-        if self.dynamic_batch:
-            for v in (x, t, emb, *added.values()):
-                torch._dynamo.maybe_mark_dynamic(v, 0)
         return self.unet(x, t, encoder_hidden_states=emb, added_cond_kwargs=added, return_dict=False)[0].float()
 
 
@@ -50,8 +44,8 @@ class GuidedEps:
     """Imagen-form CFG (docs/method.md §3): eps = eps_u + w (eps_c - eps_u).
 
     ``batched=False`` runs the conditional and unconditional passes separately (the reference);
-    ``batched=True`` runs them as one call of batch 2B (same values up to kernel rounding; faster
-    when B is small). w = 1 needs no unconditional pass and w = 0 no conditional one.
+    ``batched=True`` runs them as one call of batch 2B (the same values up to kernel rounding).
+    w = 1 needs no unconditional pass and w = 0 no conditional one.
     """
 
     def __init__(self, eps_fn, w: float, batched: bool = False):

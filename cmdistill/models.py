@@ -140,19 +140,6 @@ def add_lora(unet, rank: int = 64, alpha: float = 64, dropout: float = 0.0, targ
     return unet
 
 
-def set_lora_input_casting(unet, enabled: bool) -> int:
-    """PEFT copies the input of every LoRA layer to the adapter's dtype before the adapter runs (with
-    fp32 adapters on bf16/fp16 weights: every activation is copied to fp32, in the forward, in the
-    recomputation and in the backward). Under autocast the adapter's matmul or convolution runs in
-    the autocast dtype either way, so with ``lora_dropout = 0`` switching the copy off gives the same
-    values with less memory traffic (tests/test_speed.py). Only for models run under autocast.
-    Returns the number of LoRA layers changed."""
-    layers = tuner_layers(unet)
-    for m in layers:
-        m.cast_input_dtype_enabled = enabled
-    return len(layers)
-
-
 def tuner_layers(unet) -> list:
     """The UNet's PEFT adapter layers (LoRA-wrapped convolutions and linears)."""
     from peft.tuners.tuners_utils import BaseTunerLayer

@@ -39,7 +39,7 @@ def cm_target(ctx: DistillContext, x_t: torch.Tensor, start_index: torch.Tensor,
 @torch.no_grad()
 def cm_teacher_step(ctx: DistillContext, x_t: torch.Tensor, start_index: torch.Tensor, cond: dict):
     """The teacher's part of the CM target: (x_s, s) one solver step below t_n. The teacher is frozen, so this
-    can run before the student's preceding update (``--teacher_lookahead`` on CM)."""
+    does not depend on the student's preceding update and may run before it."""
     t = ctx.grid.timestep(start_index)
     s = t - ctx.grid.k
     return ctx.step(ctx.teacher_eps, x_t.float(), t, s, cond, ctx.sched), s

@@ -22,8 +22,8 @@ def scaled_linear_betas(num_train_timesteps: int = 1000, beta_start: float = 0.0
 
 def host_to(t, device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``torch.as_tensor(t).to(device, dtype)``: the plain host-to-device copy. The tables live on the host and small
-    per-sample values are copied to the latents' device; a caller that wants another copy (e.g. one that does not
-    make the CPU wait for a GPU, ``cmdistill.fast.to_device``) injects it (``NoiseSchedule(copy=...)``)."""
+    per-sample values are copied to the latents' device; a caller may inject another copy function with the same
+    result (``NoiseSchedule(copy=...)``)."""
     return torch.as_tensor(t).to(device, dtype)
 
 

@@ -1,12 +1,11 @@
 """One training step: the loss of one prepared batch given a target source (docs/method.md §6, §7).
 
 ``distill_loss`` computes ``distance(f_theta(x, t), target)`` and never branches on the objective: the target
-source, chosen once at setup by ``target_source``, says where the targets come from:
+source, chosen once at setup, says where the targets come from:
 
 * ``ObjectiveTargets``: the objective of ``objectives.OBJECTIVES`` (CM or Direct CM) on the batch itself;
 * ``TrajectoryPairTargets`` (``--trajectory_pairs K``, Direct CM, opt-in): K pairs per teacher trajectory;
-* ``fast.PooledTargets`` / ``fast.LookaheadCMTargets`` (``--teacher_lookahead``): the same targets with the
-  teacher's work issued ahead.
+* any other source with the members below that gives the same targets (the trainer picks one at setup).
 
 A source has ``ahead`` (how many batches after the current one it wants to see), ``submit(prep)`` (called when a
 batch is prepared, in order) and ``source(prep) -> (x, t, cond, target)`` (the student's inputs and their targets,
@@ -23,9 +22,8 @@ from typing import Callable
 
 import torch
 
-from .fast import LookaheadCMTargets, PooledTargets
 from .noise import Stream, generator_for
-from .objectives import OBJECTIVES, DistillContext, direct_cm_trajectory_pairs, distance, extra_pair_indices
+from .objectives import DistillContext, direct_cm_trajectory_pairs, distance, extra_pair_indices
 from .sampling import consistency_fn
 
 
@@ -89,15 +87,3 @@ class TrajectoryPairTargets:
 
         return x_all, t_all, {k: tile(v) for k, v in cond.items()}, tile(target)
 
-
-def target_source(objective: str, ctx: DistillContext, *, lookahead: int = 0, trajectory_pairs: int = 1,
-                  seed: int = 0, capacity: int = 1, autocast: Callable = contextlib.nullcontext):
-    """The target source of a run, chosen once: trajectory pairs, the objective with its teacher work issued
-    ``lookahead`` batches ahead (Direct CM: a trajectory pool of ``capacity`` samples per call), or the objective."""
-    if trajectory_pairs > 1:
-        return TrajectoryPairTargets(ctx, seed, trajectory_pairs)
-    if lookahead and objective == "direct_cm":
-        return PooledTargets(ctx, capacity, lookahead)
-    if lookahead:
-        return LookaheadCMTargets(ctx, lookahead, autocast)
-    return ObjectiveTargets(OBJECTIVES[objective], ctx)

@@ -1,7 +1,7 @@
 """The shared training loop of ``train_cm.py`` and ``train_direct_cm.py`` (docs/method.md §6-§7).
 
 The loop reads: data -> step -> optimizer -> log -> checkpoint. The step is ``step.distill_loss`` with the target
-source chosen once at setup (``step.target_source``); the eps functions come from the speed wing (``fast.build``).
+source chosen once at setup (``fast.target_source``); the eps functions come from the speed wing (``fast.build``).
 Around the loop: the run folder (``run_folder``: checkpoints, resume, one run per folder, the step log), the
 optimizer and batch arithmetic (``optimizer``), the step's inputs (``inputs``), the flags (``args``).
 Randomness (timesteps, noise, VAE sampling, crops, data order) is a pure function of the seed and
@@ -27,7 +27,6 @@ from .args import training_parser, validate_args
 from .data import MIN_IMAGE_SIDE, caption_text, count_long_captions, make_dataloader, training_dataset
 from .errors import UserError, writing
 from .guidance import UNetEps
-from .fast import checkpointing
 from .inputs import Encoders, prepare
 from .noise import per_sample_noise
 from .objectives import DistillContext
@@ -39,7 +38,7 @@ from .run_folder import (CONFIG_NAME, LOG_NAME, STATE_NAME, _why, append_log, ch
 from .sampling import student_sample
 from .schedule import Grid, NoiseSchedule
 from .solvers import get_solver
-from .step import LossConfig, distill_loss, target_source
+from .step import LossConfig, distill_loss
 
 logger = logging.getLogger("cmdistill")
 
@@ -116,16 +115,9 @@ class Trainer:
         for p in unet.parameters():  # fp32 LoRA parameters under mixed precision (docs/method.md §7)
             if p.requires_grad:
                 p.data = p.data.float()
-        if self.weight_dtype != torch.float32 and args.lora_dropout == 0:
-            # Every adapter forward runs under autocast: skip PEFT's copy of each activation to fp32 (same values).
-            models.set_lora_input_casting(unet, False)
-        self.checkpointing = {}
-        if args.gradient_checkpointing or args.checkpointing_budget_gib is not None:
-            # Every block checkpointed, or (--checkpointing_budget_gib) the blocks that are dearest to recompute
-            # per byte kept un-checkpointed within that much activation memory (fast.checkpointing).
-            # 'auto': every block checkpointed for the first step, then sized from its peak (size_checkpointing).
-            budget = 0 if args.checkpointing_budget_gib == "auto" else args.checkpointing_budget_gib
-            self.set_checkpointing(unet, budget)
+        # Every block checkpointed, or (--checkpointing_budget_gib) the blocks that are dearest to recompute per byte
+        # kept un-checkpointed within that much activation memory; 'auto': sized after the first steps.
+        self.checkpointing = fast.checkpointing.StudentCheckpointing(unet, args, self.vae_scale_factor)
         self.params = [p for p in unet.parameters() if p.requires_grad]
         if args.scale_lr:
             args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * acc.num_processes
@@ -160,9 +152,10 @@ class Trainer:
         self.ctx = DistillContext(teacher_eps=self.fast.teacher_eps, student_eps_nograd=self.fast.target_eps,
                                   step=get_solver(args.solver), sched=self.sched, grid=self.grid,
                                   timestep_scaling=args.timestep_scaling_factor, max_batch=args.teacher_max_batch)
-        self.targets = target_source(objective, self.ctx, lookahead=args.teacher_lookahead,
-                                     trajectory_pairs=args.trajectory_pairs, seed=args.seed,
-                                     capacity=args.teacher_max_batch or args.train_batch_size, autocast=acc.autocast)
+        self.targets = fast.target_source(objective, self.ctx, lookahead=args.teacher_lookahead,
+                                          trajectory_pairs=args.trajectory_pairs, seed=args.seed,
+                                          capacity=args.teacher_max_batch or args.train_batch_size,
+                                          autocast=acc.autocast)
         self.loss_config = LossConfig(args.timestep_scaling_factor, args.loss_type, args.huber_c)
 
         if self.resume is not None:
@@ -171,8 +164,13 @@ class Trainer:
         self.config = hub.recordable_config(args)  # secrets (--hub_token, ...) never recorded or logged
         self.config.update(objective=objective, num_processes=acc.num_processes, global_batch_size=self.global_batch,
                            mixed_precision=acc.mixed_precision, vae_scale_factor=self.vae_scale_factor,
-                           selective_checkpointing=self.checkpointing, compile_decision=self.compiled)
-        if acc.is_main_process:
+                           selective_checkpointing=self.checkpointing.info, compile_decision=self.compiled)
+        self.write_config()
+
+    def write_config(self):
+        """training_config.json (by the main process), with the checkpointing plan as it stands now."""
+        self.config["selective_checkpointing"] = self.checkpointing.info
+        if self.accelerator.is_main_process:
             write_json_atomic(self.output_dir / CONFIG_NAME, self.config)
 
     @property
@@ -188,26 +186,6 @@ class Trainer:
         return {**vars(a), "objective": self.objective_name, "global_batch_size": batch, "max_train_steps": steps,
                 "mixed_precision": acc.mixed_precision,
                 "learning_rate": a.learning_rate * batch if a.scale_lr else a.learning_rate}
-
-    # --- selective checkpointing (fast.checkpointing) ------------------------------------------------
-    def set_checkpointing(self, unet, budget_gib):
-        args = self.args
-        side = args.resolution // self.vae_scale_factor
-        self.checkpointing = checkpointing.enable(unet, budget_gib, args.train_batch_size * args.trajectory_pairs,
-                                                  side, side)
-        if budget_gib:
-            logger.info(checkpointing.describe(self.checkpointing))
-
-    def size_checkpointing(self):
-        """``--checkpointing_budget_gib auto`` after the first and the second step (``checkpointing.size_auto``)."""
-        def replan(budget):
-            self.set_checkpointing(self.base_unet, budget)
-            return self.checkpointing
-
-        self.checkpointing = checkpointing.size_auto(self.checkpointing, self.accelerator.device, replan)
-        self.config["selective_checkpointing"] = self.checkpointing
-        if self.accelerator.is_main_process:
-            write_json_atomic(self.output_dir / CONFIG_NAME, self.config)
 
     # --- checkpoints -----------------------------------------------------------------------------------
     def save_checkpoint(self):
@@ -342,8 +320,8 @@ class Trainer:
             self.global_step += 1
             self.samples_seen += self.global_batch
             self.log_step(losses, grad_norm, skipped, t_step, log_path)  # log
-            if args.checkpointing_budget_gib == "auto" and "calibrated" not in self.checkpointing:
-                self.size_checkpointing()  # after the first step, and (on a GPU) once more after the second
+            if self.checkpointing.after_step(acc.device):  # --checkpointing_budget_gib auto: re-sized
+                self.write_config()
             if args.checkpointing_steps and self.global_step % args.checkpointing_steps == 0:  # checkpoint
                 self.save_checkpoint()
             if acc.is_main_process and args.validation_steps and self.global_step % args.validation_steps == 0:

@@ -174,11 +174,9 @@ def test_auto_budget_is_recalibrated_from_the_measured_rise_of_the_peak():
 
 
 def test_auto_budget_sizes_after_the_first_step_and_recalibrates_after_the_second(monkeypatch):
-    """Trainer.size_checkpointing on a (simulated) 80 GiB card: the first sizing assumes OVERSHOOT, the
-    second uses the measured rise of the peak (here compiled blocks' 0.65x) and keeps more."""
+    """StudentCheckpointing.after_step on a (simulated) 80 GiB card: the first sizing assumes OVERSHOOT, the
+    second uses the measured rise of the peak (here compiled blocks' 0.65x) and keeps more; then nothing."""
     from types import SimpleNamespace
-
-    from cmdistill.train import Trainer
 
     gib = 2**30
     peaks = iter([19.4 * gib, (19.4 + 0.65 * (72 - 19.4) / 1.4) * gib])
@@ -187,23 +185,26 @@ def test_auto_budget_sizes_after_the_first_step_and_recalibrates_after_the_secon
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda dev: None)
     plans = []
 
-    class Fake:
-        accelerator = SimpleNamespace(device=torch.device("cuda", 0), is_main_process=False)
-        checkpointing, config, base_unet = {"kept_blocks": 0}, {}, None
+    def enable(unet, budget, batch, height, width):
+        plans.append(budget)
+        assert (unet, batch, height, width) == ("unet", 6, 8, 8)
+        return {"kept_blocks": 1, "blocks": 2, "kept_gib": budget, "recompute_avoided": 0.5} if budget else \
+            {"kept_blocks": 0}
 
-        def set_checkpointing(self, unet, budget):
-            plans.append(budget)
-            self.checkpointing = {"kept_blocks": 1, "blocks": 2, "kept_gib": budget, "recompute_avoided": 0.5}
-
-    fake = Fake()
-    Trainer.size_checkpointing(fake)
-    assert plans == [pytest.approx((72 - 19.4) / 1.4)] and "calibrated" not in fake.checkpointing
-    Trainer.size_checkpointing(fake)
-    assert plans[1] == pytest.approx((72 - 19.4) / 0.65)
-    info = fake.checkpointing
+    monkeypatch.setattr(checkpointing, "enable", enable)
+    args = SimpleNamespace(train_batch_size=3, trajectory_pairs=2, resolution=64, gradient_checkpointing=False,
+                           checkpointing_budget_gib="auto")
+    plan = checkpointing.StudentCheckpointing("unet", args, vae_scale_factor=8)
+    assert plans == [0] and plan.info == {"kept_blocks": 0}  # every block checkpointed for the first step
+    device = torch.device("cuda", 0)
+    assert plan.after_step(device)
+    assert plans[1:] == [pytest.approx((72 - 19.4) / 1.4)] and "calibrated" not in plan.info
+    assert plan.after_step(device)
+    assert plans[2] == pytest.approx((72 - 19.4) / 0.65)
+    info = plan.info
     assert info["calibrated"] and info["measured_ratio"] == pytest.approx(0.65)
-    assert info["auto_budget_gib"] == pytest.approx(plans[1]) and info["first_plan_budget_gib"] == pytest.approx(plans[0])
-    assert fake.config["selective_checkpointing"] is info
+    assert info["auto_budget_gib"] == pytest.approx(plans[2]) and info["first_plan_budget_gib"] == pytest.approx(plans[1])
+    assert not plan.after_step(device) and plan.info is info and len(plans) == 3  # sized: no more re-plans
 
 
 def test_auto_budget_on_the_cpu_keeps_full_checkpointing(tiny_pipeline, tiny_image_folder, tmp_path):

@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "cmdistill"
-SCIENCE = {"schedule", "solvers", "guidance", "sampling", "objectives", "noise", "errors"}
+SCIENCE = {"schedule", "solvers", "guidance", "sampling", "objectives", "noise", "step", "errors"}
 
 
 def module_name(path: Path) -> str:
@@ -80,7 +80,7 @@ def test_the_speed_wing_imports_science_only():
 
 
 def test_no_module_is_long_without_a_reason():
-    """No module much over 400 lines (train.py, the Trainer's setup, checkpoints, validation and loop, stays
-    under the line)."""
-    long = {module_name(p): n for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > 460}
+    """No module much over 400 lines: at most 420 (train.py, the Trainer's setup, checkpoints, validation and loop,
+    stays under 400)."""
+    long = {module_name(p): n for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > 420}
     assert not long, long

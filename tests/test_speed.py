@@ -1,8 +1,8 @@
 """The speed options compute the same numbers as the plain path (CPU, tiny SDXL-architecture UNet).
 
-* switching off PEFT's copy of LoRA inputs to fp32 (``models.set_lora_input_casting``) under autocast;
+* switching off PEFT's copy of LoRA inputs to fp32 (``fast.set_lora_input_casting``) under autocast;
 * the teacher through ``torch.compile`` with a dynamic batch dimension (``fast.compile_unet`` +
-  ``UNetEps(dynamic_batch=True)``), with the adapter disabled, for several batch sizes;
+  ``fast.DynamicBatch``), with the adapter disabled, for several batch sizes;
 * ``--compile_teacher`` and ``--compile_blocks`` in the training loop (same losses as without);
 * the teacher as a view of the UNet without its adapter layers (``fast.base_view``, shared weights) against the
   UNet with its adapter layers switched off (``adapters_disabled`` below, the oracle).
@@ -71,7 +71,7 @@ def test_lora_input_casting_off_gives_the_same_forward_and_gradients_under_autoc
     cond = {k: v.bfloat16() for k, v in cond.items()}
     results = []
     for enabled in (True, False):
-        assert models.set_lora_input_casting(unet, enabled) > 0
+        assert fast.set_lora_input_casting(unet, enabled) > 0
         unet.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = UNetEps(unet)(x, t, cond)
@@ -83,6 +83,18 @@ def test_lora_input_casting_off_gives_the_same_forward_and_gradients_under_autoc
     for ga, gb in zip(grads_a, grads_b):
         # the forward is bit-identical; the backward's fp32 copy only changes where the gradient is rounded
         torch.testing.assert_close(ga, gb, rtol=2e-2, atol=1e-5)
+
+
+def test_build_skips_the_lora_input_copy_only_for_16_bit_weights_without_dropout():
+    """``fast.build`` switches PEFT's copy off where the trainer runs every adapter forward under autocast (frozen
+    weights in 16 bits) and no LoRA dropout acts on the copy; elsewhere the copy stays."""
+    for dtype, dropout, skipped in ((torch.bfloat16, 0.0, True), (torch.bfloat16, 0.1, False),
+                                    (torch.float32, 0.0, False)):
+        unet = student_unet(dtype)
+        args = types.SimpleNamespace(lora_dropout=dropout, compile_mode=None, w=3.0, teacher_max_batch=None,
+                                     train_batch_size=2, **dict.fromkeys(fast.plan.FLAGS, False))
+        fast.build(unet, unet, args)
+        assert {m.cast_input_dtype_enabled for m in models.tuner_layers(unet)} == {not skipped}, (dtype, dropout)
 
 
 def test_base_view_is_the_adapter_disabled_unet_on_shared_weights():
@@ -233,7 +245,7 @@ def test_frozen_compiled_teacher_gives_the_eager_values():
 
     unet = student_unet(torch.float32)
     view = fast.base_view(unet)
-    frozen = UNetEps(fast.compile_unet(view, freezing=True), dynamic_batch=True)
+    frozen = UNetEps(fast.DynamicBatch(fast.compile_unet(view, freezing=True)))
     for b in (3, 2):
         x, t, cond = inputs(b, seed=b)
         with torch.no_grad():
@@ -304,7 +316,7 @@ def test_channels_last_compiled_teacher_gives_the_eager_values():
     x, t, cond = inputs(3)
     with torch.no_grad():
         torch.testing.assert_close(UNetEps(cw)(x, t, cond), UNetEps(view)(x, t, cond), rtol=1e-5, atol=1e-5)
-    compiled = UNetEps(fast.compile_unet(view, channels_last=True, freezing=True), dynamic_batch=True)
+    compiled = UNetEps(fast.DynamicBatch(fast.compile_unet(view, channels_last=True, freezing=True)))
     for b in (3, 2):
         x, t, cond = inputs(b, seed=b)
         with torch.no_grad():
@@ -371,7 +383,7 @@ def test_compiled_teacher_with_dynamic_batch_matches_eager_with_the_adapter_disa
     compiled = fast.compile_unet(unet, backend="eager")
     for w in (1.0, 3.0):
         eager_teacher = GuidedEps(UNetEps(unet), w, batched=True)
-        fast_teacher = GuidedEps(UNetEps(compiled, dynamic_batch=True), w, batched=True)
+        fast_teacher = GuidedEps(UNetEps(fast.DynamicBatch(compiled)), w, batched=True)
         for b in (4, 3, 5, 2):  # the shrinking active sets of the Direct CM loop
             x, t, cond = inputs(b, seed=b)
             with torch.no_grad(), adapters_disabled(unet):
@@ -384,8 +396,27 @@ def test_compiled_teacher_with_dynamic_batch_matches_eager_with_the_adapter_disa
             assert (student - teacher_plain).abs().max() > 1e-3  # the adapter matters here...
     with torch.no_grad():  # ... and the compiled module follows the adapter switch (its guards)
         x, t, cond = inputs(3, seed=9)
-        torch.testing.assert_close(UNetEps(compiled, dynamic_batch=True)(x, t, cond), UNetEps(unet)(x, t, cond),
+        torch.testing.assert_close(UNetEps(fast.DynamicBatch(compiled))(x, t, cond), UNetEps(unet)(x, t, cond),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_batch_compiles_once_for_every_batch_size():
+    """``fast.DynamicBatch``: the batch dimension of every tensor input (keyword and nested ones included) is
+    symbolic from the first call, so shrinking batches do not recompile; the values are the module's."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+
+    def f(x, t, encoder_hidden_states=None, added_cond_kwargs=None, return_dict=False):
+        return (x * t[:, None] + encoder_hidden_states.sum(1) + added_cond_kwargs["text_embeds"],)
+
+    counter = CompileCounter()
+    compiled = fast.DynamicBatch(torch.compile(f, backend=counter))
+    for b in (4, 3, 5, 2):
+        x, t, emb, te = torch.randn(b, 3), torch.randn(b), torch.randn(b, 2, 3), torch.randn(b, 3)
+        got = compiled(x, t, encoder_hidden_states=emb, added_cond_kwargs={"text_embeds": te})[0]
+        torch.testing.assert_close(got, f(x, t, emb, {"text_embeds": te})[0])
+    assert counter.frame_count == 1
 
 
 def test_compile_flags_give_the_same_losses(tiny_pipeline, tiny_image_folder, tmp_path, monkeypatch):

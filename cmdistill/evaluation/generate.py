@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .. import models as M
-from ..fast import compile_unet, to_device
+from ..fast import DynamicBatch, compile_unet, to_device
 from ..guidance import GuidedEps, UNetEps
 from ..noise import per_sample_noise
 from ..progress import Progress
@@ -88,8 +88,8 @@ def unet_eps(models: Models, compile: bool = False, freezing: bool = False, chan
     ``channels_last``: see ``fast.compile_unet``). Host-to-device copies without a sync (``fast.to_device``)."""
     if not compile:
         return UNetEps(models.unet, models.dtype, copy=to_device)
-    return UNetEps(compile_unet(models.unet, freezing=freezing, channels_last=channels_last), models.dtype,
-                   dynamic_batch=True, copy=to_device)
+    return UNetEps(DynamicBatch(compile_unet(models.unet, freezing=freezing, channels_last=channels_last)),
+                   models.dtype, copy=to_device)
 
 
 def teacher_sampler(models: Models, solver: str, num_steps: int, w: float, cfg_batched: bool = False,

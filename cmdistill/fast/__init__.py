@@ -1,13 +1,15 @@
 """The speed wing: everything that makes training fast without changing what it computes (docs/method.md §11).
 
-The science modules (schedule, solvers, guidance, sampling, objectives, noise) import nothing from here; the
+The science modules (schedule, solvers, guidance, sampling, objectives, noise, step) import nothing from here; the
 trainer asks ``build`` for its eps functions and does not know how they were made fast.
 
 * ``compile``: ``torch.compile`` of the UNet or its blocks, channels_last group norms;
+* ``casting``: PEFT's fp32 copy of every LoRA input skipped under autocast;
 * ``views``: the teacher as a view of the student's UNet without its adapters, the CM target on merged weights;
 * ``checkpointing``: selective activation checkpointing sized to a memory budget;
 * ``copies``: host-to-device copies without a host sync (injected into the science as ``copy=``);
-* ``lookahead``: teacher work of the next batches issued ahead (trajectory pool, CM lookahead);
+* ``lookahead``: teacher work of the next batches issued ahead (trajectory pool, CM lookahead), and
+  ``target_source``, the choice of a run's target source;
 * ``cfg``: the choice between batched and separate guidance passes;
 * ``plan``: ``--compile off|on|auto``, the compiled set of each objective and whether it repays its compile time.
 """
@@ -19,16 +21,18 @@ from typing import Callable
 
 from ..guidance import UNetEps
 from . import checkpointing, plan
+from .casting import set_lora_input_casting, skip_lora_input_casting
 from .cfg import AdaptiveCFG
-from .compile import (BLOCK_TYPES, COMPILE_MODES, RECOMPILE_LIMIT, ChannelwiseGroupNorm, channelwise_norms,
-                      compile_blocks, compile_unet)
+from .compile import (BLOCK_TYPES, COMPILE_MODES, RECOMPILE_LIMIT, ChannelwiseGroupNorm, DynamicBatch,
+                      channelwise_norms, compile_blocks, compile_unet)
 from .copies import to_device
-from .lookahead import LookaheadCMTargets, PooledTargets, TrajectoryPool
+from .lookahead import LookaheadCMTargets, PooledTargets, TrajectoryPool, target_source
 from .views import MergedAdapters, base_view
 
-__all__ = ["AdaptiveCFG", "BLOCK_TYPES", "COMPILE_MODES", "ChannelwiseGroupNorm", "Fast", "LookaheadCMTargets",
-           "MergedAdapters", "PooledTargets", "RECOMPILE_LIMIT", "TrajectoryPool", "base_view", "build",
-           "channelwise_norms", "checkpointing", "plan", "compile_blocks", "compile_unet", "to_device"]
+__all__ = ["AdaptiveCFG", "BLOCK_TYPES", "COMPILE_MODES", "ChannelwiseGroupNorm", "DynamicBatch", "Fast",
+           "LookaheadCMTargets", "MergedAdapters", "PooledTargets", "RECOMPILE_LIMIT", "TrajectoryPool", "base_view",
+           "build", "channelwise_norms", "checkpointing", "plan", "compile_blocks", "compile_unet",
+           "set_lora_input_casting", "skip_lora_input_casting", "target_source", "to_device"]
 
 
 @dataclass
@@ -47,9 +51,12 @@ def build(unet, base_unet, args, optimizer_step: Callable[[], int] = lambda: Non
     """The training step's eps functions for the student ``unet`` (as the optimizer sees it, e.g. wrapped for DDP)
     and ``base_unet`` (the unwrapped module), made fast as ``args`` asks (``--compile_teacher``,
     ``--compile_blocks``, ``--teacher_freezing``, ``--teacher_channels_last``, ``--merged_target``,
-    ``--teacher_max_batch``). ``optimizer_step()`` is the trainer's optimizer step: the merged CM target is refreshed
+    ``--teacher_max_batch``; under mixed precision without ``--lora_dropout``, no fp32 copy of the LoRA inputs).
+    ``optimizer_step()`` is the trainer's optimizer step: the merged CM target is refreshed
     once per step. The same function as the plain UNet passes, to kernel rounding (tests/test_speed.py)."""
     compiled = bool(args.compile_teacher)
+    # Every adapter forward of a 16-bit UNet runs under autocast: skip PEFT's copy of each input to fp32 (same values).
+    skip_lora_input_casting(base_unet, args.lora_dropout)
     # The teacher: the same frozen weights seen without the adapter layers (no switch to flip per call).
     teacher_view = base_view(base_unet)
     if args.compile_blocks:  # regional compilation: every pass through the UNet runs compiled blocks
@@ -66,11 +73,13 @@ def build(unet, base_unet, args, optimizer_step: Callable[[], int] = lambda: Non
         compile_blocks(merged.tree)
     target_unet = (base_unet if merged is None else
                    compile_unet(merged.tree, channels_last=channels_last) if compiled else merged.tree)
-    target = UNetEps(target_unet, dynamic_batch=compiled and merged is not None, copy=to_device)
+    # A compiled whole UNet (teacher, merged target) is called with a symbolic batch dimension (DynamicBatch).
+    target = UNetEps(DynamicBatch(target_unet) if compiled and merged is not None else target_unet, copy=to_device)
     if merged is not None:  # the adapter weights change at every optimizer step (and on resume)
         target = merged.refreshing(target, step=optimizer_step)
     # Conditional + unconditional passes as one call where the call is small (<= half the batch).
     threshold = (args.teacher_max_batch or args.train_batch_size) // 2
-    teacher = AdaptiveCFG(UNetEps(teacher_unet, dynamic_batch=compiled, copy=to_device), args.w, threshold)
+    teacher = AdaptiveCFG(UNetEps(DynamicBatch(teacher_unet) if compiled else teacher_unet, copy=to_device),
+                          args.w, threshold)
     return Fast(teacher_eps=teacher, target_eps=target, student_eps=UNetEps(unet, copy=to_device),
                 teacher_unet=teacher_unet, target_unet=target_unet, merged=merged)

@@ -208,3 +208,35 @@ def size_auto(info: dict, device, replan: Callable[[float], dict]) -> dict:
             info.update(auto_budget_gib=budget, first_plan_budget_gib=first, first_step_peak_gib=peak0 / 2**30)
         info.update(calibrated=True, measured_ratio=ratio, second_step_peak_gib=peak / 2**30)
     return info
+
+
+class StudentCheckpointing:
+    """The student UNet's checkpointing for a run, from the flags: every block checkpointed
+    (``--gradient_checkpointing``), or the blocks that are dearest to recompute per byte kept un-checkpointed within
+    ``--checkpointing_budget_gib`` GiB of activations (``enable``), at the training batch (x ``--trajectory_pairs``)
+    and resolution (latents ``vae_scale_factor`` times smaller); neither flag: none. ``--checkpointing_budget_gib
+    auto``: every block checkpointed for the first step, then sized from its peak and once more from the second's
+    (``size_auto``, through ``after_step``). ``info``: the summary for the run config."""
+
+    def __init__(self, unet, args, vae_scale_factor: int):
+        self.unet, self.side = unet, args.resolution // vae_scale_factor
+        self.batch = args.train_batch_size * args.trajectory_pairs
+        self.auto = args.checkpointing_budget_gib == "auto"
+        self.info: dict = {}
+        if args.gradient_checkpointing or args.checkpointing_budget_gib is not None:
+            self.set(0 if self.auto else args.checkpointing_budget_gib)
+
+    def set(self, budget_gib) -> dict:
+        """Re-plan ``unet`` for ``budget_gib`` GiB of kept activations; returns (and keeps) the plan's info."""
+        self.info = enable(self.unet, budget_gib, self.batch, self.side, self.side)
+        if budget_gib:
+            logger.info(describe(self.info))
+        return self.info
+
+    def after_step(self, device) -> bool:
+        """``--checkpointing_budget_gib auto``, called after every step: re-sized after the first and the second
+        step (``size_auto``) on ``device``. Returns whether ``info`` changed (the run config to write again)."""
+        if not self.auto or "calibrated" in self.info:
+            return False
+        self.info = size_auto(self.info, device, self.set)
+        return True

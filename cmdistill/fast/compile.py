@@ -38,10 +38,37 @@ def compile_cache() -> Path:
     return path
 
 
+class DynamicBatch:
+    """A compiled UNet (``compile_unet``) called with the batch dimension (dim 0) of every tensor input marked
+    dynamic (``torch._dynamo.maybe_mark_dynamic``): one compiled graph serves every batch size. For no-grad calls
+    (teacher passes, samplers): ``UNetEps(DynamicBatch(compiled))``. The same call otherwise."""
+
+    def __init__(self, unet):
+        self.unet = unet
+
+    def __call__(self, *args, **kwargs):
+        for v in _tensors((args, kwargs)):
+            if v.ndim:
+                torch._dynamo.maybe_mark_dynamic(v, 0)
+        return self.unet(*args, **kwargs)
+
+
+def _tensors(v):
+    """The tensors in ``v`` (nested tuples, lists and dicts)."""
+    if isinstance(v, torch.Tensor):
+        yield v
+    elif isinstance(v, dict):
+        for x in v.values():
+            yield from _tensors(x)
+    elif isinstance(v, (list, tuple)):
+        for x in v:
+            yield from _tensors(x)
+
+
 def compile_unet(unet, backend: str = "inductor", mode: str | None = None, freezing: bool = False,
                  channels_last: bool = False):
-    """``torch.compile`` of the UNet. For no-grad calls (teacher passes, samplers) use it through
-    ``UNetEps(compiled, dynamic_batch=True)``: the batch dimension is compiled symbolic once, so the
+    """``torch.compile`` of the UNet. For no-grad calls (teacher passes, samplers) call it through
+    ``DynamicBatch(compiled)``: the batch dimension is compiled symbolic once, so the
     shrinking active sets of the Direct CM loop do not recompile for every size. The student's pass
     with grad (LoRA, gradient checkpointing, DDP) compiles as it is. The first call compiles (minutes
     for SDXL); the result agrees with eager mode to kernel rounding (tests/test_speed.py).

@@ -6,19 +6,35 @@ targets of the next K batches do not depend on this step's student update (docs/
 * CM: ``LookaheadCMTargets`` issues each batch's teacher step when the batch is prepared, on the current stream,
   so that the CPU gets ahead of the GPU; the student's part of the target runs at the step itself.
 
-Both give the targets of ``objectives.OBJECTIVES`` (the same solver steps; tests/test_speed.py).
+Both give the targets of ``objectives.OBJECTIVES`` (the same solver steps; tests/test_speed.py). ``target_source``
+chooses a run's target source once, at setup: one of these, or one of ``cmdistill.step``'s.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
 
-from ..objectives import DistillContext, cm_target_from, cm_teacher_step
+from ..objectives import OBJECTIVES, DistillContext, cm_target_from, cm_teacher_step
 from ..schedule import Grid, NoiseSchedule
 from ..solvers import EpsFn, index_cond
+from ..step import ObjectiveTargets, TrajectoryPairTargets
 from .copies import to_device
+
+
+def target_source(objective: str, ctx: DistillContext, *, lookahead: int = 0, trajectory_pairs: int = 1,
+                  seed: int = 0, capacity: int = 1, autocast: Callable = contextlib.nullcontext):
+    """The target source of a run, chosen once: trajectory pairs, the objective with its teacher work issued
+    ``lookahead`` batches ahead (Direct CM: a trajectory pool of ``capacity`` samples per call), or the objective."""
+    if trajectory_pairs > 1:
+        return TrajectoryPairTargets(ctx, seed, trajectory_pairs)
+    if lookahead and objective == "direct_cm":
+        return PooledTargets(ctx, capacity, lookahead)
+    if lookahead:
+        return LookaheadCMTargets(ctx, lookahead, autocast)
+    return ObjectiveTargets(OBJECTIVES[objective], ctx)
 
 
 class PooledTargets:
