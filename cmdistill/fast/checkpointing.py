@@ -143,8 +143,9 @@ def describe(info: dict) -> str:
             "avoided")
 
 
-# Measured on an H200 (benchmarks/RESULTS.md): the step's peak rose 1.22-1.37x the estimated bytes kept
-# (autocast's fp32 copies are not in the dry run); and a margin of the card's memory is left free.
+# OVERSHOOT: the step's peak rises by more than the estimated bytes kept (the dry run does not count autocast's
+# fp32 copies), until calibrated_budget_gib replaces it with the run's own measurement; HEADROOM: a margin of the
+# card's memory is left free.
 OVERSHOOT, HEADROOM = 1.4, 0.9
 
 
@@ -169,7 +170,7 @@ def measured_ratio(peak0: int, peak1: int, kept_estimate_gib: float) -> float | 
 def calibrated_budget_gib(peak0: int, peak1: int, kept_estimate_gib: float, total_bytes: int) -> float | None:
     """``--checkpointing_budget_gib auto``, second sizing: the budget that fills the same headroom as
     ``auto_budget_gib`` at the measured cost per estimated byte instead of the assumed OVERSHOOT (compiled
-    blocks keep ~0.65x the eager estimate, eager blocks 1.2-1.4x: RESULTS.md). None: nothing to measure."""
+    blocks keep less than the eager estimate, eager blocks more). None: nothing to measure."""
     ratio = measured_ratio(peak0, peak1, kept_estimate_gib)
     if ratio is None:
         return None

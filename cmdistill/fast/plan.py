@@ -32,11 +32,12 @@ RECORD_NAME = "cmdistill_compile_record.json"
 CHOICES = ("off", "on", "auto")
 FLAGS = ("compile_teacher", "teacher_channels_last", "teacher_freezing", "compile_blocks", "merged_target")
 
-# Seconds on one H200 at 1024 px with 16 samples per device (benchmarks/RESULTS.md): the recipe's eager and
-# compiled steps (precomputed inputs) and the compile time with an empty and with a filled cache.
+# Seconds on one H200 at 1024 px with 16 samples per device: the recipe's eager and compiled steps (precomputed
+# inputs) and the compile time with an empty and with a filled cache (benchmarks/RESULTS.md, "The cost model of
+# --compile auto", gives the source of each; the larger where two machines differed).
 RECIPE_COSTS = {
     "cm": dict(eager_step_s=2.76, compiled_step_s=2.0, cold_compile_s=140.0, warm_compile_s=50.0),
-    "direct_cm": dict(eager_step_s=46.0, compiled_step_s=22.5, cold_compile_s=610.0, warm_compile_s=300.0),
+    "direct_cm": dict(eager_step_s=34.0, compiled_step_s=22.8, cold_compile_s=200.0, warm_compile_s=100.0),
 }
 
 
