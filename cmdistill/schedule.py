@@ -113,16 +113,16 @@ class Grid:
     def start_timesteps(self) -> torch.Tensor:
         return self.timestep(torch.arange(self.N))
 
-    def sampling_indices(self, num_steps: int) -> list[int]:
+    def sampling_indices(self, K: int) -> list[int]:
         """docs/method.md §8: grid indices round(linspace(0, N, K, endpoint=False)) (NumPy's round-half-even)."""
         import numpy as np
 
-        if not 1 <= num_steps <= self.N:
-            raise UserError(f"--num_inference_steps {num_steps} must lie in 1..{self.N} (the grid size)")
-        return [int(i) for i in np.round(np.linspace(0, self.N, num_steps, endpoint=False))]
+        if not 1 <= K <= self.N:
+            raise UserError(f"--num_inference_steps {K} must lie in 1..{self.N} (the grid size)")
+        return [int(i) for i in np.round(np.linspace(0, self.N, K, endpoint=False))]
 
-    def sampling_timesteps(self, num_steps: int) -> list[int]:
-        return [self.T - self.k * i for i in self.sampling_indices(num_steps)]
+    def sampling_timesteps(self, K: int) -> list[int]:
+        return [self.T - self.k * i for i in self.sampling_indices(K)]
 
 
 def boundary_scalings(t, like: torch.Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5, copy=host_to):

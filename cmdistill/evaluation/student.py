@@ -106,8 +106,8 @@ def student_main(argv=None) -> list[dict]:
     n_from = ("--num_original_inference_steps" if args.num_original_inference_steps is not None else
               f"num_discr_timesteps of {TRAINING_CONFIG}" if "num_discr_timesteps" in train_cfg else
               "--num_original_inference_steps (the references' N)")
-    args.num_original_inference_steps = int(pick(args.num_original_inference_steps, "num_discr_timesteps",
-                                                 "num_original_inference_steps", 100))
+    N = int(pick(args.num_original_inference_steps, "num_discr_timesteps", "num_original_inference_steps", 100))
+    args.num_original_inference_steps = N  # eval_config.json records the resolved flags
     args.timestep_scaling_factor = float(pick(args.timestep_scaling_factor, "timestep_scaling_factor", None, 10.0))
     args.lora_rank = int(pick(args.lora_rank, "lora_rank", None, 64))
     args.lora_alpha = float(pick(args.lora_alpha, "lora_alpha", None, 64))
@@ -121,7 +121,7 @@ def student_main(argv=None) -> list[dict]:
             setattr(args, key, t_id.get(key, t_args.get(key)))
     args.seed = 24 if args.seed is None else args.seed
     args.init_noise = absolute(args.init_noise)
-    resolve_size_and_grid(args, args.num_original_inference_steps, n_from)
+    resolve_size_and_grid(args, N, n_from)
 
     if args.captions_file:
         captions = read_captions_file(args.captions_file)
@@ -136,8 +136,7 @@ def student_main(argv=None) -> list[dict]:
 
     diffs = reference_mismatches(t_id, teacher_dir, train_cfg, args, init)
     if diffs:
-        n = train_cfg.get("num_discr_timesteps", args.num_original_inference_steps)
-        fix = (f"test_teacher.py --num_original_inference_steps {n}"
+        fix = (f"test_teacher.py --num_original_inference_steps {train_cfg.get('num_discr_timesteps', N)}"
                + (f" --guidance_scale {float(train_cfg['w'])}" if "w" in train_cfg else "")
                + f" --resolution {args.resolution}"
                + (f" --init_noise {args.init_noise}" if args.init_noise else f" --seed {args.seed}"))
@@ -159,9 +158,8 @@ def student_main(argv=None) -> list[dict]:
     else:
         notes.append(f"no {LATENTS_NAME} in the teacher folder '{teacher_dir}': the ODE solving error is skipped")
     for K in args.num_inference_steps:
-        if not 1 <= K <= args.num_original_inference_steps:
-            raise UserError(f"--num_inference_steps {K} must lie in 1..{args.num_original_inference_steps} "
-                            "(the grid size N)")
+        if not 1 <= K <= N:
+            raise UserError(f"--num_inference_steps {K} must lie in 1..{N} (the grid size N)")
     for d, _, _ in selected:
         check_lora_file(d / LORA_WEIGHT_NAME)
     state = process_state()
@@ -169,7 +167,7 @@ def student_main(argv=None) -> list[dict]:
         if note:
             warn(note)
 
-    N, c = args.num_original_inference_steps, args.timestep_scaling_factor
+    c = args.timestep_scaling_factor
 
     def score_fn(store):
         def score(n):
@@ -212,6 +210,8 @@ def student_jobs(args, state, out, lora_dir, weights, train_step, N, c, init, tr
     """The jobs of one set of weights, one per number of sampling steps; with --checkpoints, none for a
     setting that metrics.json records for the same weights, captions and references (a rerun skips it)."""
     tag = weights + ("" if args.lora_scale == 1.0 else f"_lora{args.lora_scale}")
+    # N under the names its readers know: the samples' identity (eval_config.json) as training_config.json names
+    # it, the metrics.json row as the flag (results, summary and the toy study read that column).
     base_identity = {"kind": "student", "model": args.pretrained_teacher_model,
                      "vae": args.pretrained_vae_model_name_or_path, "revision": args.revision,
                      "teacher_revision": args.teacher_revision, "lora_sha256": lora_sha256(lora_dir / LORA_WEIGHT_NAME),
