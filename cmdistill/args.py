@@ -9,8 +9,10 @@ import copy
 import importlib.util
 
 from .errors import UserError
+from .fast import plan
 from .fast.compile import COMPILE_MODES
-from .models import DEFAULT_LORA_TARGETS
+from .models import DEFAULT_LORA_TARGETS, SDXL_BASE
+from .solvers import SOLVERS
 
 OBJECTIVE_NAMES = {"cm": "CM", "direct_cm": "Direct CM"}
 OPTIMIZER_FALLBACKS = ("none", "adamw")
@@ -40,7 +42,7 @@ def _budget(s: str):
 
 # --- groups shared by the training scripts and precompute (the cache key must see the same defaults) ----------
 def add_model_flags(g) -> None:
-    g.add_argument("--pretrained_teacher_model", default="stabilityai/stable-diffusion-xl-base-1.0",
+    g.add_argument("--pretrained_teacher_model", default=SDXL_BASE,
                    help="hub id or local folder of the SDXL pipeline to distill")
     g.add_argument("--pretrained_vae_model_name_or_path", default=None,
                    help="a VAE to use instead of the teacher's (paper: madebyollin/sdxl-vae-fp16-fix); "
@@ -86,7 +88,7 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("paper recipe: distillation")
     g.add_argument("--w", type=float, default=9.0, help="teacher guidance scale, Imagen form (paper: 9)")
-    g.add_argument("--solver", default="ddim", choices=["ddim", "euler", "heun"], help="teacher ODE solver")
+    g.add_argument("--solver", default="ddim", choices=list(SOLVERS), help="teacher ODE solver")
     g.add_argument("--num_discr_timesteps", type=int, default=100,
                    help="N, discretization steps of the teacher ODE; must divide 1000 (paper: 100)")
     g.add_argument("--loss_type", default="l2", choices=["l2", "huber"], help="distance to the target")
@@ -177,7 +179,7 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
     g.add_argument("--vae_encode_batch_size", type=int, default=8, help="images per VAE encoder call")
     g.add_argument("--teacher_max_batch", type=int, default=None,
                    help="most samples per teacher call in the Direct CM loop; None: the batch")
-    g.add_argument("--compile", default="auto", choices=("off", "on", "auto"),
+    g.add_argument("--compile", default="auto", choices=plan.CHOICES,
                    help="torch.compile the recipe's compiled set (CM: every block + the merged target; Direct CM: "
                         "the whole teacher + the student's blocks); auto: on a GPU when the planned steps repay "
                         "the compile time (estimated, logged); off: eager, or the flags below by hand")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from . import results, summary
 from .errors import exit_on_user_error
+from .solvers import SOLVERS
 from .toy.runner import Call, Job, Workers, default_workers, run_jobs
 
 OBJECTIVES = (("direct_cm", "Direct CM"), ("cm", "CM"))  # the longer runs first, when they run side by side
@@ -48,7 +49,7 @@ def recipe_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora_rank", type=int, default=16)
     g.add_argument("--num_discr_timesteps", type=int, default=10, help="N of the grid (paper: 100)")
     g.add_argument("--w", type=float, default=3.0, help="teacher guidance, Imagen form")
-    g.add_argument("--solver", default="ddim", choices=["ddim", "euler", "heun"])
+    g.add_argument("--solver", default="ddim", choices=list(SOLVERS))
     g = p.add_argument_group("evaluation")
     g.add_argument("--num_prompts", type=int, default=256, help="captions of the evaluation")
     g.add_argument("--eval_seed", type=int, default=0, help="seed of the shared initial noise")

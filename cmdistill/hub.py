@@ -25,13 +25,12 @@ from pathlib import Path
 
 from . import models
 from .errors import UserError, exit_on_user_error
+from .run_folder import CONFIG_NAME
 
 REDACTED = "<redacted>"
-CONFIG_NAME = "training_config.json"
 CARD_NAME = "README.md"
 SCHEDULER_SUBFOLDER = "scheduler"
-SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
-LICENSES = {SDXL_BASE: "openrail++"}
+LICENSES = {models.SDXL_BASE: "openrail++"}
 _SECRET_WORDS = {"token", "secret", "password", "passwd", "pwd", "key", "apikey", "credential", "credentials",
                  "auth", "bearer"}
 _SECRET_ENDINGS = ("token", "secret", "password", "apikey")

@@ -20,6 +20,7 @@ from .errors import UserError
 DEFAULT_LORA_TARGETS = ("to_q to_k to_v to_out.0 proj_in proj_out ff.net.0.proj ff.net.2 conv1 conv2 "
                         "conv_shortcut downsamplers.0.conv upsamplers.0.conv time_emb_proj").split()
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"  # the paper's teacher, the default of every program
 
 
 def _hint(path: str) -> str:

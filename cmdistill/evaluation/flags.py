@@ -9,13 +9,12 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
+from ..models import SDXL_BASE
+from ..run_folder import CONFIG_NAME
 from . import scoring
 from .generate import DTYPES
 from .inputs import latent_shape, model_defaults, noise_resolution, read_noise_file
 from .store import CAPTIONS_NAME, IMAGE_FORMATS
-
-PAPER_TEACHER = "stabilityai/stable-diffusion-xl-base-1.0"
-TRAINING_CONFIG = "training_config.json"
 
 
 def warn(msg: str) -> None:
@@ -38,11 +37,11 @@ class HelpFormatter(argparse.HelpFormatter):
 def common_parser(description: str, output_help: str, student: bool = False) -> argparse.ArgumentParser:
     """The flags of both programs; ``student``: with test.py's help texts (its defaults come from the run)."""
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    run = f"{TRAINING_CONFIG}'s, else " if student else ""  # test.py's defaults come from the run and references
+    run = f"{CONFIG_NAME}'s, else " if student else ""  # test.py's defaults come from the run and references
     refs = "the references', else " if student else ""
     g = p.add_argument_group("models")
     g.add_argument("--pretrained_teacher_model", default=None,
-                   help=f"hub id or local folder of the SDXL pipeline (default: {run}{PAPER_TEACHER})")
+                   help=f"hub id or local folder of the SDXL pipeline (default: {run}{SDXL_BASE})")
     g.add_argument("--pretrained_vae_model_name_or_path", default=None,
                    help="a VAE to use instead of the pipeline's own (paper: madebyollin/sdxl-vae-fp16-fix; "
                         f"default: {run}the pipeline's VAE)")

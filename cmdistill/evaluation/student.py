@@ -13,16 +13,16 @@ from pathlib import Path
 from .. import results
 from ..data import empty_caption_note
 from ..errors import UserError, exit_on_user_error
-from ..models import DEFAULT_LORA_TARGETS, LORA_WEIGHT_NAME, add_lora, load_lora_into
+from ..models import DEFAULT_LORA_TARGETS, LORA_WEIGHT_NAME, SDXL_BASE, add_lora, load_lora_into
+from ..run_folder import CONFIG_NAME
 from . import scoring
 from .driver import Job, process_state, quality, resolved_config, run_jobs
-from .flags import (PAPER_TEACHER, TRAINING_CONFIG, absolute, caption_count, check_compile_flags, common_parser,
-                    resolve_size_and_grid, warn)
+from .flags import absolute, caption_count, check_compile_flags, common_parser, resolve_size_and_grid, warn
 from .generate import student_sampler
 from .inputs import InitNoise, read_captions_file, read_json
 from .references import (check_teacher_images, check_teacher_latents, read_teacher_latents, reference_mismatches,
                          teacher_folder, teacher_format)
-from .store import CAPTIONS_NAME, CONFIG_NAME, LATENTS_NAME, SampleStore
+from .store import CAPTIONS_NAME, EVAL_CONFIG_NAME, LATENTS_NAME, SampleStore
 from .weights import check_lora_file, lora_sha256, resolve_lora, select_checkpoints, weights_step
 
 
@@ -82,13 +82,13 @@ def student_main(argv=None) -> list[dict]:
         raise UserError("--guidance_scale must be 0: the student samples unguided")
     teacher_dir = teacher_folder(args.train_data_dir)
     notes = []  # warnings, printed once the inputs are known to be valid
-    train_cfg = read_json(lora_dir / TRAINING_CONFIG) or read_json(out / TRAINING_CONFIG)
+    train_cfg = read_json(lora_dir / CONFIG_NAME) or read_json(out / CONFIG_NAME)
     if not train_cfg:
-        notes.append(f"no {TRAINING_CONFIG} in '{out}': LoRA and grid settings fall back to flags and paper defaults")
-    t_cfg = read_json(teacher_dir / CONFIG_NAME)
+        notes.append(f"no {CONFIG_NAME} in '{out}': LoRA and grid settings fall back to flags and paper defaults")
+    t_cfg = read_json(teacher_dir / EVAL_CONFIG_NAME)
     t_args, t_id = t_cfg.get("args", {}), t_cfg.get("identity", {})
     if not t_id:
-        notes.append(f"no {CONFIG_NAME} in the teacher folder '{teacher_dir}': its resolution and noise cannot be "
+        notes.append(f"no {EVAL_CONFIG_NAME} in the teacher folder '{teacher_dir}': its resolution and noise cannot be "
                      "checked against the student's")
 
     # Defaults: flag > training config > the teacher folder's config > paper.
@@ -99,12 +99,12 @@ def student_main(argv=None) -> list[dict]:
         return default
 
     args.pretrained_teacher_model = pick(args.pretrained_teacher_model, "pretrained_teacher_model",
-                                         "pretrained_teacher_model", PAPER_TEACHER)
+                                         "pretrained_teacher_model", SDXL_BASE)
     args.pretrained_vae_model_name_or_path = pick(args.pretrained_vae_model_name_or_path,
                                                   "pretrained_vae_model_name_or_path",
                                                   "pretrained_vae_model_name_or_path", None)
     n_from = ("--num_original_inference_steps" if args.num_original_inference_steps is not None else
-              f"num_discr_timesteps of {TRAINING_CONFIG}" if "num_discr_timesteps" in train_cfg else
+              f"num_discr_timesteps of {CONFIG_NAME}" if "num_discr_timesteps" in train_cfg else
               "--num_original_inference_steps (the references' N)")
     N = int(pick(args.num_original_inference_steps, "num_discr_timesteps", "num_original_inference_steps", 100))
     args.num_original_inference_steps = N  # eval_config.json records the resolved flags

@@ -41,17 +41,18 @@ from pathlib import Path
 
 from .. import results
 from ..errors import UserError
+from ..run_folder import CONFIG_NAME
 from .runner import Call, Job, Workers, run_jobs
 
 AXES = ("budget", "grid", "guidance")
 OBJECTIVES = ("direct_cm", "cm")
 METRICS = ("fd_toy", "toy_caption_acc", "ode_error", "pixel_mse", "psnr")
-CELL_FILES = ("metrics.json", "training_config.json")
+CELL_FILES = (results.METRICS_NAME, CONFIG_NAME)
 # Flags that define what a cell computes (recorded, compared on resume, repeated in its one-line command).
 RECIPE_FLAGS = ("world", "train_batch_size", "learning_rate", "lora_rank", "solver", "num_prompts", "eval_seed",
                 "num_inference_steps", "threads")
 # The sweep's settings, written to --results/sweep_config.json: the report's defaults.
-CONFIG_NAME = "sweep_config.json"
+SWEEP_CONFIG_NAME = "sweep_config.json"
 CONFIG_FLAGS = RECIPE_FLAGS + ("seeds", "num_discr_timesteps", "w", "budgets", "fixed_budget", "grid_N", "ws")
 
 
@@ -271,7 +272,8 @@ def run(a) -> dict:
     todo = [c for c in selected if not finished(a, c)]
     if not a.cell:
         Path(a.results).mkdir(parents=True, exist_ok=True)
-        (Path(a.results) / CONFIG_NAME).write_text(json.dumps({k: getattr(a, k) for k in CONFIG_FLAGS}, indent=1) + "\n")
+        config = {k: getattr(a, k) for k in CONFIG_FLAGS}
+        (Path(a.results) / SWEEP_CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n")
     device = device_name()
     cost = COSTS["cuda" if device.startswith("cuda") else "cpu"]
     skipped = len(selected) - len(todo)
