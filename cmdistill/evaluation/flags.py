@@ -11,7 +11,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..models import SDXL_BASE
 from ..run_folder import CONFIG_NAME
-from . import scoring
+from ..trackers import REPORT_TO
 from .generate import DTYPES
 from .inputs import latent_shape, model_defaults, noise_resolution, read_noise_file
 from .store import CAPTIONS_NAME, IMAGE_FORMATS
@@ -96,7 +96,7 @@ def common_parser(description: str, output_help: str, student: bool = False) -> 
     g = p.add_argument_group("logging")
     g.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir")
     g.add_argument("--num_log_images", type=int, default=4, help="captions shown in the comparison grids")
-    g.add_argument("--report_to", default="tensorboard", choices=scoring.REPORT_TO,
+    g.add_argument("--report_to", default="tensorboard", choices=REPORT_TO,
                    help="trackers of the metrics, grids and captions (accelerate's): tensorboard writes "
                         "--logging_dir/evaluation")
     return p

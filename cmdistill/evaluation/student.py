@@ -15,6 +15,7 @@ from ..data import empty_caption_note
 from ..errors import UserError, exit_on_user_error
 from ..models import DEFAULT_LORA_TARGETS, LORA_WEIGHT_NAME, SDXL_BASE, add_lora, load_lora_into
 from ..run_folder import CONFIG_NAME
+from ..trackers import check_trackers
 from . import scoring
 from .driver import Job, process_state, quality, resolved_config, run_jobs
 from .flags import absolute, caption_count, check_compile_flags, common_parser, resolve_size_and_grid, warn
@@ -71,7 +72,7 @@ def student_main(argv=None) -> list[dict]:
     if args.output_dir is None:
         raise UserError("--output_dir: give the training run's output folder (it holds the LoRA)")
     out = Path(args.output_dir)
-    scoring.check_trackers(args.report_to)
+    check_trackers(args.report_to)
     if args.checkpoints:
         selected = select_checkpoints(out, args.checkpoints)
     else:

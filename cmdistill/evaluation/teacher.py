@@ -11,6 +11,7 @@ from ..data import empty_caption_note
 from ..errors import UserError, exit_on_user_error
 from ..models import SDXL_BASE
 from ..solvers import SOLVERS
+from ..trackers import check_trackers
 from . import scoring
 from .driver import Job, process_state, quality, resolved_config, run_jobs
 from .flags import absolute, caption_count, check_compile_flags, common_parser, resolve_size_and_grid, warn
@@ -49,7 +50,7 @@ def teacher_parser() -> argparse.ArgumentParser:
 def teacher_main(argv=None) -> list[dict]:
     args = teacher_parser().parse_args(argv)
     check_compile_flags(args)
-    scoring.check_trackers(args.report_to)
+    check_trackers(args.report_to)
     args.pretrained_teacher_model = args.pretrained_teacher_model or SDXL_BASE
     args.seed = 24 if args.seed is None else args.seed
     args.init_noise = absolute(args.init_noise)
