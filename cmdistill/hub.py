@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 
 from . import models
-from .errors import UserError, exit_on_user_error
+from .errors import UserError, exit_on_user_error, one_line
 from .run_folder import CONFIG_NAME
 
 REDACTED = "<redacted>"
@@ -191,8 +191,8 @@ def push_run(run_dir: str | Path, repo_id: str | None = None, token: str | None 
                       allow_patterns=[glob.escape(f) for f in files],
                       commit_message="Upload the distilled LoRA (cmdistill)")
     except Exception as e:
-        msg = redact_text(str(e).splitlines()[0][:160] if str(e) else "", [token] if token else [])
-        raise UserError(f"--push_to_hub failed ({type(e).__name__}: {msg}); the weights are saved in {run_dir}: "
+        msg = redact_text(one_line(e, 160), [token] if token else [])
+        raise UserError(f"--push_to_hub failed ({msg}); the weights are saved in {run_dir}: "
                         f"push later with `python -m cmdistill.hub push {run_dir}`") from None
     logging.getLogger("cmdistill").info("pushed %d files to %s (%s)", len(files), repo, "public" if public else
                                         "private unless it existed")

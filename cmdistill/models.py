@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 DEFAULT_LORA_TARGETS = ("to_q to_k to_v to_out.0 proj_in proj_out ff.net.0.proj ff.net.2 conv1 conv2 "
                         "conv_shortcut downsamplers.0.conv upsamplers.0.conv time_emb_proj").split()
@@ -68,7 +68,7 @@ def from_pretrained(cls, path: str, subfolder: str | None = None, flag: str = "-
     except (OSError, ValueError, EnvironmentError) as e:
         what = f"{path}" + (f" (subfolder '{subfolder}')" if subfolder else "")
         raise UserError(f"{flag}: cannot load {cls.__name__} from {what}: {_hint(path)} "
-                        f"[{type(e).__name__}: {str(e).splitlines()[0][:160]}]") from None
+                        f"[{one_line(e, 160)}]") from None
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import models
-from .errors import UserError, writing
+from .errors import UserError, one_line, writing
 
 logger = logging.getLogger("cmdistill")
 
@@ -38,10 +38,6 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def _why(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
-
-
 def read_checkpoint(path: Path) -> tuple[dict | None, dict]:
     """The recorded settings and the training state of a checkpoint folder, after checking that its files are
     readable and its LoRA finite (nothing is applied yet). A one-line error names the first unreadable file."""
@@ -51,7 +47,7 @@ def read_checkpoint(path: Path) -> tuple[dict | None, dict]:
     try:
         weights = load_file(str(lora))
     except Exception as e:
-        raise UserError(f"{lora} is unreadable ({_why(e)})") from None
+        raise UserError(f"{lora} is unreadable ({one_line(e)})") from None
     if not models.lora_is_finite(weights):
         raise UserError(f"{lora} holds non-finite weights (NaN or inf)")
     try:
@@ -59,13 +55,13 @@ def read_checkpoint(path: Path) -> tuple[dict | None, dict]:
         if not isinstance(state, dict) or not {"global_step", "samples_seen", "optimizer"} <= state.keys():
             raise ValueError("not a training state")
     except Exception as e:
-        raise UserError(f"{path / STATE_NAME} is unreadable ({_why(e)})") from None
+        raise UserError(f"{path / STATE_NAME} is unreadable ({one_line(e)})") from None
     config = None
     if (path / CONFIG_NAME).is_file():
         try:
             config = json.loads((path / CONFIG_NAME).read_text())
         except (OSError, ValueError) as e:
-            raise UserError(f"{path / CONFIG_NAME} is unreadable ({_why(e)})") from None
+            raise UserError(f"{path / CONFIG_NAME} is unreadable ({one_line(e)})") from None
     return config, state
 
 

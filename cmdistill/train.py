@@ -25,7 +25,7 @@ import torch
 from . import fast, hub, models
 from .args import training_parser, validate_args
 from .data import MIN_IMAGE_SIDE, caption_text, count_long_captions, make_dataloader, training_dataset
-from .errors import UserError, writing
+from .errors import UserError, one_line, writing
 from .guidance import UNetEps
 from .fast import checkpointing
 from .inputs import Encoders, prepare
@@ -34,7 +34,7 @@ from .objectives import DistillContext
 from .optimizer import check_resumed_optimizer, make_optimizer, resolve_batch_size
 from .precompute import collate_precomputed, find_cache
 from .progress import Progress, quiet_libraries
-from .run_folder import (CONFIG_NAME, LOG_NAME, STATE_NAME, _why, append_log, check_run_inputs, non_finite_error,
+from .run_folder import (CONFIG_NAME, LOG_NAME, STATE_NAME, append_log, check_run_inputs, non_finite_error,
                          plan_resume, read_checkpoint, save_checkpoint, truncate_log, write_json_atomic)
 from .sampling import student_sample
 from .schedule import Grid, NoiseSchedule
@@ -255,7 +255,7 @@ class Trainer:
             if state.get("scaler") is not None and self.accelerator.scaler is not None:
                 self.accelerator.scaler.load_state_dict(state["scaler"])
         except (ValueError, KeyError, RuntimeError) as e:
-            raise UserError(f"{path / STATE_NAME} does not fit this run's optimizer ({_why(e)}): resume with the "
+            raise UserError(f"{path / STATE_NAME} does not fit this run's optimizer ({one_line(e)}): resume with the "
                             "run's own settings, or use another --output_dir") from None
         self.global_step, self.samples_seen = state["global_step"], state["samples_seen"]
         self.skipped_images = state.get("skipped_images", 0)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..data import caption_text  # one rule for training and evaluation: a missing caption is ""
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..files import atomic_save_image, atomic_torch_save
 from ..noise import per_sample_noise
 
@@ -103,9 +103,8 @@ def model_defaults(model: str, vae: str | None = None, revision: str | None = No
                    AutoencoderKL.load_config(path, subfolder="vae", revision=teacher_revision))
         sched = DDPMScheduler.load_config(path, subfolder="scheduler", revision=teacher_revision)
     except (OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"--pretrained_teacher_model '{model}': cannot read its unet / vae / scheduler config "
-                        f"({first[:200]}): is it an SDXL pipeline folder or hub id?") from None
+                        f"({one_line(e)}): is it an SDXL pipeline folder or hub id?") from None
     size = unet.get("sample_size")
     size = size[0] if isinstance(size, (list, tuple)) else size
     return int(size) * 2 ** (len(vae_cfg["block_out_channels"]) - 1), int(sched.get("num_train_timesteps", 1000))

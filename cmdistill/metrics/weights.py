@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, one_line
 
 ENV_WEIGHTS_DIR = "CMDISTILL_METRICS_WEIGHTS"
 ENV_OFFLINE = "CMDISTILL_METRICS_OFFLINE"
@@ -44,11 +44,6 @@ def offline() -> bool:
 def torch_hub_checkpoints() -> Path:
     """Where ``torch.hub.load_state_dict_from_url`` (pytorch-fid, DINOv2's hub) keeps downloads."""
     return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def _one_line(e: BaseException) -> str:
-    msg = " ".join(str(e).split())
-    return f"{type(e).__name__}: {msg[:200]}" if msg else type(e).__name__
 
 
 def resolve_weights(
@@ -89,7 +84,7 @@ def resolve_weights(
             os.replace(tmp, target)
             return target
         except Exception as e:  # no network, HTTP error, ...: all become the one-line message below
-            why = f"download failed: {_one_line(e)}"
+            why = f"download failed: {one_line(e)}"
     raise UserError(
         f"metric weights file {name} not found ({why}); download it from {url} and put it in {where} "
         f"(searched: {', '.join(str(d) for d in dirs)})"
