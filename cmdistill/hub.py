@@ -25,6 +25,7 @@ from pathlib import Path
 
 from . import models
 from .errors import UserError, exit_on_user_error, one_line
+from .files import atomic_write
 from .run_folder import CONFIG_NAME
 
 REDACTED = "<redacted>"
@@ -333,9 +334,7 @@ def write_model_card(run_dir: str | Path, config: dict | None = None, repo_id: s
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
     card = model_card(redact(config), metrics, repo_id)
-    tmp = run_dir / (CARD_NAME + ".tmp")
-    card.save(str(tmp))
-    os.replace(tmp, run_dir / CARD_NAME)
+    atomic_write(run_dir / CARD_NAME, lambda tmp: card.save(str(tmp)))
     return run_dir / CARD_NAME
 
 

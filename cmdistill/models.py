@@ -7,9 +7,7 @@ weights seen without the adapter layers).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,19 +269,6 @@ def require_finite_lora(unet, source) -> None:
                         "earlier checkpoint-* folder of that run")
 
 
-def _fsync(path, directory: bool = False) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # file systems without fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
 PEFT_SUBFOLDER = "peft"
 
 
@@ -314,36 +299,3 @@ def write_peft_adapter(lora_dir: str | Path, dest: str | Path | None = None,
     save_file(weights, str(dest / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
     canonical_header(dest / SAFETENSORS_WEIGHTS_NAME)
     return dest
-
-
-def atomic_dir(final: str | Path):
-    """Context manager: write into ``final + '.tmp'``, flush it to disk, then rename it into place: ``final`` is
-    either absent, the old complete folder or the new complete folder, never a half-written one, even after a
-    kill or a power loss (an old ``final`` is moved aside before the rename and removed after). A write that
-    fails removes the partial ``.tmp`` folder."""
-
-    @contextlib.contextmanager
-    def cm():
-        final_p = Path(final)
-        tmp = final_p.with_name(final_p.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            yield tmp
-            for root, _, files in os.walk(tmp):
-                for f in files:
-                    _fsync(os.path.join(root, f))
-                _fsync(root, directory=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        old = final_p.with_name(final_p.name + ".old")
-        if final_p.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final_p, old)
-        os.replace(tmp, final_p)
-        _fsync(final_p.parent, directory=True)
-        shutil.rmtree(old, ignore_errors=True)
-
-    return cm()
-

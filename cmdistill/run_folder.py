@@ -17,6 +17,7 @@ import torch
 
 from . import models
 from .errors import UserError, one_line, writing
+from .files import atomic_dir, atomic_write_text
 
 logger = logging.getLogger("cmdistill")
 
@@ -26,10 +27,8 @@ LOG_NAME = "train_log.jsonl"
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = Path(str(path) + ".tmp")
     with writing(path):
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -80,9 +79,7 @@ def truncate_log(path: Path, step: int) -> None:
             except (ValueError, KeyError, TypeError):
                 continue
     with writing(path):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(keep))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(keep))
 
 
 # --- one run per folder (README, "What survives a fault") -----------------------------------------------------
@@ -206,7 +203,7 @@ def save_checkpoint(output_dir: Path, step: int, state: dict, unet, config: dict
     intact = f"(the earlier checkpoints in {output_dir} are intact)"
     buf = io.BytesIO()  # serialised first: a full disk is then an OSError of the file's own write
     torch.save(state, buf)
-    with writing(final.with_name(final.name + ".tmp"), intact), models.atomic_dir(final) as tmp:
+    with writing(final.with_name(final.name + ".tmp"), intact), atomic_dir(final) as tmp:
         with writing(tmp / models.LORA_WEIGHT_NAME, intact):
             models.save_lora(unet, tmp)
         with writing(tmp / STATE_NAME, intact):

@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..errors import UserError, one_line
+from ..files import atomic_write
 
 ENV_WEIGHTS_DIR = "CMDISTILL_METRICS_WEIGHTS"
 ENV_OFFLINE = "CMDISTILL_METRICS_OFFLINE"
@@ -79,9 +80,7 @@ def resolve_weights(
                 return Path(download(target_dir))
             target_dir.mkdir(parents=True, exist_ok=True)
             target = target_dir / name
-            tmp = target.with_name(target.name + ".part")
-            torch.hub.download_url_to_file(url, str(tmp), progress=True)
-            os.replace(tmp, target)
+            atomic_write(target, lambda tmp: torch.hub.download_url_to_file(url, str(tmp), progress=True))
             return target
         except Exception as e:  # no network, HTTP error, ...: all become the one-line message below
             why = f"download failed: {one_line(e)}"

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..models import atomic_dir
+from ..files import atomic_dir
 
 STAGE_FILE = "stage.json"
 
