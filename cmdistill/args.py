@@ -229,9 +229,9 @@ def validate_args(args):
         raise UserError(f"--checkpointing_budget_gib {args.checkpointing_budget_gib:g} must be >= 0 (GiB of "
                         "activations kept un-checkpointed; 0 = checkpoint every block)")
     from .optimizer import resolve_batch_size
-    from .schedule import Grid
+    from .schedule import check_grid_size
 
-    Grid(1000, args.num_discr_timesteps)  # raises a one-line error when N does not divide T
+    check_grid_size(1000, args.num_discr_timesteps)  # before any model loads: SDXL's T (the Trainer checks the model's)
     for flag in ("teacher_freezing", "teacher_channels_last"):
         if getattr(args, flag, False) and not args.compile_teacher:
             raise UserError(f"--{flag} applies to the compiled teacher: add --compile_teacher")

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..models import SDXL_BASE
 from ..run_folder import CONFIG_NAME
+from ..schedule import check_grid_size
 from ..trackers import REPORT_TO
 from .generate import DTYPES
 from .inputs import latent_shape, model_defaults, noise_resolution, read_noise_file
@@ -118,10 +119,7 @@ def resolve_size_and_grid(args, N: int, n_flag: str) -> None:
         args.resolution = noise_resolution(read_noise_file(args.init_noise))
     args.resolution = args.resolution or size
     latent_shape(args.resolution)  # a multiple of 8
-    if N <= 0 or T % N:
-        divisors = [d for d in (10, 20, 25, 50, 100, 200, 250, 500, 1000) if T % d == 0]
-        raise UserError(f"{n_flag} {N} must divide the model's {T} train timesteps (e.g. "
-                        f"{', '.join(map(str, divisors))})")
+    check_grid_size(T, N, n_flag)
 
 
 def caption_count(args, captions: list[str]) -> int:

@@ -110,7 +110,6 @@ def student_sampler(models: Models, N: int, K: int, seed: int, timestep_scaling:
     """docs/method.md §8: multistep consistency sampling, unguided, ``K`` steps on the N-grid; the fresh noise of
     the j-th renoising of caption i is ``per_sample_noise(seed, [i], shape, stream=j + 1)``."""
     grid = Grid(models.sched.T, N)
-    grid.sampling_indices(K)  # validates K early
     eps = unet_eps(models, compile, channels_last=channels_last)
 
     def sample(x_T, cond, indices, tick):

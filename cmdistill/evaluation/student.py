@@ -15,6 +15,7 @@ from ..data import empty_caption_note
 from ..errors import UserError, exit_on_user_error
 from ..models import DEFAULT_LORA_TARGETS, LORA_WEIGHT_NAME, SDXL_BASE, add_lora, load_lora_into
 from ..run_folder import CONFIG_NAME
+from ..schedule import check_sampling_steps
 from ..trackers import check_trackers
 from . import scoring
 from .driver import Job, process_state, quality, resolved_config, run_jobs
@@ -159,8 +160,7 @@ def student_main(argv=None) -> list[dict]:
     else:
         notes.append(f"no {LATENTS_NAME} in the teacher folder '{teacher_dir}': the ODE solving error is skipped")
     for K in args.num_inference_steps:
-        if not 1 <= K <= N:
-            raise UserError(f"--num_inference_steps {K} must lie in 1..{N} (the grid size N)")
+        check_sampling_steps(K, N)
     for d, _, _ in selected:
         check_lora_file(d / LORA_WEIGHT_NAME)
     state = process_state()

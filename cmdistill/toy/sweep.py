@@ -42,6 +42,7 @@ from pathlib import Path
 from .. import results
 from ..errors import UserError
 from ..run_folder import CONFIG_NAME
+from ..schedule import check_sampling_steps
 from .calls import (eval_call, precompute_call, recipe_parser, reference_folder, teacher_call, train_call, trained,
                     world_call)
 from .estimate import COSTS, calibration, eval_estimate, teacher_estimate, train_estimate
@@ -235,8 +236,7 @@ def run(a) -> dict:
     selected = [Cell.parse(a.cell)] if a.cell else cells(a)
     for k in a.num_inference_steps:
         for c in selected:
-            if not 1 <= k <= c.N:
-                raise UserError(f"--num_inference_steps {k} must lie in 1..N ({c.N} for cell {c.name})")
+            check_sampling_steps(k, c.N, f" of cell {c.name}")
     todo = [c for c in selected if not finished(a, c)]
     if not a.cell:
         Path(a.results).mkdir(parents=True, exist_ok=True)
