@@ -18,13 +18,18 @@ OBJECTIVE_NAMES = {"cm": "CM", "direct_cm": "Direct CM"}
 OPTIMIZER_FALLBACKS = ("none", "adamw")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends each flag's default to its help, unless the help states it already."""
+class HelpFormatter(argparse.HelpFormatter):
+    """The help of the training, precompute and evaluation programs: each flag's default after its help text, unless
+    the text states it (``default:``); a list space-separated, as it is typed."""
 
     def _get_help_string(self, action):
-        if "(default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or "default:" in text:
+            return text
+        default = action.default
+        if isinstance(default, (list, tuple)):
+            default = " ".join(map(str, default)) or "none"
+        return text + f" (default: {default})".replace("%", "%%")
 
 
 def _comma_list(s: str) -> list[str]:

@@ -8,6 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..args import HelpFormatter
 from ..errors import UserError
 from ..models import SDXL_BASE
 from ..run_folder import CONFIG_NAME
@@ -20,19 +21,6 @@ from .store import CAPTIONS_NAME, IMAGE_FORMATS
 
 def warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """Every flag's default after its help text (a default of None is described in the text)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default not in (None, argparse.SUPPRESS) and "%(default)" not in text and action.option_strings:
-            default = action.default
-            if isinstance(default, (list, tuple)):
-                default = " ".join(map(str, default))
-            text += f" (default: {default})".replace("%", "%%")
-        return text
 
 
 def common_parser(description: str, output_help: str, student: bool = False) -> argparse.ArgumentParser:
