@@ -91,6 +91,8 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         # The data and the run folder before any model loads: their errors come first.
         self.dataset = training_dataset(args, acc.is_main_process)
+        if args.max_train_steps is None:
+            args.max_train_steps = math.ceil(args.num_train_epochs * len(self.dataset) / self.global_batch)
         self.resume = plan_resume(args, self.output_dir, self.current_settings(), acc.is_main_process)
 
         # Models (docs/method.md §1): one UNet; its LoRA adapter disabled is the teacher.
@@ -128,7 +130,7 @@ class Trainer:
             self.set_checkpointing(unet, budget)
         self.params = [p for p in unet.parameters() if p.requires_grad]
         if args.scale_lr:
-            args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * acc.num_processes
+            args.learning_rate *= self.global_batch
         optimizer = make_optimizer(args, self.params)
 
         self.precomputed = find_cache(args, self.dataset, self.weight_dtype)
@@ -137,8 +139,6 @@ class Trainer:
         self.offloaded = self.encoders.modules() if self.precomputed is not None and dev.type != "cpu" else []
         for m in self.offloaded:
             m.to("cpu")
-        if args.max_train_steps is None:
-            args.max_train_steps = math.ceil(args.num_train_epochs * len(self.dataset) / self.global_batch)
 
         # The schedule counts optimizer steps, whatever the number of processes: it is stepped once per
         # optimizer step and not handed to accelerate (which would step it once per process).
@@ -182,11 +182,9 @@ class Trainer:
     def current_settings(self) -> dict:
         """This run's values of COMPARED_SETTINGS as training_config.json records them (resolved max steps, the
         learning rate after --scale_lr, accelerate's mixed precision, the global batch)."""
-        a, acc = self.args, self.accelerator
-        batch = a.train_batch_size * acc.num_processes * a.gradient_accumulation_steps
-        steps = a.max_train_steps or math.ceil(a.num_train_epochs * len(self.dataset) / batch)
-        return {**vars(a), "objective": self.objective_name, "global_batch_size": batch, "max_train_steps": steps,
-                "mixed_precision": acc.mixed_precision,
+        a, batch = self.args, self.global_batch
+        return {**vars(a), "objective": self.objective_name, "global_batch_size": batch,
+                "mixed_precision": self.accelerator.mixed_precision,
                 "learning_rate": a.learning_rate * batch if a.scale_lr else a.learning_rate}
 
     # --- selective checkpointing (fast.checkpointing) ------------------------------------------------
