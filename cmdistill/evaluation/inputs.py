@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -64,10 +63,6 @@ def read_captions_file(path: str | Path) -> list[str]:
             raise UserError(f"--captions_file {path}: a JSON file must hold a list of captions")
         return [caption_text(c) for c in captions]
     return path.read_text(encoding="utf-8").splitlines()
-
-
-def captions_digest(captions: list[str]) -> str:
-    return hashlib.sha256(json.dumps(captions).encode()).hexdigest()[:16]
 
 
 def read_json(path: Path) -> dict:
