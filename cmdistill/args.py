@@ -9,20 +9,27 @@ import copy
 import importlib.util
 
 from .errors import UserError
+from .fast import plan
 from .fast.compile import COMPILE_MODES
-from .models import DEFAULT_LORA_TARGETS
+from .models import DEFAULT_LORA_TARGETS, SDXL_BASE
+from .solvers import SOLVERS
 
 OBJECTIVE_NAMES = {"cm": "CM", "direct_cm": "Direct CM"}
 OPTIMIZER_FALLBACKS = ("none", "adamw")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends each flag's default to its help, unless the help states it already."""
+class HelpFormatter(argparse.HelpFormatter):
+    """The help of the training, precompute and evaluation programs: each flag's default after its help text, unless
+    the text states it (``default:``); a list space-separated, as it is typed."""
 
     def _get_help_string(self, action):
-        if "(default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or "default:" in text:
+            return text
+        default = action.default
+        if isinstance(default, (list, tuple)):
+            default = " ".join(map(str, default)) or "none"
+        return text + f" (default: {default})".replace("%", "%%")
 
 
 def _comma_list(s: str) -> list[str]:
@@ -40,7 +47,7 @@ def _budget(s: str):
 
 # --- groups shared by the training scripts and precompute (the cache key must see the same defaults) ----------
 def add_model_flags(g) -> None:
-    g.add_argument("--pretrained_teacher_model", default="stabilityai/stable-diffusion-xl-base-1.0",
+    g.add_argument("--pretrained_teacher_model", default=SDXL_BASE,
                    help="hub id or local folder of the SDXL pipeline to distill")
     g.add_argument("--pretrained_vae_model_name_or_path", default=None,
                    help="a VAE to use instead of the teacher's (paper: madebyollin/sdxl-vae-fp16-fix); "
@@ -86,7 +93,7 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("paper recipe: distillation")
     g.add_argument("--w", type=float, default=9.0, help="teacher guidance scale, Imagen form (paper: 9)")
-    g.add_argument("--solver", default="ddim", choices=["ddim", "euler", "heun"], help="teacher ODE solver")
+    g.add_argument("--solver", default="ddim", choices=list(SOLVERS), help="teacher ODE solver")
     g.add_argument("--num_discr_timesteps", type=int, default=100,
                    help="N, discretization steps of the teacher ODE; must divide 1000 (paper: 100)")
     g.add_argument("--loss_type", default="l2", choices=["l2", "huber"], help="distance to the target")
@@ -177,7 +184,7 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
     g.add_argument("--vae_encode_batch_size", type=int, default=8, help="images per VAE encoder call")
     g.add_argument("--teacher_max_batch", type=int, default=None,
                    help="most samples per teacher call in the Direct CM loop; None: the batch")
-    g.add_argument("--compile", default="auto", choices=("off", "on", "auto"),
+    g.add_argument("--compile", default="auto", choices=plan.CHOICES,
                    help="torch.compile the recipe's compiled set (CM: every block + the merged target; Direct CM: "
                         "the whole teacher + the student's blocks); auto: on a GPU when the planned steps repay "
                         "the compile time (estimated, logged); off: eager, or the flags below by hand")
@@ -227,9 +234,9 @@ def validate_args(args):
         raise UserError(f"--checkpointing_budget_gib {args.checkpointing_budget_gib:g} must be >= 0 (GiB of "
                         "activations kept un-checkpointed; 0 = checkpoint every block)")
     from .optimizer import resolve_batch_size
-    from .schedule import Grid
+    from .schedule import check_grid_size
 
-    Grid(1000, args.num_discr_timesteps)  # raises a one-line error when N does not divide T
+    check_grid_size(1000, args.num_discr_timesteps)  # before any model loads: SDXL's T (the Trainer checks the model's)
     for flag in ("teacher_freezing", "teacher_channels_last"):
         if getattr(args, flag, False) and not args.compile_teacher:
             raise UserError(f"--{flag} applies to the compiled teacher: add --compile_teacher")

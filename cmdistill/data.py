@@ -20,7 +20,7 @@ import warnings
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import UserError
+from .errors import UserError, one_line
 from .noise import generator_for
 
 logger = logging.getLogger(__name__)
@@ -103,14 +103,14 @@ def load_caption_dataset(train_data_dir=None, dataset_name=None, dataset_config_
             ds = datasets.load_dataset("imagefolder", data_dir=train_data_dir, split="train", cache_dir=cache_dir)
         except Exception as e:  # datasets raises many kinds here; all are input problems
             raise UserError(f"--train_data_dir '{train_data_dir}' is not a readable image folder with "
-                            f"metadata.csv (file_name,text): {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+                            f"metadata.csv (file_name,text): {one_line(e)}") from None
     elif dataset_name:
         try:
             ds = datasets.load_dataset(dataset_name, dataset_config_name, split="train", cache_dir=cache_dir)
         except Exception as e:
-            raise UserError(f"--dataset_name {dataset_name}: cannot load it ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:160]}); offline? download it where you have network, "
-                            "or pass --train_data_dir with an image folder + metadata.csv") from None
+            raise UserError(f"--dataset_name {dataset_name}: cannot load it ({one_line(e, 160)}); offline? download "
+                            "it where you have network, or pass --train_data_dir with an image folder + "
+                            "metadata.csv") from None
     else:
         raise UserError("give --train_data_dir (an image folder with metadata.csv) or --dataset_name")
     for flag, col in (("--image_column", image_column), ("--caption_column", caption_column)):

@@ -16,6 +16,12 @@ class UserError(Exception):
     """An error caused by the user's input or environment; printed as a single line."""
 
 
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """``e`` for a one-line message: its type and the first line of its text (at most ``limit`` characters)."""
+    first = " ".join((str(e).strip().splitlines() or [""])[0].split())
+    return f"{type(e).__name__}: {first[:limit]}" if first else type(e).__name__
+
+
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
 

@@ -24,14 +24,14 @@ import shutil
 from pathlib import Path
 
 from . import models
-from .errors import UserError, exit_on_user_error
+from .errors import UserError, exit_on_user_error, one_line
+from .files import atomic_write
+from .run_folder import CONFIG_NAME
 
 REDACTED = "<redacted>"
-CONFIG_NAME = "training_config.json"
 CARD_NAME = "README.md"
 SCHEDULER_SUBFOLDER = "scheduler"
-SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
-LICENSES = {SDXL_BASE: "openrail++"}
+LICENSES = {models.SDXL_BASE: "openrail++"}
 _SECRET_WORDS = {"token", "secret", "password", "passwd", "pwd", "key", "apikey", "credential", "credentials",
                  "auth", "bearer"}
 _SECRET_ENDINGS = ("token", "secret", "password", "apikey")
@@ -192,8 +192,8 @@ def push_run(run_dir: str | Path, repo_id: str | None = None, token: str | None 
                       allow_patterns=[glob.escape(f) for f in files],
                       commit_message="Upload the distilled LoRA (cmdistill)")
     except Exception as e:
-        msg = redact_text(str(e).splitlines()[0][:160] if str(e) else "", [token] if token else [])
-        raise UserError(f"--push_to_hub failed ({type(e).__name__}: {msg}); the weights are saved in {run_dir}: "
+        msg = redact_text(one_line(e, 160), [token] if token else [])
+        raise UserError(f"--push_to_hub failed ({msg}); the weights are saved in {run_dir}: "
                         f"push later with `python -m cmdistill.hub push {run_dir}`") from None
     logging.getLogger("cmdistill").info("pushed %d files to %s (%s)", len(files), repo, "public" if public else
                                         "private unless it existed")
@@ -334,9 +334,7 @@ def write_model_card(run_dir: str | Path, config: dict | None = None, repo_id: s
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
     card = model_card(redact(config), metrics, repo_id)
-    tmp = run_dir / (CARD_NAME + ".tmp")
-    card.save(str(tmp))
-    os.replace(tmp, run_dir / CARD_NAME)
+    atomic_write(run_dir / CARD_NAME, lambda tmp: card.save(str(tmp)))
     return run_dir / CARD_NAME
 
 

@@ -7,19 +7,18 @@ weights seen without the adapter layers).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 DEFAULT_LORA_TARGETS = ("to_q to_k to_v to_out.0 proj_in proj_out ff.net.0.proj ff.net.2 conv1 conv2 "
                         "conv_shortcut downsamplers.0.conv upsamplers.0.conv time_emb_proj").split()
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"  # the paper's teacher, the default of every program
 
 
 def _hint(path: str) -> str:
@@ -67,7 +66,7 @@ def from_pretrained(cls, path: str, subfolder: str | None = None, flag: str = "-
     except (OSError, ValueError, EnvironmentError) as e:
         what = f"{path}" + (f" (subfolder '{subfolder}')" if subfolder else "")
         raise UserError(f"{flag}: cannot load {cls.__name__} from {what}: {_hint(path)} "
-                        f"[{type(e).__name__}: {str(e).splitlines()[0][:160]}]") from None
+                        f"[{one_line(e, 160)}]") from None
 
 
 @dataclass
@@ -257,19 +256,6 @@ def require_finite_lora(unet, source) -> None:
                         "earlier checkpoint-* folder of that run")
 
 
-def _fsync(path, directory: bool = False) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # file systems without fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
 PEFT_SUBFOLDER = "peft"
 
 
@@ -300,36 +286,3 @@ def write_peft_adapter(lora_dir: str | Path, dest: str | Path | None = None,
     save_file(weights, str(dest / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
     canonical_header(dest / SAFETENSORS_WEIGHTS_NAME)
     return dest
-
-
-def atomic_dir(final: str | Path):
-    """Context manager: write into ``final + '.tmp'``, flush it to disk, then rename it into place: ``final`` is
-    either absent, the old complete folder or the new complete folder, never a half-written one, even after a
-    kill or a power loss (an old ``final`` is moved aside before the rename and removed after). A write that
-    fails removes the partial ``.tmp`` folder."""
-
-    @contextlib.contextmanager
-    def cm():
-        final_p = Path(final)
-        tmp = final_p.with_name(final_p.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            yield tmp
-            for root, _, files in os.walk(tmp):
-                for f in files:
-                    _fsync(os.path.join(root, f))
-                _fsync(root, directory=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        old = final_p.with_name(final_p.name + ".old")
-        if final_p.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final_p, old)
-        os.replace(tmp, final_p)
-        _fsync(final_p.parent, directory=True)
-        shutil.rmtree(old, ignore_errors=True)
-
-    return cm()
-

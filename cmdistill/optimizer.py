@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, one_line
 from .run_folder import CONFIG_NAME
 
 logger = logging.getLogger("cmdistill")
@@ -26,7 +26,7 @@ def adamw8bit_unavailable(device: torch.device) -> str | None:
     try:
         import bitsandbytes as bnb
     except Exception as e:  # not installed, or a build that does not load here
-        return f"bitsandbytes does not import ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]})"
+        return f"bitsandbytes does not import ({one_line(e, 120)})"
     try:
         probe = [torch.nn.Parameter(torch.zeros(4096, device=device)), torch.nn.Parameter(torch.zeros(8, device=device))]
         opt = bnb.optim.AdamW8bit(probe, lr=1e-3)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .files import atomic_write
 
 logger = logging.getLogger("cmdistill")
 CACHE_VERSION = 2  # 2: the data key covers the images' bytes, not their paths and sizes
@@ -181,9 +182,8 @@ def main(argv=None):
                     parts[k].append(v.to("cpu", dtype))
             from safetensors.torch import save_file
 
-            tmp = shard_path(d, s).with_suffix(".tmp")
-            save_file({k: torch.cat(v).contiguous() for k, v in parts.items()}, str(tmp))
-            os.replace(tmp, shard_path(d, s))
+            shard = {k: torch.cat(v).contiguous() for k, v in parts.items()}
+            atomic_write(shard_path(d, s), lambda tmp: save_file(shard, str(tmp)))
         acc.wait_for_everyone()
         if acc.is_main_process:
             write_json_atomic(d / META, {"key": key, "num_samples": n, "shard_size": SHARD_SIZE})

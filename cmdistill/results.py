@@ -25,7 +25,7 @@ from typing import Iterable
 from . import plots
 from .errors import UserError, exit_on_user_error
 from .files import atomic_write_text
-from .run_folder import COMPARED_SETTINGS
+from .run_folder import COMPARED_SETTINGS, CONFIG_NAME
 from .summary import (METHOD_NAMES, SETTING_FIELDS, aggregate, finite_number, metric_format, metric_header,
                       metric_keys)
 
@@ -94,7 +94,7 @@ def _recipe(cfg: dict) -> str:
 
 def _read_config(folder: Path) -> dict:
     try:
-        data = json.loads((folder / "training_config.json").read_text())
+        data = json.loads((folder / CONFIG_NAME).read_text())
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}

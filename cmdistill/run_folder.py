@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from . import models
-from .errors import UserError, writing
+from .errors import UserError, one_line, writing
+from .files import atomic_dir, atomic_write_text
 
 logger = logging.getLogger("cmdistill")
 
@@ -26,20 +27,14 @@ LOG_NAME = "train_log.jsonl"
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = Path(str(path) + ".tmp")
     with writing(path):
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
     found = [p for p in output_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and
              (p / STATE_NAME).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def _why(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
 
 
 def read_checkpoint(path: Path) -> tuple[dict | None, dict]:
@@ -51,7 +46,7 @@ def read_checkpoint(path: Path) -> tuple[dict | None, dict]:
     try:
         weights = load_file(str(lora))
     except Exception as e:
-        raise UserError(f"{lora} is unreadable ({_why(e)})") from None
+        raise UserError(f"{lora} is unreadable ({one_line(e)})") from None
     if not models.lora_is_finite(weights):
         raise UserError(f"{lora} holds non-finite weights (NaN or inf)")
     try:
@@ -59,13 +54,13 @@ def read_checkpoint(path: Path) -> tuple[dict | None, dict]:
         if not isinstance(state, dict) or not {"global_step", "samples_seen", "optimizer"} <= state.keys():
             raise ValueError("not a training state")
     except Exception as e:
-        raise UserError(f"{path / STATE_NAME} is unreadable ({_why(e)})") from None
+        raise UserError(f"{path / STATE_NAME} is unreadable ({one_line(e)})") from None
     config = None
     if (path / CONFIG_NAME).is_file():
         try:
             config = json.loads((path / CONFIG_NAME).read_text())
         except (OSError, ValueError) as e:
-            raise UserError(f"{path / CONFIG_NAME} is unreadable ({_why(e)})") from None
+            raise UserError(f"{path / CONFIG_NAME} is unreadable ({one_line(e)})") from None
     return config, state
 
 
@@ -84,9 +79,7 @@ def truncate_log(path: Path, step: int) -> None:
             except (ValueError, KeyError, TypeError):
                 continue
     with writing(path):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(keep))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(keep))
 
 
 # --- one run per folder (README, "What survives a fault") -----------------------------------------------------
@@ -210,7 +203,7 @@ def save_checkpoint(output_dir: Path, step: int, state: dict, unet, config: dict
     intact = f"(the earlier checkpoints in {output_dir} are intact)"
     buf = io.BytesIO()  # serialised first: a full disk is then an OSError of the file's own write
     torch.save(state, buf)
-    with writing(final.with_name(final.name + ".tmp"), intact), models.atomic_dir(final) as tmp:
+    with writing(final.with_name(final.name + ".tmp"), intact), atomic_dir(final) as tmp:
         with writing(tmp / models.LORA_WEIGHT_NAME, intact):
             models.save_lora(unet, tmp)
         with writing(tmp / STATE_NAME, intact):

@@ -30,7 +30,7 @@ def teacher_sample(step, guided_eps, x_T: torch.Tensor, cond: dict, sched: Noise
     return solve_to_zero(step, guided_eps, x_T, start, cond, sched, grid, max_batch=max_batch, callback=callback)
 
 
-def student_sample(student_eps, x_T: torch.Tensor, cond: dict, sched: NoiseSchedule, grid: Grid, num_steps: int,
+def student_sample(student_eps, x_T: torch.Tensor, cond: dict, sched: NoiseSchedule, grid: Grid, K: int,
                    fresh_noise: Callable[[int], torch.Tensor] | None = None, timestep_scaling: float = 10.0,
                    return_all: bool = False):
     """Multistep consistency sampling (docs/method.md §8), guidance scale 0.
@@ -39,7 +39,7 @@ def student_sample(student_eps, x_T: torch.Tensor, cond: dict, sched: NoiseSched
     fresh noise z = ``fresh_noise(j)`` for the j-th renoising (per-sample deterministic noise when
     the caller derives it from caption indices). Returns the final x0 (and all x0's if asked).
     """
-    timesteps = grid.sampling_timesteps(num_steps)
+    timesteps = grid.sampling_timesteps(K)
     x = x_T.float()
     outs = []
     for j, t in enumerate(timesteps):

@@ -89,6 +89,21 @@ class NoiseSchedule:
         return (x - self.sigma(t, x) * eps) / self.alpha(t, x)
 
 
+def check_grid_size(T: int, N: int, flag: str = "--num_discr_timesteps") -> None:
+    """The N-grid of docs/method.md §2 needs N to divide the T train timesteps; otherwise one line naming ``flag``."""
+    if N <= 0 or T % N:
+        divisors = [d for d in (10, 20, 25, 50, 100, 200, 250, 500, 1000) if T % d == 0]
+        raise UserError(f"{flag} {N} must divide the model's {T} train timesteps (e.g. "
+                        f"{', '.join(map(str, divisors))})")
+
+
+def check_sampling_steps(K: int, N: int, where: str = "") -> None:
+    """K sampling steps on the N-grid (docs/method.md §8) need 1 <= K <= N; otherwise one line (``where``: which
+    grid, after 'the grid size N')."""
+    if not 1 <= K <= N:
+        raise UserError(f"--num_inference_steps {K} must lie in 1..{N} (the grid size N{where})")
+
+
 @dataclass(frozen=True)
 class Grid:
     """The N-interval discretisation of docs/method.md §2: start timesteps T, T-k, ..., k; next(t) = t - k."""
@@ -97,10 +112,7 @@ class Grid:
     N: int
 
     def __post_init__(self):
-        if self.N <= 0 or self.T % self.N != 0:
-            divisors = [d for d in (10, 20, 25, 50, 100, 200, 250, 500, 1000) if self.T % d == 0]
-            raise UserError(f"--num_discr_timesteps {self.N} must divide the {self.T} train timesteps "
-                            f"(e.g. {', '.join(map(str, divisors))})")
+        check_grid_size(self.T, self.N)
 
     @property
     def k(self) -> int:
@@ -113,16 +125,15 @@ class Grid:
     def start_timesteps(self) -> torch.Tensor:
         return self.timestep(torch.arange(self.N))
 
-    def sampling_indices(self, num_steps: int) -> list[int]:
+    def sampling_indices(self, K: int) -> list[int]:
         """docs/method.md §8: grid indices round(linspace(0, N, K, endpoint=False)) (NumPy's round-half-even)."""
         import numpy as np
 
-        if not 1 <= num_steps <= self.N:
-            raise UserError(f"--num_inference_steps {num_steps} must lie in 1..{self.N} (the grid size)")
-        return [int(i) for i in np.round(np.linspace(0, self.N, num_steps, endpoint=False))]
+        check_sampling_steps(K, self.N)
+        return [int(i) for i in np.round(np.linspace(0, self.N, K, endpoint=False))]
 
-    def sampling_timesteps(self, num_steps: int) -> list[int]:
-        return [self.T - self.k * i for i in self.sampling_indices(num_steps)]
+    def sampling_timesteps(self, K: int) -> list[int]:
+        return [self.T - self.k * i for i in self.sampling_indices(K)]
 
 
 def boundary_scalings(t, like: torch.Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5, copy=host_to):

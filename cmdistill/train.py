@@ -25,7 +25,7 @@ import torch
 from . import fast, hub, models
 from .args import training_parser, validate_args
 from .data import MIN_IMAGE_SIDE, caption_text, count_long_captions, make_dataloader, training_dataset
-from .errors import UserError, writing
+from .errors import UserError, one_line, writing
 from .guidance import UNetEps
 from .inputs import Encoders, prepare
 from .noise import per_sample_noise
@@ -33,7 +33,7 @@ from .objectives import DistillContext
 from .optimizer import check_resumed_optimizer, make_optimizer, resolve_batch_size
 from .precompute import collate_precomputed, find_cache
 from .progress import Progress, quiet_libraries
-from .run_folder import (CONFIG_NAME, LOG_NAME, STATE_NAME, _why, append_log, check_run_inputs, non_finite_error,
+from .run_folder import (CONFIG_NAME, LOG_NAME, STATE_NAME, append_log, check_run_inputs, non_finite_error,
                          plan_resume, read_checkpoint, save_checkpoint, truncate_log, write_json_atomic)
 from .sampling import student_sample
 from .schedule import Grid, NoiseSchedule
@@ -90,6 +90,8 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         # The data and the run folder before any model loads: their errors come first.
         self.dataset = training_dataset(args, acc.is_main_process)
+        if args.max_train_steps is None:
+            args.max_train_steps = math.ceil(args.num_train_epochs * len(self.dataset) / self.global_batch)
         self.resume = plan_resume(args, self.output_dir, self.current_settings(), acc.is_main_process)
 
         # Models (docs/method.md §1): one UNet; its LoRA adapter disabled is the teacher.
@@ -120,7 +122,7 @@ class Trainer:
         self.checkpointing = fast.checkpointing.StudentCheckpointing(unet, args, self.vae_scale_factor)
         self.params = [p for p in unet.parameters() if p.requires_grad]
         if args.scale_lr:
-            args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * acc.num_processes
+            args.learning_rate *= self.global_batch
         optimizer = make_optimizer(args, self.params)
 
         self.precomputed = find_cache(args, self.dataset, self.weight_dtype)
@@ -129,8 +131,6 @@ class Trainer:
         self.offloaded = self.encoders.modules() if self.precomputed is not None and dev.type != "cpu" else []
         for m in self.offloaded:
             m.to("cpu")
-        if args.max_train_steps is None:
-            args.max_train_steps = math.ceil(args.num_train_epochs * len(self.dataset) / self.global_batch)
 
         # The schedule counts optimizer steps, whatever the number of processes: it is stepped once per
         # optimizer step and not handed to accelerate (which would step it once per process).
@@ -180,11 +180,9 @@ class Trainer:
     def current_settings(self) -> dict:
         """This run's values of COMPARED_SETTINGS as training_config.json records them (resolved max steps, the
         learning rate after --scale_lr, accelerate's mixed precision, the global batch)."""
-        a, acc = self.args, self.accelerator
-        batch = a.train_batch_size * acc.num_processes * a.gradient_accumulation_steps
-        steps = a.max_train_steps or math.ceil(a.num_train_epochs * len(self.dataset) / batch)
-        return {**vars(a), "objective": self.objective_name, "global_batch_size": batch, "max_train_steps": steps,
-                "mixed_precision": acc.mixed_precision,
+        a, batch = self.args, self.global_batch
+        return {**vars(a), "objective": self.objective_name, "global_batch_size": batch,
+                "mixed_precision": self.accelerator.mixed_precision,
                 "learning_rate": a.learning_rate * batch if a.scale_lr else a.learning_rate}
 
     # --- checkpoints -----------------------------------------------------------------------------------
@@ -233,7 +231,7 @@ class Trainer:
             if state.get("scaler") is not None and self.accelerator.scaler is not None:
                 self.accelerator.scaler.load_state_dict(state["scaler"])
         except (ValueError, KeyError, RuntimeError) as e:
-            raise UserError(f"{path / STATE_NAME} does not fit this run's optimizer ({_why(e)}): resume with the "
+            raise UserError(f"{path / STATE_NAME} does not fit this run's optimizer ({one_line(e)}): resume with the "
                             "run's own settings, or use another --output_dir") from None
         self.global_step, self.samples_seen = state["global_step"], state["samples_seen"]
         self.skipped_images = state.get("skipped_images", 0)

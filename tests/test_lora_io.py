@@ -222,15 +222,15 @@ def test_model_card_front_matter_settings_and_metrics(trained, tmp_path):
     cfg = json.loads((out / "training_config.json").read_text())
     run = tmp_path / "run"
     run.mkdir()
-    (run / "training_config.json").write_text(json.dumps({**cfg, "pretrained_teacher_model": hub.SDXL_BASE,
+    (run / "training_config.json").write_text(json.dumps({**cfg, "pretrained_teacher_model": models.SDXL_BASE,
                                                           "pretrained_vae_model_name_or_path": None}))
     (run / "metrics.json").write_text(json.dumps({"student/final/4_steps": {
         "kind": "student", "weights": "final", "num_inference_steps": 4, "num_images": 64, "fid": 103.9,
         "ode_error": 0.2912}}))
     hub.update_model_card(run)
     card = ModelCard.load(run / "README.md")
-    assert card.data.base_model == hub.SDXL_BASE and card.data.license == "openrail++"
-    assert f'from_pretrained("{hub.SDXL_BASE}"' in card.text
+    assert card.data.base_model == models.SDXL_BASE and card.data.license == "openrail++"
+    assert f'from_pretrained("{models.SDXL_BASE}"' in card.text
     assert "| final | 4 | 64 | 103.9 | 0.2912 |" in card.text
     assert hub.update_model_card(tmp_path / "not_a_run") is None
 

@@ -190,9 +190,9 @@ def test_full_world_teacher_scores_on_toy_metrics():
     ref, _ = encoder_outputs(enc, real)
     scores = {}
     for w in (1.0, 3.0):
-        _, imgs = sample_teacher(teacher, captions, w, num_steps=10)  # N = 10, as the demo's teacher
+        _, imgs = sample_teacher(teacher, captions, w, N=10)  # N = 10, as the demo's teacher
         scores[w] = toy_scores(enc, imgs, captions, ref)
-    _, imgs = sample_teacher(teacher, captions, 1.0, num_steps=10, unet=teacher_components(0)["unet"])
+    _, imgs = sample_teacher(teacher, captions, 1.0, N=10, unet=teacher_components(0)["unet"])
     untrained = toy_scores(enc, imgs, captions, ref)
     assert scores[1.0]["toy_caption_acc"] > untrained["toy_caption_acc"] + 0.2, (scores, untrained)
     assert scores[1.0]["fd_toy"] < 0.3 * untrained["fd_toy"], (scores, untrained)

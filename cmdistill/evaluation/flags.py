@@ -8,41 +8,29 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..args import HelpFormatter
 from ..errors import UserError
-from . import scoring
+from ..models import SDXL_BASE
+from ..run_folder import CONFIG_NAME
+from ..schedule import check_grid_size
+from ..trackers import REPORT_TO
 from .generate import DTYPES
 from .inputs import latent_shape, model_defaults, noise_resolution, read_noise_file
 from .store import CAPTIONS_NAME, IMAGE_FORMATS
-
-PAPER_TEACHER = "stabilityai/stable-diffusion-xl-base-1.0"
-TRAINING_CONFIG = "training_config.json"
 
 
 def warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-class HelpFormatter(argparse.HelpFormatter):
-    """Every flag's default after its help text (a default of None is described in the text)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default not in (None, argparse.SUPPRESS) and "%(default)" not in text and action.option_strings:
-            default = action.default
-            if isinstance(default, (list, tuple)):
-                default = " ".join(map(str, default))
-            text += f" (default: {default})".replace("%", "%%")
-        return text
-
-
 def common_parser(description: str, output_help: str, student: bool = False) -> argparse.ArgumentParser:
     """The flags of both programs; ``student``: with test.py's help texts (its defaults come from the run)."""
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    run = f"{TRAINING_CONFIG}'s, else " if student else ""  # test.py's defaults come from the run and references
+    run = f"{CONFIG_NAME}'s, else " if student else ""  # test.py's defaults come from the run and references
     refs = "the references', else " if student else ""
     g = p.add_argument_group("models")
     g.add_argument("--pretrained_teacher_model", default=None,
-                   help=f"hub id or local folder of the SDXL pipeline (default: {run}{PAPER_TEACHER})")
+                   help=f"hub id or local folder of the SDXL pipeline (default: {run}{SDXL_BASE})")
     g.add_argument("--pretrained_vae_model_name_or_path", default=None,
                    help="a VAE to use instead of the pipeline's own (paper: madebyollin/sdxl-vae-fp16-fix; "
                         f"default: {run}the pipeline's VAE)")
@@ -97,7 +85,7 @@ def common_parser(description: str, output_help: str, student: bool = False) -> 
     g = p.add_argument_group("logging")
     g.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir")
     g.add_argument("--num_log_images", type=int, default=4, help="captions shown in the comparison grids")
-    g.add_argument("--report_to", default="tensorboard", choices=scoring.REPORT_TO,
+    g.add_argument("--report_to", default="tensorboard", choices=REPORT_TO,
                    help="trackers of the metrics, grids and captions (accelerate's): tensorboard writes "
                         "--logging_dir/evaluation")
     return p
@@ -119,10 +107,7 @@ def resolve_size_and_grid(args, N: int, n_flag: str) -> None:
         args.resolution = noise_resolution(read_noise_file(args.init_noise))
     args.resolution = args.resolution or size
     latent_shape(args.resolution)  # a multiple of 8
-    if N <= 0 or T % N:
-        divisors = [d for d in (10, 20, 25, 50, 100, 200, 250, 500, 1000) if T % d == 0]
-        raise UserError(f"{n_flag} {N} must divide the model's {T} train timesteps (e.g. "
-                        f"{', '.join(map(str, divisors))})")
+    check_grid_size(T, N, n_flag)
 
 
 def caption_count(args, captions: list[str]) -> int:

@@ -92,10 +92,11 @@ def unet_eps(models: Models, compile: bool = False, freezing: bool = False, chan
                    models.dtype, copy=to_device)
 
 
-def teacher_sampler(models: Models, solver: str, num_steps: int, w: float, cfg_batched: bool = False,
+def teacher_sampler(models: Models, solver: str, N: int, w: float, cfg_batched: bool = False,
                     compile: bool = False, freezing: bool = False, channels_last: bool = False) -> Sampler:
-    """docs/method.md §8: the Direct CM target code (``solvers.solve_to_zero`` via ``teacher_sample``) from t = T."""
-    step, grid = get_solver(solver), Grid(models.sched.T, num_steps)
+    """docs/method.md §8: the Direct CM target code (``solvers.solve_to_zero`` via ``teacher_sample``) from t = T,
+    ``N`` solver steps (the N-grid)."""
+    step, grid = get_solver(solver), Grid(models.sched.T, N)
     eps = GuidedEps(unet_eps(models, compile, freezing, channels_last), w, batched=cfg_batched)
 
     def sample(x_T, cond, indices, tick):
@@ -104,19 +105,18 @@ def teacher_sampler(models: Models, solver: str, num_steps: int, w: float, cfg_b
     return sample
 
 
-def student_sampler(models: Models, num_discr: int, num_steps: int, seed: int, timestep_scaling: float,
+def student_sampler(models: Models, N: int, K: int, seed: int, timestep_scaling: float,
                     compile: bool = False, channels_last: bool = False) -> Sampler:
-    """docs/method.md §8: multistep consistency sampling, unguided; the fresh noise of the j-th renoising of
-    caption i is ``per_sample_noise(seed, [i], shape, stream=j + 1)``."""
-    grid = Grid(models.sched.T, num_discr)
-    grid.sampling_indices(num_steps)  # validates K early
+    """docs/method.md §8: multistep consistency sampling, unguided, ``K`` steps on the N-grid; the fresh noise of
+    the j-th renoising of caption i is ``per_sample_noise(seed, [i], shape, stream=j + 1)``."""
+    grid = Grid(models.sched.T, N)
     eps = unet_eps(models, compile, channels_last=channels_last)
 
     def sample(x_T, cond, indices, tick):
         def fresh(j):
             return per_sample_noise(seed, indices, tuple(x_T.shape[1:]), stream=j + 1)
 
-        out = student_sample(eps, x_T, cond, models.sched, grid, num_steps, fresh_noise=fresh,
+        out = student_sample(eps, x_T, cond, models.sched, grid, K, fresh_noise=fresh,
                              timestep_scaling=timestep_scaling)
         tick(1.0)
         return out

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..args import HelpFormatter
 from ..errors import UserError, exit_on_user_error
-from .flags import HelpFormatter
 from .inputs import latent_shape, make_init_noise, model_defaults, read_captions_file, read_metadata
 
 

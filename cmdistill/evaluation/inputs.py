@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..data import caption_text  # one rule for training and evaluation: a missing caption is ""
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..files import atomic_save_image, atomic_torch_save
 from ..noise import per_sample_noise
 
@@ -66,10 +65,6 @@ def read_captions_file(path: str | Path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines()
 
 
-def captions_digest(captions: list[str]) -> str:
-    return hashlib.sha256(json.dumps(captions).encode()).hexdigest()[:16]
-
-
 def read_json(path: Path) -> dict:
     """A JSON object a program wrote (training_config.json, eval_config.json): {} if the file is absent."""
     if not path.is_file():
@@ -103,9 +98,8 @@ def model_defaults(model: str, vae: str | None = None, revision: str | None = No
                    AutoencoderKL.load_config(path, subfolder="vae", revision=teacher_revision))
         sched = DDPMScheduler.load_config(path, subfolder="scheduler", revision=teacher_revision)
     except (OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"--pretrained_teacher_model '{model}': cannot read its unet / vae / scheduler config "
-                        f"({first[:200]}): is it an SDXL pipeline folder or hub id?") from None
+                        f"({one_line(e)}): is it an SDXL pipeline folder or hub id?") from None
     size = unet.get("sample_size")
     size = size[0] if isinstance(size, (list, tuple)) else size
     return int(size) * 2 ** (len(vae_cfg["block_out_channels"]) - 1), int(sched.get("num_train_timesteps", 1000))

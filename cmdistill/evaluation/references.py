@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from ..errors import UserError
-from .flags import TRAINING_CONFIG
+from ..run_folder import CONFIG_NAME
 from .inputs import InitNoise, image_size, latent_shape
 from .store import image_complete
 
@@ -87,7 +87,7 @@ def reference_mismatches(t_id: dict, teacher_dir: Path, train_cfg: dict, args, i
     if not t_id:
         m = re.search(r"(\d+)_steps/([0-9.]+)_gscale$", teacher_dir.resolve().as_posix())
         ref_N, ref_w = (int(m[1]), float(m[2])) if m else (None, None)
-    src = f"the student's {TRAINING_CONFIG}" if train_cfg else "the student's flags"
+    src = f"the student's {CONFIG_NAME}" if train_cfg else "the student's flags"
     stu_N = train_cfg.get("num_discr_timesteps", args.num_original_inference_steps)
     stu_w = train_cfg.get("w")
     diffs = []

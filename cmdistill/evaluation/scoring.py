@@ -9,7 +9,6 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..trackers import REPORT_TO, check_trackers  # noqa: F401  (shared with training)
 
 
 def ode_error(student: torch.Tensor, teacher: torch.Tensor) -> float:

@@ -22,7 +22,7 @@ import torch
 from ..errors import UserError
 from ..files import atomic_save_image, atomic_torch_save, atomic_write_text
 
-CONFIG_NAME = "eval_config.json"
+EVAL_CONFIG_NAME = "eval_config.json"
 LATENTS_NAME = "latents.pt"
 CAPTIONS_NAME = "captions.json"
 FEATURES_NAME = "instance_features.pt"
@@ -75,7 +75,7 @@ class SampleStore:
             return False
         if overwrite:
             return True
-        path = self.folder / CONFIG_NAME
+        path = self.folder / EVAL_CONFIG_NAME
         old = json.loads(path.read_text())["identity"] if path.is_file() else {}
         old = {**{k: v for k, v in LEGACY_IDENTITY.items() if old}, **old}
         new = json.loads(json.dumps(identity))
@@ -105,7 +105,7 @@ class SampleStore:
     def write_config(self, config: dict, captions: list[str]) -> None:
         """Main process: the run's resolved configuration and its captions, beside the samples."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.folder / CONFIG_NAME, json.dumps(config, indent=2, default=str) + "\n")
+        atomic_write_text(self.folder / EVAL_CONFIG_NAME, json.dumps(config, indent=2, default=str) + "\n")
         atomic_write_text(self.folder / CAPTIONS_NAME, json.dumps(captions, ensure_ascii=False) + "\n")
 
     def stored_indices(self) -> set[int]:

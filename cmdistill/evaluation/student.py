@@ -13,16 +13,18 @@ from pathlib import Path
 from .. import results
 from ..data import empty_caption_note
 from ..errors import UserError, exit_on_user_error
-from ..models import DEFAULT_LORA_TARGETS, LORA_WEIGHT_NAME, add_lora, load_lora_into
+from ..models import DEFAULT_LORA_TARGETS, LORA_WEIGHT_NAME, SDXL_BASE, add_lora, load_lora_into
+from ..run_folder import CONFIG_NAME
+from ..schedule import check_sampling_steps
+from ..trackers import check_trackers
 from . import scoring
 from .driver import Job, process_state, quality, resolved_config, run_jobs
-from .flags import (PAPER_TEACHER, TRAINING_CONFIG, absolute, caption_count, check_compile_flags, common_parser,
-                    resolve_size_and_grid, warn)
+from .flags import absolute, caption_count, check_compile_flags, common_parser, resolve_size_and_grid, warn
 from .generate import student_sampler
 from .inputs import InitNoise, read_captions_file, read_json
 from .references import (check_teacher_images, check_teacher_latents, read_teacher_latents, reference_mismatches,
                          teacher_folder, teacher_format)
-from .store import CAPTIONS_NAME, CONFIG_NAME, LATENTS_NAME, SampleStore
+from .store import CAPTIONS_NAME, EVAL_CONFIG_NAME, LATENTS_NAME, SampleStore
 from .weights import check_lora_file, lora_sha256, resolve_lora, select_checkpoints, weights_step
 
 
@@ -71,7 +73,7 @@ def student_main(argv=None) -> list[dict]:
     if args.output_dir is None:
         raise UserError("--output_dir: give the training run's output folder (it holds the LoRA)")
     out = Path(args.output_dir)
-    scoring.check_trackers(args.report_to)
+    check_trackers(args.report_to)
     if args.checkpoints:
         selected = select_checkpoints(out, args.checkpoints)
     else:
@@ -82,13 +84,13 @@ def student_main(argv=None) -> list[dict]:
         raise UserError("--guidance_scale must be 0: the student samples unguided")
     teacher_dir = teacher_folder(args.train_data_dir)
     notes = []  # warnings, printed once the inputs are known to be valid
-    train_cfg = read_json(lora_dir / TRAINING_CONFIG) or read_json(out / TRAINING_CONFIG)
+    train_cfg = read_json(lora_dir / CONFIG_NAME) or read_json(out / CONFIG_NAME)
     if not train_cfg:
-        notes.append(f"no {TRAINING_CONFIG} in '{out}': LoRA and grid settings fall back to flags and paper defaults")
-    t_cfg = read_json(teacher_dir / CONFIG_NAME)
+        notes.append(f"no {CONFIG_NAME} in '{out}': LoRA and grid settings fall back to flags and paper defaults")
+    t_cfg = read_json(teacher_dir / EVAL_CONFIG_NAME)
     t_args, t_id = t_cfg.get("args", {}), t_cfg.get("identity", {})
     if not t_id:
-        notes.append(f"no {CONFIG_NAME} in the teacher folder '{teacher_dir}': its resolution and noise cannot be "
+        notes.append(f"no {EVAL_CONFIG_NAME} in the teacher folder '{teacher_dir}': its resolution and noise cannot be "
                      "checked against the student's")
 
     # Defaults: flag > training config > the teacher folder's config > paper.
@@ -99,15 +101,15 @@ def student_main(argv=None) -> list[dict]:
         return default
 
     args.pretrained_teacher_model = pick(args.pretrained_teacher_model, "pretrained_teacher_model",
-                                         "pretrained_teacher_model", PAPER_TEACHER)
+                                         "pretrained_teacher_model", SDXL_BASE)
     args.pretrained_vae_model_name_or_path = pick(args.pretrained_vae_model_name_or_path,
                                                   "pretrained_vae_model_name_or_path",
                                                   "pretrained_vae_model_name_or_path", None)
     n_from = ("--num_original_inference_steps" if args.num_original_inference_steps is not None else
-              f"num_discr_timesteps of {TRAINING_CONFIG}" if "num_discr_timesteps" in train_cfg else
+              f"num_discr_timesteps of {CONFIG_NAME}" if "num_discr_timesteps" in train_cfg else
               "--num_original_inference_steps (the references' N)")
-    args.num_original_inference_steps = int(pick(args.num_original_inference_steps, "num_discr_timesteps",
-                                                 "num_original_inference_steps", 100))
+    N = int(pick(args.num_original_inference_steps, "num_discr_timesteps", "num_original_inference_steps", 100))
+    args.num_original_inference_steps = N  # eval_config.json records the resolved flags
     args.timestep_scaling_factor = float(pick(args.timestep_scaling_factor, "timestep_scaling_factor", None, 10.0))
     args.lora_rank = int(pick(args.lora_rank, "lora_rank", None, 64))
     args.lora_alpha = float(pick(args.lora_alpha, "lora_alpha", None, 64))
@@ -121,7 +123,7 @@ def student_main(argv=None) -> list[dict]:
             setattr(args, key, t_id.get(key, t_args.get(key)))
     args.seed = 24 if args.seed is None else args.seed
     args.init_noise = absolute(args.init_noise)
-    resolve_size_and_grid(args, args.num_original_inference_steps, n_from)
+    resolve_size_and_grid(args, N, n_from)
 
     if args.captions_file:
         captions = read_captions_file(args.captions_file)
@@ -136,8 +138,7 @@ def student_main(argv=None) -> list[dict]:
 
     diffs = reference_mismatches(t_id, teacher_dir, train_cfg, args, init)
     if diffs:
-        n = train_cfg.get("num_discr_timesteps", args.num_original_inference_steps)
-        fix = (f"test_teacher.py --num_original_inference_steps {n}"
+        fix = (f"test_teacher.py --num_original_inference_steps {train_cfg.get('num_discr_timesteps', N)}"
                + (f" --guidance_scale {float(train_cfg['w'])}" if "w" in train_cfg else "")
                + f" --resolution {args.resolution}"
                + (f" --init_noise {args.init_noise}" if args.init_noise else f" --seed {args.seed}"))
@@ -159,9 +160,7 @@ def student_main(argv=None) -> list[dict]:
     else:
         notes.append(f"no {LATENTS_NAME} in the teacher folder '{teacher_dir}': the ODE solving error is skipped")
     for K in args.num_inference_steps:
-        if not 1 <= K <= args.num_original_inference_steps:
-            raise UserError(f"--num_inference_steps {K} must lie in 1..{args.num_original_inference_steps} "
-                            "(the grid size N)")
+        check_sampling_steps(K, N)
     for d, _, _ in selected:
         check_lora_file(d / LORA_WEIGHT_NAME)
     state = process_state()
@@ -169,7 +168,7 @@ def student_main(argv=None) -> list[dict]:
         if note:
             warn(note)
 
-    N, c = args.num_original_inference_steps, args.timestep_scaling_factor
+    c = args.timestep_scaling_factor
 
     def score_fn(store):
         def score(n):
@@ -212,6 +211,8 @@ def student_jobs(args, state, out, lora_dir, weights, train_step, N, c, init, tr
     """The jobs of one set of weights, one per number of sampling steps; with --checkpoints, none for a
     setting that metrics.json records for the same weights, captions and references (a rerun skips it)."""
     tag = weights + ("" if args.lora_scale == 1.0 else f"_lora{args.lora_scale}")
+    # N under the names its readers know: the samples' identity (eval_config.json) as training_config.json names
+    # it, the metrics.json row as the flag (results, summary and the toy study read that column).
     base_identity = {"kind": "student", "model": args.pretrained_teacher_model,
                      "vae": args.pretrained_vae_model_name_or_path, "revision": args.revision,
                      "teacher_revision": args.teacher_revision, "lora_sha256": lora_sha256(lora_dir / LORA_WEIGHT_NAME),

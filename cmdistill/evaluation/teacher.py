@@ -9,10 +9,12 @@ from pathlib import Path
 
 from ..data import empty_caption_note
 from ..errors import UserError, exit_on_user_error
+from ..models import SDXL_BASE
+from ..solvers import SOLVERS
+from ..trackers import check_trackers
 from . import scoring
 from .driver import Job, process_state, quality, resolved_config, run_jobs
-from .flags import (PAPER_TEACHER, absolute, caption_count, check_compile_flags, common_parser,
-                    resolve_size_and_grid, warn)
+from .flags import absolute, caption_count, check_compile_flags, common_parser, resolve_size_and_grid, warn
 from .generate import teacher_sampler
 from .inputs import InitNoise, prepare_reference_image, read_captions_file, read_metadata
 from .store import SampleStore
@@ -32,7 +34,7 @@ def teacher_parser() -> argparse.ArgumentParser:
                    help="score against the real images resized (shorter side) and center-cropped to --resolution, "
                         "saved as PNG; without it the raw files are read, each squashed full-frame to the metric "
                         "network's input size (as dgm-eval reads the folder)")
-    g.add_argument("--scheduler", default="ddim", choices=["ddim", "euler", "heun"], help="the ODE solver")
+    g.add_argument("--scheduler", default="ddim", choices=list(SOLVERS), help="the ODE solver")
     g.add_argument("--num_original_inference_steps", type=int, default=100,
                    help="N, the number of solver steps (the paper's); must divide the model's train timesteps")
     g.add_argument("--guidance_scale", type=float, default=9.0, help="w, Imagen form (the paper's)")
@@ -48,8 +50,8 @@ def teacher_parser() -> argparse.ArgumentParser:
 def teacher_main(argv=None) -> list[dict]:
     args = teacher_parser().parse_args(argv)
     check_compile_flags(args)
-    scoring.check_trackers(args.report_to)
-    args.pretrained_teacher_model = args.pretrained_teacher_model or PAPER_TEACHER
+    check_trackers(args.report_to)
+    args.pretrained_teacher_model = args.pretrained_teacher_model or SDXL_BASE
     args.seed = 24 if args.seed is None else args.seed
     args.init_noise = absolute(args.init_noise)
     dgm = scoring.metric_names(args.dgm_metrics)

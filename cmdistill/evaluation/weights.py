@@ -13,7 +13,7 @@ import torch
 
 from ..errors import UserError
 from ..models import LORA_WEIGHT_NAME
-from .flags import TRAINING_CONFIG
+from ..run_folder import CONFIG_NAME
 from .inputs import read_json
 
 
@@ -49,7 +49,7 @@ def final_step(output_dir: Path) -> int | None:
                 return int(json.loads(line)["step"])
             except (ValueError, KeyError, TypeError):
                 continue
-    step = read_json(output_dir / TRAINING_CONFIG).get("max_train_steps")
+    step = read_json(output_dir / CONFIG_NAME).get("max_train_steps")
     return int(step) if isinstance(step, (int, float)) else None
 
 

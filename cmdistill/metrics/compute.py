@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UserError
+from ..files import atomic_write
 from ..progress import track
 from .extractors import FeatureExtractor, load_feature_extractor
 from .frechet import frechet_distance
@@ -154,9 +155,12 @@ def save_cached_reference(cache_dir, paths, extractor: FeatureExtractor, feature
     key, desc = reference_cache_key(paths, extractor)
     path = _cache_path(cache_dir, extractor.name, key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, features=features.astype(np.float32), meta=np.array(desc))
-    os.replace(tmp, path)
+
+    def save(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez adds no ".npz" to it
+            np.savez(f, features=features.astype(np.float32), meta=np.array(desc))
+
+    atomic_write(path, save)
     return path
 
 

@@ -18,7 +18,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, one_line
+from ..files import atomic_write
 
 ENV_WEIGHTS_DIR = "CMDISTILL_METRICS_WEIGHTS"
 ENV_OFFLINE = "CMDISTILL_METRICS_OFFLINE"
@@ -44,11 +45,6 @@ def offline() -> bool:
 def torch_hub_checkpoints() -> Path:
     """Where ``torch.hub.load_state_dict_from_url`` (pytorch-fid, DINOv2's hub) keeps downloads."""
     return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def _one_line(e: BaseException) -> str:
-    msg = " ".join(str(e).split())
-    return f"{type(e).__name__}: {msg[:200]}" if msg else type(e).__name__
 
 
 def resolve_weights(
@@ -84,12 +80,10 @@ def resolve_weights(
                 return Path(download(target_dir))
             target_dir.mkdir(parents=True, exist_ok=True)
             target = target_dir / name
-            tmp = target.with_name(target.name + ".part")
-            torch.hub.download_url_to_file(url, str(tmp), progress=True)
-            os.replace(tmp, target)
+            atomic_write(target, lambda tmp: torch.hub.download_url_to_file(url, str(tmp), progress=True))
             return target
         except Exception as e:  # no network, HTTP error, ...: all become the one-line message below
-            why = f"download failed: {_one_line(e)}"
+            why = f"download failed: {one_line(e)}"
     raise UserError(
         f"metric weights file {name} not found ({why}); download it from {url} and put it in {where} "
         f"(searched: {', '.join(str(d) for d in dirs)})"

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     n = min(args.num, len(caps))
     res = evaluate_teacher(load_teacher(str(P["teacher"])), load_encoder(P["encoder"]), D.load_images(paths[:n]),
                            caps[:n], holdout=(D.load_images(hp[:n]), hc[:n]), ws=tuple(args.ws),
-                           num_steps=args.steps, seed=args.seed, resolution=cfg.get("resolution", 64),
+                           N=args.steps, seed=args.seed, resolution=cfg.get("resolution", 64),
                            untrained_unet=T.teacher_components(cfg.get("seed", 0), cfg.get("resolution", 64))["unet"])
     if args.json:
         with open(args.json, "w") as fh:

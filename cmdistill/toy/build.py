@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..models import atomic_dir
+from ..files import atomic_dir
 
 STAGE_FILE = "stage.json"
 
@@ -214,7 +214,7 @@ def build(out: str | Path, cfg: BuildConfig | None = None, log=print) -> dict:
         untrained = T.teacher_components(cfg.seed, cfg.resolution)["unet"].to(cfg.device)
         res = evaluate_teacher(teacher, E.load_encoder(P["encoder"]), images[:n], caps[:n],
                                holdout=(D.load_images(hp[:k]), hc[:k]), ws=tuple(cfg.eval_ws),
-                               num_steps=cfg.eval_steps, seed=cfg.seed, resolution=cfg.resolution,
+                               N=cfg.eval_steps, seed=cfg.seed, resolution=cfg.resolution,
                                untrained_unet=untrained, log=log)
         res["key"] = cfg.key("eval")
         P["eval"].write_text(json.dumps(res, indent=1))

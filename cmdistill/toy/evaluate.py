@@ -23,13 +23,13 @@ from .teacher import decode_latents, encode_posterior, sdxl_time_ids
 
 
 @torch.no_grad()
-def sample_teacher(teacher, captions: list[str], w: float, num_steps: int = 50, seed: int = 0,
+def sample_teacher(teacher, captions: list[str], w: float, N: int = 50, seed: int = 0,
                    resolution: int = 64, unet=None, batch_size: int = 250) -> tuple[torch.Tensor, np.ndarray]:
-    """DDIM samples of the (toy) teacher: (scaled latents, uint8 images). Caption i starts from the
+    """DDIM samples of the (toy) teacher on the N-grid: (scaled latents, uint8 images). Caption i starts from the
     noise of (seed, i) (docs/method.md §8, docs/method.md §8.3). ``unet`` replaces the teacher's UNet (e.g. an untrained one)."""
     unet = unet if unet is not None else teacher.unet
     sched = NoiseSchedule.from_scheduler(teacher.scheduler)
-    grid = Grid(sched.T, num_steps)
+    grid = Grid(sched.T, N)
     side = resolution // 8
     dev = next(unet.parameters()).device
     lat = []
@@ -79,7 +79,7 @@ def _latent_stats(lat: torch.Tensor) -> dict:
 
 
 def evaluate_teacher(teacher, encoder, images: np.ndarray, captions: list[str], holdout: tuple | None = None,
-                     ws=(1.0, 3.0), num_steps: int = 50, seed: int = 0, resolution: int = 64,
+                     ws=(1.0, 3.0), N: int = 50, seed: int = 0, resolution: int = 64,
                      untrained_unet=None, log=print) -> dict:
     """Toy metrics of the teacher's samples for ``captions`` (reference: the real ``images`` of those
     captions, docs/method.md §9), for each guidance scale in ``ws``; the untrained UNet at the first and last w.
@@ -89,7 +89,7 @@ def evaluate_teacher(teacher, encoder, images: np.ndarray, captions: list[str], 
     this VAE), the statistics of the sampled latents against the real ones, and the denoising loss of
     both UNets on the real latents."""
     ref, _ = encoder_outputs(encoder, images)
-    out = {"num_captions": len(captions), "num_steps": num_steps, "seed": seed}
+    out = {"num_captions": len(captions), "num_steps": N, "seed": seed}  # eval.json: N as "num_steps"
     if holdout is not None:
         out["real_holdout"] = toy_scores(encoder, holdout[0], holdout[1], ref)
     mean, _ = encode_posterior(teacher.vae, images)
@@ -104,12 +104,12 @@ def evaluate_teacher(teacher, encoder, images: np.ndarray, captions: list[str], 
     log(f"  denoising loss on the real latents: {out['denoising_mse']}")
     out["trained"], out["untrained"] = {}, {}
     for w in ws:
-        lat, imgs = sample_teacher(teacher, captions, w, num_steps, seed, resolution)
+        lat, imgs = sample_teacher(teacher, captions, w, N, seed, resolution)
         out["trained"][f"w={w:g}"] = {**toy_scores(encoder, imgs, captions, ref), **_latent_stats(lat)}
         log(f"  trained teacher   w={w:g}: {out['trained'][f'w={w:g}']}")
     if untrained_unet is not None:
         for w in sorted({ws[0], ws[-1]}):
-            lat, imgs = sample_teacher(teacher, captions, w, num_steps, seed, resolution, unet=untrained_unet)
+            lat, imgs = sample_teacher(teacher, captions, w, N, seed, resolution, unet=untrained_unet)
             out["untrained"][f"w={w:g}"] = {**toy_scores(encoder, imgs, captions, ref), **_latent_stats(lat)}
             log(f"  untrained teacher w={w:g}: {out['untrained'][f'w={w:g}']}")
     return out

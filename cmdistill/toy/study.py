@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .. import results, summary
 from ..errors import UserError
-from .sweep import AXES, CONFIG_FLAGS, CONFIG_NAME, Cell, cells, dry_run, finished, parser, run, setting_name
+from .sweep import AXES, CONFIG_FLAGS, SWEEP_CONFIG_NAME, Cell, cells, dry_run, finished, parser, run, setting_name
 
 
 def _rows(a, cell_names=None, teachers=None) -> list[dict]:
@@ -225,7 +225,7 @@ def main(argv=None) -> int:
 def report_main(argv=None) -> int:
     """The report, its settings defaulting to those of the sweep that wrote --results (sweep_config.json)."""
     p = parser("python -m cmdistill.toy report", report_only=True)
-    config = Path(p.parse_known_args(argv)[0].results) / CONFIG_NAME
+    config = Path(p.parse_known_args(argv)[0].results) / SWEEP_CONFIG_NAME
     if config.is_file():
         p.set_defaults(**{k: v for k, v in json.loads(config.read_text()).items() if k in CONFIG_FLAGS})
     report(p.parse_args(argv))

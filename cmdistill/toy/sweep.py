@@ -1,4 +1,4 @@
-"""The toy study as a sweep (issue #21): where does "better ODE solving, worse samples" hold?
+"""The toy study as a sweep (docs/toy_study.md): where does "better ODE solving, worse samples" hold?
 
     python -m cmdistill.toy sweep --dry_run                     # the cells, what is done, the estimated time
     python -m cmdistill.toy sweep --only budget --time_limit_s 500
@@ -41,18 +41,25 @@ from pathlib import Path
 
 from .. import results
 from ..errors import UserError
-from .runner import Call, Job, Workers, run_jobs
+from ..run_folder import CONFIG_NAME
+from ..schedule import check_sampling_steps
+from .calls import (eval_call, precompute_call, recipe_parser, reference_folder, teacher_call, train_call, trained,
+                    world_call)
+from .estimate import COSTS, calibration, eval_estimate, teacher_estimate, train_estimate
+from .runner import Call, Job, Workers, default_workers, run_jobs
 
 AXES = ("budget", "grid", "guidance")
 OBJECTIVES = ("direct_cm", "cm")
 METRICS = ("fd_toy", "toy_caption_acc", "ode_error", "pixel_mse", "psnr")
-CELL_FILES = ("metrics.json", "training_config.json")
+CELL_FILES = (results.METRICS_NAME, CONFIG_NAME)
 # Flags that define what a cell computes (recorded, compared on resume, repeated in its one-line command).
 RECIPE_FLAGS = ("world", "train_batch_size", "learning_rate", "lora_rank", "solver", "num_prompts", "eval_seed",
                 "num_inference_steps", "threads")
 # The sweep's settings, written to --results/sweep_config.json: the report's defaults.
-CONFIG_NAME = "sweep_config.json"
+SWEEP_CONFIG_NAME = "sweep_config.json"
 CONFIG_FLAGS = RECIPE_FLAGS + ("seeds", "num_discr_timesteps", "w", "budgets", "fixed_budget", "grid_N", "ws")
+# Worker processes sharing one GPU: each is bound by its own kernel launches, so several keep the GPU busier.
+CUDA_WORKERS = 4
 
 
 @dataclass(frozen=True)
@@ -182,45 +189,10 @@ def device_name() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Time estimates, seconds of one worker: per training step, a student forward/backward with the optimizer step
-# (``student``) and the teacher's guided steps (``teacher_step`` each: one for CM, the solve to t = 0 for Direct CM,
-# N/2 on average); per caption, a sampling step (``sample``) and a decoded, saved and scored image (``image``); per
-# program, its start in a warm worker (``start``). CPU: measured at budget 150 on the 2-core development machine,
-# one torch thread, under a load of 2-3 (a Direct CM step 0.57 s, a CM step 0.28 s, test.py on 1000 captions at
-# 1/2/4/8 steps 70 s, the N = 10 references 52 s). CUDA: not measured; an H200 runs these 8x8-latent networks
-# bound by kernel launches, about 10 ms a UNet forward (540 operations), whatever the batch. A sweep's finished
-# cells calibrate the estimate of the rest (``calibration``).
-COSTS = {"cpu": {"student": 0.21, "teacher_step": 0.073, "sample": 0.00185, "image": 0.009, "start": 6.0,
-                 "precompute": 35.0},
-         "cuda": {"student": 0.04, "teacher_step": 0.02, "sample": 0.0001, "image": 0.001, "start": 4.0,
-                  "precompute": 15.0}}
-
-
-# Worker processes sharing one GPU: each is bound by its own kernel launches, so several keep the GPU busier.
-CUDA_WORKERS = 4
-
-
-def train_estimate(cost: dict, cell: Cell) -> float:
-    teacher = 1 if cell.objective == "cm" else cell.N / 2
-    return cost["start"] + cell.budget * (cost["student"] + teacher * cost["teacher_step"])
-
-
-def eval_estimate(cost: dict, a) -> float:
-    return cost["start"] + a.num_prompts * (sum(a.num_inference_steps) * cost["sample"]
-                                            + len(a.num_inference_steps) * cost["image"])
-
-
-def teacher_estimate(cost: dict, a, N: int) -> float:
-    return cost["start"] + a.num_prompts * (2 * N * cost["sample"] + cost["image"])
-
-
-# ---------------------------------------------------------------------------------------------
 # The sweep
 
 
 def _jobs(a, todo: list[Cell], refs: list[tuple]) -> tuple[list[Job], dict]:
-    from ..demo import eval_call, precompute_call, reference_folder, teacher_call, train_call, trained, world_call
-
     out, logs = Path(a.out), Path(a.out) / "logs"
     precomputed = out / "precomputed"
     jobs, meta = [], {}
@@ -256,8 +228,6 @@ def _estimate(a, job: Job, meta: dict, cost: dict) -> float:
 
 def default_worker_count(a, kind: str) -> int:
     """--workers, else one per core on a CPU, CUDA_WORKERS processes sharing the GPU."""
-    from .runner import default_workers
-
     return a.workers if a.workers is not None else CUDA_WORKERS if kind == "cuda" else default_workers()
 
 
@@ -266,12 +236,12 @@ def run(a) -> dict:
     selected = [Cell.parse(a.cell)] if a.cell else cells(a)
     for k in a.num_inference_steps:
         for c in selected:
-            if not 1 <= k <= c.N:
-                raise UserError(f"--num_inference_steps {k} must lie in 1..N ({c.N} for cell {c.name})")
+            check_sampling_steps(k, c.N, f" of cell {c.name}")
     todo = [c for c in selected if not finished(a, c)]
     if not a.cell:
         Path(a.results).mkdir(parents=True, exist_ok=True)
-        (Path(a.results) / CONFIG_NAME).write_text(json.dumps({k: getattr(a, k) for k in CONFIG_FLAGS}, indent=1) + "\n")
+        config = {k: getattr(a, k) for k in CONFIG_FLAGS}
+        (Path(a.results) / SWEEP_CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n")
     device = device_name()
     cost = COSTS["cuda" if device.startswith("cuda") else "cpu"]
     skipped = len(selected) - len(todo)
@@ -321,32 +291,12 @@ def run(a) -> dict:
     return {k: sum(v) for k, v in ran.items()}
 
 
-def calibration(a, kind: str) -> tuple[float, int]:
-    """(measured / estimated seconds, count) of the finished cells in --results that ran on ``kind`` (a worker's
-    seconds, as long as the workers running beside it made them), or (1, 0)."""
-    measured = estimated = 0.0
-    count = 0
-    for path in (Path(a.results) / "cells").glob("*/cell.json"):
-        try:
-            info = json.loads(path.read_text())
-            cell, secs = Cell(**info["spec"]), info["seconds"]
-            recipe_a = argparse.Namespace(**info["recipe"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if not str(info.get("device", "")).startswith(kind) or len(secs) < 2:  # a cell trained here and scored
-            continue
-        measured += sum(secs.values())
-        estimated += train_estimate(COSTS[kind], cell) + eval_estimate(COSTS[kind], recipe_a)
-        count += 1
-    return (measured / estimated, count) if estimated else (1.0, 0)
-
-
 def dry_run(a) -> None:
     """The cells, which are finished, and the estimated time of the rest (per axis and in all)."""
     import torch
 
     kind = a.dry_run if a.dry_run in COSTS else "cuda" if torch.cuda.is_available() else "cpu"
-    scale, measured = calibration(a, kind)
+    scale, measured = calibration(a.results, kind)
     cost = {k: v * scale for k, v in COSTS[kind].items()}
     selected = cells(a)
     done = {c.name for c in selected if finished(a, c)}
@@ -409,8 +359,6 @@ def add_flags(p: argparse.ArgumentParser, report_only: bool = False) -> None:
 
 
 def parser(prog: str = "python -m cmdistill.toy sweep", report_only: bool = False) -> argparse.ArgumentParser:
-    from ..demo import recipe_parser
-
     p = argparse.ArgumentParser(prog=prog, description=__doc__, parents=[recipe_parser()],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(p, report_only)
