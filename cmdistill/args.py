@@ -105,9 +105,6 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
     g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA inputs")
     g.add_argument("--lora_target_modules", type=_comma_list, default=list(DEFAULT_LORA_TARGETS),
                    help="comma-separated names of the UNet modules that get LoRA")
-    g.add_argument("--trajectory_pairs", type=int, default=1,
-                   help="Direct CM opt-in, not the paper's objective: each teacher trajectory also gives K-1 "
-                        "pairs at later points of it, a student batch of K x the batch; 1 = off")
 
     g = p.add_argument_group("paper recipe: optimisation")
     g.add_argument("--seed", type=int, default=24,
@@ -257,5 +254,3 @@ def validate_args(args):
         raise UserError("give --train_data_dir (an image folder with metadata.csv) or --dataset_name")
     if (getattr(args, "teacher_lookahead", 0) or 0) < 0:
         raise UserError(f"--teacher_lookahead {args.teacher_lookahead}: must be >= 0 (0 = off)")
-    if getattr(args, "trajectory_pairs", 1) < 1:
-        raise UserError(f"--trajectory_pairs {args.trajectory_pairs}: must be >= 1 (1 = off)")

@@ -34,4 +34,3 @@ class Stream(IntEnum):
     TIMESTEP = 101  # the start grid index n
     NOISE = 102     # the noise that takes the latents to t_n
     VAE = 103       # the VAE posterior sample
-    PAIRS = 104     # --trajectory_pairs: the grid indices of the extra pairs

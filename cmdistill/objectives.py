@@ -58,25 +58,6 @@ def direct_cm_target(ctx: DistillContext, x_t: torch.Tensor, start_index: torch.
                          max_batch=ctx.max_batch)
 
 
-@torch.no_grad()
-def direct_cm_trajectory_pairs(ctx: DistillContext, x_t: torch.Tensor, start_index: torch.Tensor, cond: dict,
-                               extra_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Opt-in (``--trajectory_pairs``), not the paper's objective: the Direct CM target plus the states that
-    each teacher trajectory passes through at the later grid indices ``extra_index`` [B, J]. Every such
-    state x_{t_m} has the same target as the start (the rest of its trajectory is the same solver run),
-    so one teacher solve yields 1 + J training pairs. Returns (target [B, ...], states [B, J, ...])."""
-    return solve_to_zero(ctx.step, ctx.teacher_eps, x_t, start_index, cond, ctx.sched, ctx.grid,
-                         max_batch=ctx.max_batch, record=extra_index)
-
-
-def extra_pair_indices(start: int, N: int, generator: torch.Generator, count: int) -> torch.Tensor:
-    """Grid indices of the extra pairs of one trajectory from ``start``: uniform over the later points
-    start+1 .. N-1 (the start itself when the trajectory is a single step)."""
-    if start >= N - 1:
-        return torch.full((count,), start, dtype=torch.long)
-    return torch.randint(start + 1, N, (count,), generator=generator)
-
-
 OBJECTIVES = {"cm": cm_target, "direct_cm": direct_cm_target}
 
 

@@ -95,7 +95,7 @@ COMPARED_SETTINGS = LOCKED_SETTINGS + (
     "pretrained_teacher_model", "teacher_revision", "pretrained_vae_model_name_or_path", "revision",
     "train_data_dir", "dataset_name", "dataset_config_name", "image_column", "caption_column", "max_train_samples",
     "resolution", "center_crop", "random_flip", "interpolation_type", "seed",
-    "num_discr_timesteps", "w", "solver", "loss_type", "huber_c", "timestep_scaling_factor", "trajectory_pairs",
+    "num_discr_timesteps", "w", "solver", "loss_type", "huber_c", "timestep_scaling_factor",
     "lora_alpha", "lora_dropout", "global_batch_size", "learning_rate", "lr_scheduler", "lr_warmup_steps",
     "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "use_8bit_adam", "max_grad_norm",
     "mixed_precision", "max_train_steps")

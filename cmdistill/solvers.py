@@ -72,7 +72,7 @@ def get_solver(name: str):
 
 def solve_to_zero(step, eps_fn: EpsFn, x: torch.Tensor, start_index: torch.Tensor, cond: dict,
                   sched: NoiseSchedule, grid: Grid, max_batch: int | None = None,
-                  callback: Callable | None = None, record: torch.Tensor | None = None):
+                  callback: Callable | None = None) -> torch.Tensor:
     """Solve the teacher ODE from grid index ``start_index[i]`` down to timestep 0, per sample.
 
     Deliberate improvement over the reference (docs/method.md §6): the reference loops from the batch's
@@ -82,27 +82,13 @@ def solve_to_zero(step, eps_fn: EpsFn, x: torch.Tensor, start_index: torch.Tenso
     the same (``solve_to_zero_reference`` keeps the reference loop for tests and benchmarks).
     The state is float32 between steps whatever the UNet's dtype. ``max_batch`` bounds the
     number of samples passed to one solver step.
-
-    ``record`` (grid indices, shape [B, J], each in [start_index[i], N)) also returns the states the
-    trajectory passes through: ``(x_0, states)`` with ``states[i, j]`` = sample i's state at grid index
-    ``record[i, j]`` (the state at its own start when the index equals it).
     """
     x = x.float().clone()
     n = torch.as_tensor(start_index, device="cpu").long().clone()
-    if record is not None:
-        record = torch.as_tensor(record, device="cpu").long().reshape(x.shape[0], -1)
-        if ((record < n[:, None]) | (record >= grid.N)).any():
-            raise ValueError("record indices must lie in [start_index, N)")
-        states = x.new_zeros(x.shape[0], record.shape[1], *x.shape[1:])
     while True:
-        if record is not None:  # snapshot every sample whose current index is one of its recorded ones
-            i, j = torch.nonzero(record == n[:, None], as_tuple=True)
-            if i.numel():
-                di = sched.copy(i, x.device)
-                states[di, sched.copy(j, x.device)] = x[di]
         active = torch.nonzero(n < grid.N).flatten()
         if active.numel() == 0:
-            return x if record is None else (x, states)
+            return x
         chunks = [active] if not max_batch else list(active.split(max_batch))
         for idx in chunks:
             t = grid.timestep(n[idx])

@@ -4,7 +4,6 @@
 source, chosen once at setup, says where the targets come from:
 
 * ``ObjectiveTargets``: the objective of ``objectives.OBJECTIVES`` (CM or Direct CM) on the batch itself;
-* ``TrajectoryPairTargets`` (``--trajectory_pairs K``, Direct CM, opt-in): K pairs per teacher trajectory;
 * any other source with the members below that gives the same targets (the trainer picks one at setup).
 
 A source has ``ahead`` (how many batches after the current one it wants to see), ``submit(prep)`` (called when a
@@ -22,8 +21,7 @@ from typing import Callable
 
 import torch
 
-from .noise import Stream, generator_for
-from .objectives import DistillContext, direct_cm_trajectory_pairs, distance, extra_pair_indices
+from .objectives import DistillContext, distance
 from .sampling import consistency_fn
 
 
@@ -59,31 +57,3 @@ class ObjectiveTargets:
 
     def __call__(self, prep: dict):
         return prep["x_t"], prep["t"], prep["cond"], self.objective(self.ctx, prep["x_t"], prep["start"], prep["cond"])
-
-
-class TrajectoryPairTargets:
-    """``--trajectory_pairs K`` (Direct CM): each sample's teacher trajectory gives its start pair and K-1 pairs at
-    later grid points (drawn from (seed, stream position)), all with the trajectory's x_0: K x B student inputs."""
-
-    ahead = 0
-
-    def __init__(self, ctx: DistillContext, seed: int, K: int):
-        self.ctx, self.seed, self.K = ctx, seed, K
-
-    def submit(self, prep: dict) -> None:
-        pass
-
-    def __call__(self, prep: dict):
-        ctx, K, N = self.ctx, self.K, self.ctx.grid.N
-        x_t, t, start, cond = prep["x_t"], prep["t"], prep["start"], prep["cond"]
-        extra = torch.stack([extra_pair_indices(int(n), N, generator_for(self.seed, Stream.PAIRS, p), K - 1)
-                             for n, p in zip(start.tolist(), prep["positions"])])
-        target, states = direct_cm_trajectory_pairs(ctx, x_t, start, cond, extra)
-        x_all = torch.cat([x_t.float(), states.transpose(0, 1).reshape(-1, *x_t.shape[1:])])
-        t_all = torch.cat([t, ctx.grid.timestep(extra.t().reshape(-1))])
-
-        def tile(v):
-            return v.repeat(K, *([1] * (v.ndim - 1)))
-
-        return x_all, t_all, {k: tile(v) for k, v in cond.items()}, tile(target)
-

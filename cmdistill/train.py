@@ -45,18 +45,13 @@ logger = logging.getLogger("cmdistill")
 
 def check_objective_flags(args, objective: str) -> None:
     """The flags that apply to one objective only."""
-    if getattr(args, "trajectory_pairs", 1) > 1 and objective != "direct_cm":
-        raise UserError("--trajectory_pairs applies to train_direct_cm.py; drop it")
     if getattr(args, "merged_target", False) and objective != "cm":
         raise UserError("--merged_target applies to train_cm.py (Direct CM has no student target pass); drop it")
     if getattr(args, "merged_target", False) and args.lora_dropout:
         raise UserError("--merged_target folds the LoRA update into the weights, without --lora_dropout's "
                         "dropout on the target pass: use one of them")
     if args.teacher_lookahead is None:  # default: on wherever it applies
-        args.teacher_lookahead = 2 if objective == "direct_cm" and args.trajectory_pairs == 1 else 0
-    if args.teacher_lookahead and objective == "direct_cm" and args.trajectory_pairs > 1:
-        raise UserError("--teacher_lookahead applies to train_direct_cm.py without --trajectory_pairs, and to "
-                        "train_cm.py; drop it")
+        args.teacher_lookahead = 2 if objective == "direct_cm" else 0
 
 
 class Trainer:
@@ -153,7 +148,6 @@ class Trainer:
                                   step=get_solver(args.solver), sched=self.sched, grid=self.grid,
                                   timestep_scaling=args.timestep_scaling_factor, max_batch=args.teacher_max_batch)
         self.targets = fast.target_source(objective, self.ctx, lookahead=args.teacher_lookahead,
-                                          trajectory_pairs=args.trajectory_pairs, seed=args.seed,
                                           capacity=args.teacher_max_batch or args.train_batch_size,
                                           autocast=acc.autocast)
         self.loss_config = LossConfig(args.timestep_scaling_factor, args.loss_type, args.huber_c)

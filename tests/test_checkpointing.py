@@ -192,7 +192,7 @@ def test_auto_budget_sizes_after_the_first_step_and_recalibrates_after_the_secon
             {"kept_blocks": 0}
 
     monkeypatch.setattr(checkpointing, "enable", enable)
-    args = SimpleNamespace(train_batch_size=3, trajectory_pairs=2, resolution=64, gradient_checkpointing=False,
+    args = SimpleNamespace(train_batch_size=6, resolution=64, gradient_checkpointing=False,
                            checkpointing_budget_gib="auto")
     plan = checkpointing.StudentCheckpointing("unet", args, vae_scale_factor=8)
     assert plans == [0] and plan.info == {"kept_blocks": 0}  # every block checkpointed for the first step

@@ -6,8 +6,7 @@ import torch
 
 from cmdistill.errors import UserError
 from cmdistill.guidance import GuidedEps, unconditional
-from cmdistill.objectives import (DistillContext, cm_target, direct_cm_target, direct_cm_trajectory_pairs,
-                                  distance, extra_pair_indices)
+from cmdistill.objectives import DistillContext, cm_target, direct_cm_target, distance
 from cmdistill.sampling import consistency_fn, student_sample, teacher_sample
 from cmdistill.schedule import Grid, NoiseSchedule, boundary_scalings, scaled_linear_betas
 from cmdistill.solvers import (SOLVERS, ddim_step, euler_step, heun_step, solve_to_zero,
@@ -321,31 +320,6 @@ def test_direct_cm_target_equals_teacher_solve_per_sample(solver):
     # The teacher reference sampler is the same code from index 0.
     torch.testing.assert_close(teacher_sample(ctx.step, ctx.teacher_eps, x, cond, SCHED, ctx.grid)[1:2],
                                target[1:2], rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("solver", ["ddim", "heun"])
-def test_trajectory_pairs_are_states_of_the_same_solve_with_the_same_target(solver):
-    """--trajectory_pairs: the recorded states lie on each sample's own trajectory (solving on from one of them
-    reaches the same x_0), the target is the plain Direct CM target, and the extra indices are later points."""
-    ctx = _ctx(solver)
-    B, N = 5, ctx.grid.N
-    x = torch.randn(B, 4, 3, 3)
-    cond = {"prompt_embeds": torch.randn(B, 4), "text_embeds": torch.randn(B, 2), "time_ids": torch.ones(B, 6)}
-    start = torch.tensor([2, 0, 9, 6, 8])
-    g = torch.Generator().manual_seed(0)
-    extra = torch.stack([extra_pair_indices(int(n), N, g, 3) for n in start])
-    assert extra.shape == (B, 3) and bool((extra[start < N - 1] > start[start < N - 1, None]).all())
-    assert bool((extra < N).all()) and extra[2].tolist() == [9, 9, 9]  # a one-step trajectory: its start
-    target, states = direct_cm_trajectory_pairs(ctx, x, start, cond, extra)
-    torch.testing.assert_close(target, direct_cm_target(ctx, x, start, cond), rtol=0, atol=0)
-    for i in range(B):
-        ci = {k: v[i:i + 1] for k, v in cond.items()}
-        for j in range(3):
-            on = direct_cm_target(ctx, states[i:i + 1, j], extra[i:i + 1, j], ci)
-            torch.testing.assert_close(on, target[i:i + 1], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(states[2, 0], x[2])  # recorded at its own start
-    with pytest.raises(ValueError):
-        direct_cm_trajectory_pairs(ctx, x, start, cond, start[:, None] - 1)
 
 
 def test_cm_target_is_one_teacher_step_then_student_consistency_fn():

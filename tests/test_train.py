@@ -131,18 +131,6 @@ def run_two_processes(script, *args):
     return r
 
 
-def test_trajectory_pairs_opt_in_trains_and_is_refused_where_it_does_not_apply(teacher_dir, data_dir, tmp_path):
-    out = tmp_path / "pairs"
-    extra = ("--max_train_steps", 2, "--checkpointing_steps", 0, "--validation_steps", 0, "--report_to", "none")
-    run_main("train_direct_cm.py", *common(teacher_dir, data_dir, out, *extra, "--trajectory_pairs", 3))
-    assert len(losses(out)) == 2 and all(np.isfinite(losses(out)))
-    assert json.loads((out / "training_config.json").read_text())["trajectory_pairs"] == 3
-    r = run_main("train_cm.py", *common(teacher_dir, data_dir, tmp_path / "cm", *extra, "--trajectory_pairs", 2),
-                 check=False)
-    assert r.returncode != 0 and "--trajectory_pairs applies to train_direct_cm.py" in r.stderr
-    assert "Traceback" not in r.stderr
-
-
 def test_direct_cm_on_two_processes_matches_one_process_with_the_same_global_batch(teacher_dir, data_dir, tmp_path):
     """Direct CM (per-sample loop, shrinking active sets): 2 gloo processes x batch 1 == 1 process x batch 2."""
     one, two = tmp_path / "one", tmp_path / "two"

@@ -214,14 +214,14 @@ def size_auto(info: dict, device, replan: Callable[[float], dict]) -> dict:
 class StudentCheckpointing:
     """The student UNet's checkpointing for a run, from the flags: every block checkpointed
     (``--gradient_checkpointing``), or the blocks that are dearest to recompute per byte kept un-checkpointed within
-    ``--checkpointing_budget_gib`` GiB of activations (``enable``), at the training batch (x ``--trajectory_pairs``)
-    and resolution (latents ``vae_scale_factor`` times smaller); neither flag: none. ``--checkpointing_budget_gib
-    auto``: every block checkpointed for the first step, then sized from its peak and once more from the second's
-    (``size_auto``, through ``after_step``). ``info``: the summary for the run config."""
+    ``--checkpointing_budget_gib`` GiB of activations (``enable``), at the training batch and resolution (latents
+    ``vae_scale_factor`` times smaller); neither flag: none. ``--checkpointing_budget_gib auto``: every block
+    checkpointed for the first step, then sized from its peak and once more from the second's (``size_auto``, through
+    ``after_step``). ``info``: the summary for the run config."""
 
     def __init__(self, unet, args, vae_scale_factor: int):
         self.unet, self.side = unet, args.resolution // vae_scale_factor
-        self.batch = args.train_batch_size * args.trajectory_pairs
+        self.batch = args.train_batch_size
         self.auto = args.checkpointing_budget_gib == "auto"
         self.info: dict = {}
         if args.gradient_checkpointing or args.checkpointing_budget_gib is not None:

@@ -20,16 +20,14 @@ import torch
 from ..objectives import OBJECTIVES, DistillContext, cm_target_from, cm_teacher_step
 from ..schedule import Grid, NoiseSchedule
 from ..solvers import EpsFn, index_cond
-from ..step import ObjectiveTargets, TrajectoryPairTargets
+from ..step import ObjectiveTargets
 from .copies import to_device
 
 
-def target_source(objective: str, ctx: DistillContext, *, lookahead: int = 0, trajectory_pairs: int = 1,
-                  seed: int = 0, capacity: int = 1, autocast: Callable = contextlib.nullcontext):
-    """The target source of a run, chosen once: trajectory pairs, the objective with its teacher work issued
-    ``lookahead`` batches ahead (Direct CM: a trajectory pool of ``capacity`` samples per call), or the objective."""
-    if trajectory_pairs > 1:
-        return TrajectoryPairTargets(ctx, seed, trajectory_pairs)
+def target_source(objective: str, ctx: DistillContext, *, lookahead: int = 0, capacity: int = 1,
+                  autocast: Callable = contextlib.nullcontext):
+    """The target source of a run, chosen once: the objective with its teacher work issued ``lookahead`` batches
+    ahead (Direct CM: a trajectory pool of ``capacity`` samples per call), or the objective."""
     if lookahead and objective == "direct_cm":
         return PooledTargets(ctx, capacity, lookahead)
     if lookahead:
