@@ -26,7 +26,7 @@ from pathlib import Path
 from . import models
 from .errors import UserError, exit_on_user_error, one_line
 from .files import atomic_write
-from .run_folder import CONFIG_NAME
+from .run_folder import CONFIG_NAME, METRICS_NAME
 
 REDACTED = "<redacted>"
 CARD_NAME = "README.md"
@@ -331,7 +331,7 @@ def write_model_card(run_dir: str | Path, config: dict | None = None, repo_id: s
         if not path.is_file():
             return None
         config = json.loads(path.read_text())
-    metrics_path = run_dir / "metrics.json"
+    metrics_path = run_dir / METRICS_NAME
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
     card = model_card(redact(config), metrics, repo_id)
     atomic_write(run_dir / CARD_NAME, lambda tmp: card.save(str(tmp)))

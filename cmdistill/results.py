@@ -25,11 +25,10 @@ from typing import Iterable
 from . import plots
 from .errors import UserError, exit_on_user_error
 from .files import atomic_write_text
-from .run_folder import COMPARED_SETTINGS, CONFIG_NAME
+from .run_folder import COMPARED_SETTINGS, CONFIG_NAME, METRICS_NAME
 from .summary import (METHOD_NAMES, SETTING_FIELDS, aggregate, finite_number, metric_format, metric_header,
                       metric_keys)
 
-METRICS_NAME = "metrics.json"
 RESULTS_NAME = "results.csv"
 LEADING_COLUMNS = ["setting", "kind", "method", "solver", "num_original_inference_steps", "guidance_scale",
                    "num_inference_steps", "weights", "lora_scale", "num_images", "fid", "fd_dinov2", "clip_score",

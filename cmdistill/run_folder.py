@@ -23,6 +23,7 @@ logger = logging.getLogger("cmdistill")
 
 STATE_NAME = "training_state.pt"
 CONFIG_NAME = "training_config.json"
+METRICS_NAME = "metrics.json"  # the evaluation results of a run (test.py / test_teacher.py, cmdistill.results)
 LOG_NAME = "train_log.jsonl"
 
 

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
 
+from ..files import atomic_write_text
 from .compile import compile_cache
 
 logger = logging.getLogger(__name__)
@@ -143,9 +143,7 @@ class CompileTimer:
         path = record_path()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-            os.replace(tmp, path)
+            atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True))
         except OSError as e:  # a read-only cache folder costs later estimates, not this run
             logger.warning("could not record the compile time in %s: %s", path, e)
         logger.info("compile time %.0f s (first step %.1f s, then %.2f s a step), recorded in %s",
