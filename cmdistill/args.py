@@ -13,6 +13,7 @@ from .fast import plan
 from .fast.compile import COMPILE_MODES
 from .models import DEFAULT_LORA_TARGETS, SDXL_BASE
 from .solvers import SOLVERS
+from .trackers import REPORT_TO
 
 OBJECTIVE_NAMES = {"cm": "CM", "direct_cm": "Direct CM"}
 OPTIMIZER_FALLBACKS = ("none", "adamw")
@@ -143,7 +144,8 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("output and logging")
     g.add_argument("--output_dir", default=f"runs/{objective}", help="run folder: LoRA, checkpoints, logs, config")
     g.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir")
-    g.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none")
+    g.add_argument("--report_to", default="tensorboard", choices=REPORT_TO,
+                   help="the trackers of the losses and validation images (accelerate's)")
     g.add_argument("--tracker_project_name", default=f"{objective}-distill", help="tracker run name")
     g.add_argument("--checkpointing_steps", type=int, default=50,
                    help="checkpoint every N optimizer steps (paper: 50); 0 = never")
