@@ -37,6 +37,7 @@ from torch.utils.benchmark import Timer, timer as clock  # noqa: E402  (clock: s
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from cmdistill import fast, models, tiny  # noqa: E402
+from cmdistill.errors import one_line  # noqa: E402
 from cmdistill.evaluation.generate import Models, conditioning, decode, teacher_sampler  # noqa: E402
 from cmdistill.guidance import GuidedEps, UNetEps  # noqa: E402
 from cmdistill.inputs import Encoders, prepare  # noqa: E402
@@ -427,8 +428,7 @@ class Bench:
             row.update(getattr(self, method)(side), status="ok")
         except Exception as e:  # noqa: BLE001 - every failure is reported in its row; the others still run
             oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
-            first = (str(e).strip().splitlines() or [""])[0][:300]
-            row.update(status="oom" if oom else "error", error=f"{type(e).__name__}: {first}")
+            row.update(status="oom" if oom else "error", error=one_line(e, 300))
             log(f"  FAILED ({row['status']}): {row['error']}")
             if not oom:
                 traceback.print_exc(file=sys.stdout)

@@ -65,7 +65,7 @@ def check_image_folder(train_data_dir: str) -> None:
                         raise UserError(f"{path} line {rows.line_num}: {len(row)} fields where the header has "
                                         f"{len(header)}: put captions that contain commas in double quotes")
         except (UnicodeDecodeError, csv.Error) as e:
-            raise UserError(f"{path} is not a readable UTF-8 CSV file ({type(e).__name__}: {e})") from None
+            raise UserError(f"{path} is not a readable UTF-8 CSV file ({one_line(e)})") from None
 
 
 def empty_caption_note(captions, source=None) -> str | None:
@@ -178,7 +178,7 @@ class SDXLImageCaptions(torch.utils.data.Dataset):
                 break
             except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
                 skipped += 1
-                warnings.warn(f"skipping unreadable image #{index} ({type(e).__name__}: {e})")
+                warnings.warn(f"skipping unreadable image #{index} ({one_line(e)})")
                 if skipped >= len(self.ds):
                     raise UserError("no readable image in the training data (of at least "
                                     f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} px)") from None

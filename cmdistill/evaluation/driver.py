@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from .. import plots, results
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..hub import redact, update_model_card
 from ..progress import quiet_libraries
 from . import scoring
@@ -143,7 +143,7 @@ def _log_plots(args, trackers, rows: list[dict]) -> None:
         step = max([r.get("training_step") or 0 for r in rows] or [0])
         trackers.figures(plots.write_plots(rows_all, folder), step)
     except Exception as e:  # noqa: BLE001 -- a plot must never lose an evaluation that is recorded
-        warn(f"the plots of '{args.output_dir}' were not logged ({type(e).__name__}: {e})")
+        warn(f"the plots of '{args.output_dir}' were not logged ({one_line(e)})")
 
 
 def quality(args, store: SampleStore, refs, captions: list[str], n: int, device, cache) -> dict:
