@@ -158,7 +158,7 @@ class Trainer:
         self.config = hub.recordable_config(args)  # secrets (--hub_token, ...) never recorded or logged
         self.config.update(objective=objective, num_processes=acc.num_processes, global_batch_size=self.global_batch,
                            mixed_precision=acc.mixed_precision, vae_scale_factor=self.vae_scale_factor,
-                           selective_checkpointing=self.checkpointing.info, compile_decision=self.compiled)
+                           compile_decision=self.compiled)
         self.write_config()
 
     def write_config(self):

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, one_line
 
 ROOT = Path(__file__).resolve().parents[2]
 # Settings of every call: offline, quiet, no tokenizer threads (the worker's own threads are torch's), the metrics'
@@ -59,7 +59,7 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker() -> None:
     import multiprocessing
     import warnings
 
@@ -68,14 +68,13 @@ def _init_worker(threads: int) -> None:
     multiprocessing.set_start_method(multiprocessing.get_all_start_methods()[0], force=True)
     warnings.simplefilter("ignore")
     os.chdir(ROOT)
-    set_threads(threads)
 
 
 def run_call(call: Call, threads: int) -> float:
     """Run ``call`` in this process, its output (Python's and the libraries') appended to ``call.log``; returns
     its seconds. A program that exits with an error is a :class:`UserError` quoting the end of the log."""
     call.log.parent.mkdir(parents=True, exist_ok=True)
-    set_threads(threads)  # a program may have set its own (the toy world's build: 2), which would outlive it here
+    set_threads(threads)  # at every call: a program may set its own (the toy world's build does), for the worker
     t = time.time()
     with open(call.log, "a") as f:
         f.write(f"\n$ {call.command(threads)}\n")
@@ -105,7 +104,7 @@ def run_call(call: Call, threads: int) -> float:
         import traceback
 
         traceback.print_exc()
-        code = f"{type(e).__name__}: {e}"
+        code = one_line(e)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -137,10 +136,7 @@ class Workers:
         if n > 0:
             import multiprocessing as mp
 
-            self.pool = cf.ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                               initargs=(threads,))
-        else:
-            set_threads(threads)
+            self.pool = cf.ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=_init_worker)
 
     def submit(self, calls: list[Call]) -> cf.Future:
         if self.pool is not None:
