@@ -59,6 +59,7 @@ def heun_step(eps_fn: EpsFn, x, t, s, cond, sched: NoiseSchedule):
 
 
 SOLVERS = {"ddim": ddim_step, "euler": euler_step, "heun": heun_step}
+EVALUATIONS = {"ddim": 1, "euler": 1, "heun": 2}  # eps_fn calls per step
 
 
 def get_solver(name: str):

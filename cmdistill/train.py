@@ -141,7 +141,7 @@ class Trainer:
         done = self.resume[1]["global_step"] if self.resume is not None else 0
         self.compiled = fast.plan.resolve(objective, args, dev, args.max_train_steps - done)
         logger.info("--compile %s", self.compiled)
-        self.compile_timer = fast.plan.CompileTimer(objective, args)
+        self.compile_timer = fast.plan.training_timer(objective, args)
         # The step: eps functions from the speed wing, the target source chosen once.
         self.fast = fast.build(self.unet, self.base_unet, args, optimizer_step=lambda: self.global_step)
         self.ctx = DistillContext(teacher_eps=self.fast.teacher_eps, student_eps_nograd=self.fast.target_eps,

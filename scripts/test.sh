@@ -9,7 +9,8 @@
 # Every path and setting is an environment variable (defaults below). Runs one process per visible GPU
 # (NUM_GPUS=k to choose), plain python on one GPU or none. Print the table afterwards with
 #   python -m cmdistill.results results/teacher-ddim runs/cm runs/direct_cm
-# COMPILE=1: torch.compile the UNet (minutes to compile, then faster sampling on a GPU), in channels_last
+# COMPILE=auto (the default) compiles the UNet on a GPU when the UNet calls planned repay the compile time (the
+# estimate is printed), COMPILE=1 always, COMPILE=0 never; compiled, it runs in channels_last
 # (--compile_channels_last; CHANNELS_LAST=0 leaves it out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,8 @@ BATCH_SIZE=${BATCH_SIZE:-16}
 DGM_METRICS=${DGM_METRICS:-fd}
 INSTANCE_METRICS=${INSTANCE_METRICS:-clip_score aesthetic}
 METRICS_WEIGHTS_DIR=${METRICS_WEIGHTS_DIR:-}
+COMPILE=${COMPILE:-auto}                                    # auto, 1 (on) or 0 (off)
+compiled() { [ "$COMPILE" != 0 ] && [ "$COMPILE" != off ]; }  # the compile options go with on and auto
 
 # shellcheck disable=SC2086  # the step and metric lists are word-split on purpose
 python -m cmdistill.launch test.py \
@@ -42,8 +45,8 @@ python -m cmdistill.launch test.py \
     --weight_dtype="$WEIGHT_DTYPE" \
     --batch_size="$BATCH_SIZE" \
     --image_format="$IMAGE_FORMAT" \
-    $([ "${COMPILE:-0}" != 0 ] && echo --compile) \
-    $([ "${COMPILE:-0}" != 0 ] && [ "${CHANNELS_LAST:-1}" != 0 ] && echo --compile_channels_last) \
+    --compile="$COMPILE" \
+    $(compiled && [ "${CHANNELS_LAST:-1}" != 0 ] && echo --compile_channels_last) \
     --dgm_metrics $DGM_METRICS \
     --instance_metrics $INSTANCE_METRICS \
     ${METRICS_WEIGHTS_DIR:+--metrics_weights_dir="$METRICS_WEIGHTS_DIR"} \

@@ -6,9 +6,10 @@
 #   bash scripts/test_teacher.sh [more test_teacher.py flags, e.g. --max_prompts 64]
 #
 # Every path and setting is an environment variable (defaults below). Runs one process per visible GPU
-# (NUM_GPUS=k to choose), plain python on one GPU or none. COMPILE=1: torch.compile the UNet (minutes to
-# compile, then faster sampling on a GPU), in channels_last with inductor's freezing (--compile_channels_last
-# --compile_freezing; CHANNELS_LAST=0 / FREEZING=0 leave them out).
+# (NUM_GPUS=k to choose), plain python on one GPU or none. COMPILE=auto (the default) compiles the UNet on a GPU
+# when the UNet calls planned repay the compile time (the estimate is printed; the full reference set does),
+# COMPILE=1 always, COMPILE=0 never; compiled, it runs in channels_last with inductor's freezing
+# (--compile_channels_last --compile_freezing; CHANNELS_LAST=0 / FREEZING=0 leave them out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +29,8 @@ SEED=${SEED:-24}
 DGM_METRICS=${DGM_METRICS:-fd}
 INSTANCE_METRICS=${INSTANCE_METRICS:-clip_score aesthetic}
 METRICS_WEIGHTS_DIR=${METRICS_WEIGHTS_DIR:-}
+COMPILE=${COMPILE:-auto}                                    # auto, 1 (on) or 0 (off)
+compiled() { [ "$COMPILE" != 0 ] && [ "$COMPILE" != off ]; }  # the compile options go with on and auto
 
 # shellcheck disable=SC2086  # the metric lists are word-split on purpose
 python -m cmdistill.launch test_teacher.py \
@@ -43,9 +46,9 @@ python -m cmdistill.launch test_teacher.py \
     --image_format="$IMAGE_FORMAT" \
     --weight_dtype="$WEIGHT_DTYPE" \
     --batch_size="$BATCH_SIZE" \
-    $([ "${COMPILE:-0}" != 0 ] && echo --compile) \
-    $([ "${COMPILE:-0}" != 0 ] && [ "${CHANNELS_LAST:-1}" != 0 ] && echo --compile_channels_last) \
-    $([ "${COMPILE:-0}" != 0 ] && [ "${FREEZING:-1}" != 0 ] && echo --compile_freezing) \
+    --compile="$COMPILE" \
+    $(compiled && [ "${CHANNELS_LAST:-1}" != 0 ] && echo --compile_channels_last) \
+    $(compiled && [ "${FREEZING:-1}" != 0 ] && echo --compile_freezing) \
     --seed="$SEED" \
     --dgm_metrics $DGM_METRICS \
     --instance_metrics $INSTANCE_METRICS \

@@ -64,7 +64,7 @@ def test_a_compiled_run_records_its_compile_time_and_auto_reads_it(cache):
     cuda = torch.device("cuda")
     args = _args(compile="on")
     plan.resolve("cm", args, cuda, 250)
-    timer = plan.CompileTimer("cm", args)
+    timer = plan.training_timer("cm", args)
     for s in (141.0, 2.0, 2.0):  # the first step compiles
         timer.observe(s)
     record = json.loads((cache / plan.RECORD_NAME).read_text())
@@ -72,13 +72,67 @@ def test_a_compiled_run_records_its_compile_time_and_auto_reads_it(cache):
     assert entry == {"cold_compile_s": 139.0, "step_s": 2.0}
     # The cache now holds these graphs: the next estimate is a warm one, then the measured warm time.
     assert plan.estimate("cm", _args(), 250).cache == "warm"
-    timer = plan.CompileTimer("cm", args)
+    timer = plan.training_timer("cm", args)
     timer.observe(32.0)
     timer.observe(2.0)
     est = plan.estimate("cm", _args(), 250)
     assert (est.cache, est.compile_s) == ("measured", 30.0)
     # An eager run records nothing.
-    eager = plan.CompileTimer("cm", _args())
+    eager = plan.training_timer("cm", _args())
     eager.observe(5.0)
     eager.observe(2.0)
+    assert len(json.loads((cache / plan.RECORD_NAME).read_text())) == 1
+
+
+def _sampling_args(**kw):
+    base = dict(compile="auto", resolution=1024, batch_size=16, weight_dtype="fp16", compile_channels_last=True,
+                compile_freezing=True)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_sampling_auto_counts_unet_calls_and_weight_sets(cache):
+    """test_teacher.py / test.py --compile auto: on where the UNet calls planned repay the compile, per set of
+    weights; on and off as given; never on a CPU."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    args = _sampling_args()
+    assert plan.resolve_sampling(args, cpu, 10**6) == "auto: off (no GPU)" and args.compile == "off"
+    args = _sampling_args()
+    assert plan.resolve_sampling(args, cuda, 0) == "auto: off (nothing to generate)" and args.compile == "off"
+    c = plan.SAMPLING_COSTS
+    saved = c["eager_step_s"] - c["compiled_step_s"]
+    # The paper's reference set (10,274 captions, 643 batches of 16, DDIM N = 100: 200 UNet calls a batch) repays a
+    # cold compile many times; a quick look at 32 captions (2 batches) does not.
+    args = _sampling_args()
+    decided = plan.resolve_sampling(args, cuda, 643 * 200)
+    assert decided.startswith("auto: on (128600 UNet calls x") and "cold cache" in decided and args.compile == "on"
+    assert 2 * 200 * saved < c["cold_compile_s"]
+    args = _sampling_args()
+    assert plan.resolve_sampling(args, cuda, 2 * 200).startswith("auto: off") and args.compile == "off"
+    # Every further set of weights (test.py over checkpoints) compiles again, on the graphs the first left.
+    calls = int(c["cold_compile_s"] / saved) + 1
+    assert plan.estimate_sampling(_sampling_args(), calls).repays
+    est = plan.estimate_sampling(_sampling_args(), calls, loads=3)
+    assert est.compile_s == c["cold_compile_s"] + 2 * c["warm_compile_s"] and not est.repays
+    # Half the pixels' side: a quarter of the work saved per call.
+    assert plan.estimate_sampling(_sampling_args(resolution=512), calls).saved_per_step_s == pytest.approx(saved / 4)
+    for given in ("on", "off"):
+        args = _sampling_args(compile=given)
+        assert plan.resolve_sampling(args, cpu, 10) == given and args.compile == given
+
+
+def test_a_compiled_evaluation_records_its_compile_time(cache):
+    args = _sampling_args(compile="on")
+    timer = plan.sampling_timer(args)
+    for s in (190.0, 45.0, 45.0):  # the first batch compiles
+        timer.observe(s)
+    (entry,) = json.loads((cache / plan.RECORD_NAME).read_text()).values()
+    assert entry == {"cold_compile_s": 145.0, "step_s": 45.0}
+    assert plan.estimate_sampling(_sampling_args(), 1000).cache == "warm"
+    assert plan.estimate_sampling(_sampling_args(compile_freezing=False), 1000).cache == "cold"  # other graphs
+    timer = plan.sampling_timer(args)
+    timer.observe(70.0)
+    timer.observe(45.0)
+    est = plan.estimate_sampling(_sampling_args(), 1000, loads=2)
+    assert (est.cache, est.compile_s) == ("measured", 50.0)
+    plan.sampling_timer(_sampling_args(compile="off")).observe(1.0)  # an eager evaluation records nothing
     assert len(json.loads((cache / plan.RECORD_NAME).read_text())) == 1

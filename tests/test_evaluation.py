@@ -282,6 +282,7 @@ def test_teacher_program_files(teacher_out, teacher_models):
     assert json.loads((folder / "captions.json").read_text()) == TINY_CAPTIONS
     cfg = json.loads((folder / "eval_config.json").read_text())
     assert cfg["args"]["scheduler"] == "ddim" and cfg["identity"]["guidance_scale"] == W
+    assert cfg["args"]["compile"] == "auto" and cfg["compile"] == "auto: off (no GPU)"  # --compile's default, decided
     row = results.load(teacher_out)[f"teacher/ddim/{N}_steps/{W}_gscale"]
     assert row["kind"] == "teacher" and row["num_images"] == 5
     assert len((teacher_out / "results.csv").read_text().strip().splitlines()) == 2
@@ -345,6 +346,44 @@ def test_rerun_skips_finished_work_and_redoes_missing(tiny_pipeline, tiny_image_
     assert {k for k in after if after[k] != before.get(k)} == {"1.jpg", "3.jpg"}
     assert (folder / "1.jpg").read_bytes() == full
     assert_close(torch.load(folder / "latents.pt"), latents)
+
+
+def test_batches_are_written_behind_the_next_and_a_stop_keeps_them(teacher_models, tmp_path, monkeypatch):
+    """generate() writes a batch's files on a writer thread while the next batch is sampled: a run stopped in
+    sampling has every batch sampled before on disk (the write in flight finishes); a failed write stops the run
+    at the next batch with its own error."""
+    from cmdistill.evaluation.generate import generate
+    from cmdistill.evaluation.store import SampleStore
+
+    sampled = []
+
+    def sample(x_T, cond, idx, tick, stop_at=3):
+        sampled.append(list(idx))
+        if len(sampled) == stop_at:
+            raise KeyboardInterrupt
+        return x_T
+
+    def noise(idx):
+        return torch.randn(len(idx), 4, RES // 8, RES // 8, generator=torch.Generator().manual_seed(idx[0]))
+
+    store = SampleStore(tmp_path / "stopped", RES)
+    with pytest.raises(KeyboardInterrupt):
+        generate(store, list(range(5)), TINY_CAPTIONS, noise, sample, teacher_models, 2, 2, "t", False)
+    assert sampled == [[0, 1], [2, 3], [4]] and store.done(range(5)) == {0, 1, 2, 3}
+
+    sampled.clear()
+    store = SampleStore(tmp_path / "failed", RES)
+    written = []
+
+    def write_batch(idx, *a, **k):
+        written.append(idx)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "write_batch", write_batch)
+    with pytest.raises(OSError, match="No space left"):
+        generate(store, list(range(5)), TINY_CAPTIONS, noise, lambda *a: sample(*a, stop_at=0), teacher_models, 2,
+                 2, "t", False)
+    assert sampled == [[0, 1], [2, 3]] and written == [[0, 1]]  # the error surfaced before a third batch
 
 
 def test_rerun_with_other_settings_needs_overwrite(tiny_pipeline, tiny_image_folder, teacher_out, capsys):

@@ -298,7 +298,7 @@ def test_channelwise_group_norm_is_group_norm():
 def test_channels_last_compiled_teacher_gives_the_eager_values():
     """--teacher_channels_last / --compile_channels_last: the teacher view with channel-wise group norms (every
     weight shared) gives the view's values; compiled by inductor in channels_last with freezing (Direct CM's
-    --compile on) too, at two batch sizes (dynamic batch; float32, CPU). Without the compile flag: one-line errors."""
+    --compile on) too, at two batch sizes (dynamic batch; float32, CPU). With --compile off: one-line errors."""
     from cmdistill.args import training_parser
     from cmdistill.errors import UserError
     from cmdistill.evaluation.flags import check_compile_flags
@@ -325,9 +325,14 @@ def test_channels_last_compiled_teacher_gives_the_eager_values():
         validate_args(training_parser("cm").parse_args(["--train_data_dir", "x", "--teacher_channels_last"]))
     fast.compile_unet(view, mode="max-autotune-no-cudagraphs", channels_last=True)  # a mode with options: not refused
     for parser in (teacher_parser, student_parser):
-        with pytest.raises(UserError, match="add --compile"):
-            check_compile_flags(parser().parse_args(["--compile_channels_last"]))
-        check_compile_flags(parser().parse_args(["--compile", "--compile_channels_last"]))
+        with pytest.raises(UserError, match="pass --compile on or auto"):
+            check_compile_flags(parser().parse_args(["--compile", "off", "--compile_channels_last"]))
+        with pytest.raises(UserError, match="pass --compile on or auto"):
+            check_compile_flags(parser().parse_args(["--compile", "0", "--compile_channels_last"]))  # COMPILE=0
+        for given in (["--compile"], ["--compile", "1"], []):  # on, as COMPILE=1 passes it, and auto (the default)
+            a = parser().parse_args([*given, "--compile_channels_last"])
+            check_compile_flags(a)
+            assert a.compile == ("on" if given else "auto")
 
 
 def test_base_view_refuses_a_forward_it_cannot_follow():

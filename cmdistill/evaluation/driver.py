@@ -7,6 +7,7 @@ and record ``metrics.json`` / ``results.csv``.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 
 from .. import plots, results
 from ..errors import UserError, one_line
+from ..fast import plan
 from ..hub import redact, update_model_card
 from ..progress import quiet_libraries
 from . import scoring
@@ -36,6 +38,7 @@ class Job:
     tb_group: str
     tb_step: int                        # the number of sampling steps
     make_sampler: Callable[[Models], Callable]
+    unet_calls: int                     # UNet calls of a batch (the teacher's 2 N, a student's K): --compile auto
     score: Callable[[int], dict]
     grid: Callable[[int], list]         # count -> rows of image paths for the comparison grid
     prepare: Callable[[list[int]], None] | None = None  # per-process work on its indices (reference images)
@@ -58,6 +61,7 @@ def run_jobs(args, state, jobs: list[Job], captions: list[str], count: int, init
     """Generate, score and record the jobs over ``captions[:count]``; the rows recorded (none off the main
     process)."""
     quiet_libraries(errors_only=True)
+    _show_project_logs()
     main = state.is_main_process
     clear = [job.store.check_config(job.identity, captions, args.overwrite) for job in jobs]
     state.wait_for_everyone()
@@ -65,7 +69,6 @@ def run_jobs(args, state, jobs: list[Job], captions: list[str], count: int, init
         for job, c in zip(jobs, clear):
             if c:
                 job.store.reset()
-            job.store.write_config(job.config, captions)
     state.wait_for_everyone()
 
     mine = list(range(state.process_index, count, state.num_processes))
@@ -75,17 +78,28 @@ def run_jobs(args, state, jobs: list[Job], captions: list[str], count: int, init
         todo.append([i for i in mine if i not in done])
         if main and done:
             print(f"{job.desc}: {len(done)} of this process's {len(mine)} captions already done, skipped", flush=True)
-    if any(todo):
+    # --compile auto: whether the UNet calls this process plans repay a compile per set of weights.
+    work = [(job, td) for job, td in zip(jobs, todo) if td]
+    compiled = plan.resolve_sampling(args, state.device, sum(-(-len(td) // args.batch_size) * job.unet_calls
+                                                             for job, td in work),
+                                     loads=sum(1 for k, (job, _) in enumerate(work)
+                                               if k == 0 or job.attach is not work[k - 1][0].attach))
+    if main:
+        print(f"--compile {compiled}", flush=True)
+        for job in jobs:
+            job.store.write_config({**job.config, "compile": compiled}, captions)
+    state.wait_for_everyone()
+    if work:
         featurize = scoring.instance_featurizer(args, state.device)  # before the generator: missing weights fail fast
+        timer = plan.sampling_timer(args) if main else plan.CompileTimer(None)
         models, attached = None, None
-        for job, td in zip(jobs, todo):
-            if not td:
-                continue
+        for k, (job, td) in enumerate(work):
             if models is None or job.attach is not attached:  # jobs of one set of weights share the loaded models
                 models = None
                 models, attached = load_models(args, state.device, job.attach), job.attach
             generate(job.store, td, captions, init_noise, job.make_sampler(models), models, args.batch_size,
-                     args.vae_decode_batch_size, job.desc, show_progress=main, featurize=featurize)
+                     args.vae_decode_batch_size, job.desc, show_progress=main, featurize=featurize,
+                     on_batch=timer.observe if k == 0 else None)  # the compile: the first setting's first batch
         del models
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -128,6 +142,17 @@ def run_jobs(args, state, jobs: list[Job], captions: list[str], count: int, init
           f"TensorBoard: {log_dir}", flush=True)
     state.destroy_process_group()
     return out
+
+
+def _show_project_logs() -> None:
+    """This project's log lines (the compile cache, the compile time recorded) on stderr, where nothing else
+    configured logging; other libraries' stay as they are."""
+    log = logging.getLogger("cmdistill")
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
 
 def _log_plots(args, trackers, rows: list[dict]) -> None:

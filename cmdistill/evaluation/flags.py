@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..args import HelpFormatter
 from ..errors import UserError
+from ..fast import plan
 from ..models import SDXL_BASE
 from ..run_folder import CONFIG_NAME
 from ..schedule import check_grid_size
@@ -60,12 +61,14 @@ def common_parser(description: str, output_help: str, student: bool = False) -> 
     g.add_argument("--batch_size", type=int, default=8, help="captions per sampling batch, per process")
     g.add_argument("--vae_decode_batch_size", type=int, default=4, help="latents per VAE decoding call")
     g.add_argument("--overwrite", action="store_true", help="regenerate samples already on disk")
-    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (batch dimension dynamic): "
-                   "faster sampling on a GPU after a compile of a few minutes; same values to kernel rounding")
+    g.add_argument("--compile", nargs="?", const="on", default="auto", type=plan.choice, choices=plan.CHOICES,
+                   help="torch.compile the UNet (batch dimension dynamic): faster sampling on a GPU after a compile "
+                        "of a few minutes, same values to kernel rounding. auto: on a GPU when the UNet calls "
+                        "planned repay the compile time (estimated, logged); --compile alone: on")
     g.add_argument("--compile_channels_last", action="store_true",
-                   help="with --compile: the compiled UNet in channels_last, convolutions in cuDNN's native layout, "
+                   help="when compiled: the UNet in channels_last, convolutions in cuDNN's native layout, "
                         "group norms with per-channel statistics (fast.compile_unet); same values to kernel "
-                        "rounding (COMPILE=1 adds it)")
+                        "rounding (the scripts add it)")
     g = p.add_argument_group("files")
     g.add_argument("--image_format", default="jpg", choices=list(IMAGE_FORMATS),
                    help="how samples are saved, as {i}.jpg or {i}.png; FID and FD-DINO read these files (jpg: "
@@ -92,10 +95,11 @@ def common_parser(description: str, output_help: str, student: bool = False) -> 
 
 
 def check_compile_flags(args) -> None:
-    """The options of the compiled UNet come with --compile."""
-    for flag in ("compile_freezing", "compile_channels_last"):
-        if getattr(args, flag, False) and not args.compile:
-            raise UserError(f"--{flag} applies to the compiled UNet: add --compile (COMPILE=1)")
+    """The options of the compiled UNet need a compile that can happen (--compile on or auto)."""
+    for flag in plan.SAMPLING_FLAGS:
+        if getattr(args, flag, False) and args.compile == "off":
+            raise UserError(f"--{flag} applies to the compiled UNet: drop it, or pass --compile on or auto (COMPILE=1 "
+                            "or auto)")
 
 
 def resolve_size_and_grid(args, N: int, n_flag: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -127,17 +129,31 @@ def student_sampler(models: Models, N: int, K: int, seed: int, timestep_scaling:
 @torch.inference_mode()
 def generate(store: SampleStore, todo: list[int], captions: list[str], init_noise, sample: Sampler, models: Models,
              batch_size: int, vae_batch_size: int, desc: str, show_progress: bool,
-             featurize: Callable | None = None) -> None:
+             featurize: Callable | None = None, on_batch: Callable[[float], None] | None = None) -> None:
     """Generate the captions ``todo`` in batches; each batch's images and latents are committed at once,
-    with ``featurize(images)`` (the instance metrics' features of the in-memory images) if given."""
+    with ``featurize(images)`` (the instance metrics' features of the in-memory images) if given. A batch's
+    files are written (JPEG encoding, the shard that commits them) on a writer thread while the next batch is
+    sampled; one batch at a time is in flight, a write error stops the loop at the next batch, and a run stopped
+    for any reason first finishes the write in flight. ``on_batch(seconds)``: the time of each full batch up to
+    its write (sampling and decoding)."""
     bar = Progress(len(todo), desc, "img", enabled=show_progress, dynamic_ncols=True,
                    bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}, {rate_fmt}]")
-    for b in range(0, len(todo), batch_size):
-        idx = todo[b:b + batch_size]
-        cond = conditioning(models, [captions[i] for i in idx], store.resolution)
-        x_T = init_noise(idx).to(models.device)
-        latents = sample(x_T, cond, idx, lambda f: bar.update(f * len(idx)))
-        images = decode(models.vae, latents, vae_batch_size)
-        store.write_batch(idx, latents, images, featurize(images) if featurize else None)
-        bar.update(b + len(idx) - bar.n)  # the batch counted whole, whatever its ticks added up to
+    with ThreadPoolExecutor(1, thread_name_prefix="sample-writer") as writer:
+        pending = None
+        for b in range(0, len(todo), batch_size):
+            t0 = time.perf_counter()
+            idx = todo[b:b + batch_size]
+            cond = conditioning(models, [captions[i] for i in idx], store.resolution)
+            x_T = init_noise(idx).to(models.device)
+            latents = sample(x_T, cond, idx, lambda f: bar.update(f * len(idx)))
+            images = decode(models.vae, latents, vae_batch_size)
+            features = featurize(images) if featurize else None
+            if pending is not None:
+                pending.result()  # the previous batch is on disk (or its error is raised here)
+            pending = writer.submit(store.write_batch, idx, latents.float().cpu(), images, features)
+            if on_batch is not None and len(idx) == batch_size:
+                on_batch(time.perf_counter() - t0)
+            bar.update(b + len(idx) - bar.n)  # the batch counted whole, whatever its ticks added up to
+        if pending is not None:
+            pending.result()
     bar.close()

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..data import empty_caption_note
 from ..errors import UserError, exit_on_user_error
 from ..models import SDXL_BASE
-from ..solvers import SOLVERS
+from ..solvers import EVALUATIONS, SOLVERS
 from ..trackers import check_trackers
 from . import scoring
 from .driver import Job, process_state, quality, resolved_config, run_jobs
@@ -40,8 +40,8 @@ def teacher_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance_scale", type=float, default=9.0, help="w, Imagen form (the paper's)")
     g.add_argument("--cfg_batched", action="store_true", help="conditional and unconditional passes as one batch")
     g.add_argument("--compile_freezing", action="store_true",
-                   help="with --compile: inductor's freezing (the teacher's weights become constants of the "
-                        "compiled graph; a longer compile; COMPILE=1 adds it)")
+                   help="when compiled: inductor's freezing (the teacher's weights become constants of the "
+                        "compiled graph; a longer compile; the script adds it)")
     p.set_defaults(output_dir="results/teacher")
     return p
 
@@ -119,7 +119,8 @@ def teacher_main(argv=None) -> list[dict]:
                    "resolution": args.resolution, "seed": args.seed, "image_format": args.image_format,
                    "real_reference": "crop" if args.real_image_crop else "raw"},
               tb_group=f"teacher_{args.scheduler}_w{w}", tb_step=N,
-              make_sampler=lambda m: teacher_sampler(m, args.scheduler, N, w, args.cfg_batched, args.compile,
+              unet_calls=2 * N * EVALUATIONS[args.scheduler],  # a conditional and an unconditional pass each
+              make_sampler=lambda m: teacher_sampler(m, args.scheduler, N, w, args.cfg_batched, args.compile == "on",
                                                      freezing=args.compile_freezing,
                                                      channels_last=args.compile_channels_last),
               score=score, grid=grid, prepare=prepare)

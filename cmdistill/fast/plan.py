@@ -14,6 +14,10 @@ the recipe scaled to this run's work per step (pixels x samples per device) and 
 or of a warm one where this machine's compile cache (``compile.compile_cache``) holds the same graphs. Each
 compiled run records its measured compile time (first step minus a steady one) and step time in that cache; later
 ``auto`` decisions use them.
+
+The evaluation programs (``test_teacher.py``, ``test.py``) decide the same way (``resolve_sampling``), counting
+UNet calls instead of training steps: a teacher reference batch makes 2 N of them (the conditional and the
+unconditional pass of each of N solver steps), a student batch K; a compile is paid once per set of weights.
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ from .compile import compile_cache
 logger = logging.getLogger(__name__)
 RECORD_NAME = "cmdistill_compile_record.json"
 CHOICES = ("off", "on", "auto")
+
+
+def choice(value: str) -> str:
+    """A ``--compile`` value as given, with the scripts' ``1`` / ``0`` (``COMPILE=1``) read as on / off."""
+    return {"1": "on", "0": "off"}.get(value, value)
 FLAGS = ("compile_teacher", "teacher_channels_last", "teacher_freezing", "compile_blocks", "merged_target")
 
 # Seconds on one H200 at 1024 px with 16 samples per device: the recipe's eager and compiled steps (precomputed
@@ -39,6 +48,12 @@ RECIPE_COSTS = {
     "cm": dict(eager_step_s=2.76, compiled_step_s=2.0, cold_compile_s=140.0, warm_compile_s=50.0),
     "direct_cm": dict(eager_step_s=34.0, compiled_step_s=22.8, cold_compile_s=200.0, warm_compile_s=100.0),
 }
+
+
+# The same for sampling (test_teacher.py, test.py): one UNet call of 16 samples at 1024 px in fp16, no grad, eager and
+# compiled as COMPILE=1 compiles it (channels_last, freezing), and that compile (benchmarks/RESULTS.md, ibid.).
+SAMPLING_COSTS = dict(eager_step_s=0.3254, compiled_step_s=0.2131, cold_compile_s=143.0, warm_compile_s=72.0)
+SAMPLING_FLAGS = ("compile_channels_last", "compile_freezing")
 
 
 def on_flags(objective: str, args) -> dict:
@@ -52,10 +67,19 @@ def record_key(objective: str, args, flags: dict | None = None) -> str:
     """What the compiled graphs depend on: objective, sizes, precision, versions, the card and the compile flags
     (``flags``, else those set in ``args``)."""
     flags = flags if flags is not None else {k: getattr(args, k, False) for k in FLAGS}
+    return _key(objective, args.resolution, args.train_batch_size, args.mixed_precision, flags)
+
+
+def sampling_key(args) -> str:
+    """``record_key`` of the evaluation's compiled UNet: sizes, --weight_dtype and its compile options."""
+    return _key("sample", args.resolution, args.batch_size, args.weight_dtype,
+                {k: getattr(args, k, False) for k in SAMPLING_FLAGS})
+
+
+def _key(kind: str, resolution: int, batch: int, precision: str, flags: dict) -> str:
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     on = ",".join(sorted(k for k, v in flags.items() if v))
-    return (f"{objective}|{args.resolution}px|b{args.train_batch_size}|{args.mixed_precision}|torch {torch.__version__}"
-            f"|{card}|{on}")
+    return f"{kind}|{resolution}px|b{batch}|{precision}|torch {torch.__version__}|{card}|{on}"
 
 
 def record_path():
@@ -75,28 +99,45 @@ class Estimate:
     steps: int
     saved_per_step_s: float
     compile_s: float
-    cache: str  # "cold", "warm" or "measured"
+    cache: str  # "cold", "warm" or "measured": the first compile's
+    unit: str = "steps"
 
     @property
     def repays(self) -> bool:
         return self.steps * self.saved_per_step_s > self.compile_s
 
     def __str__(self):
-        return (f"{self.steps} steps x {self.saved_per_step_s:.2f} s saved = {self.steps * self.saved_per_step_s:.0f} s "
-                f"{'>' if self.repays else '<='} {self.compile_s:.0f} s to compile ({self.cache} cache)")
+        return (f"{self.steps} {self.unit} x {self.saved_per_step_s:.2f} s saved = "
+                f"{self.steps * self.saved_per_step_s:.0f} s {'>' if self.repays else '<='} {self.compile_s:.0f} s "
+                f"to compile ({self.cache} cache)")
 
 
 def estimate(objective: str, args, steps: int, record: dict | None = None) -> Estimate:
     """The time ``--compile on`` would save over ``steps`` steps, and its compile time, for this run's sizes."""
-    costs = RECIPE_COSTS[objective]
-    work = (args.resolution / 1024) ** 2 * args.train_batch_size / 16
+    return _estimate(RECIPE_COSTS[objective], record_key(objective, args, on_flags(objective, args)),
+                     _work(args.resolution, args.train_batch_size), steps, record)
+
+
+def estimate_sampling(args, calls: int, loads: int = 1, record: dict | None = None) -> Estimate:
+    """The same for the evaluation: ``calls`` UNet calls of ``--batch_size`` samples, over ``loads`` sets of
+    weights (each compiled once: the first as the cache stands, the later ones on the graphs it left)."""
+    return _estimate(SAMPLING_COSTS, sampling_key(args), _work(args.resolution, args.batch_size), calls, record,
+                     loads, unit="UNet calls")
+
+
+def _work(resolution: int, batch: int) -> float:
+    """Work of a step or call relative to the costs' 16 samples at 1024 px."""
+    return (resolution / 1024) ** 2 * batch / 16
+
+
+def _estimate(costs: dict, key: str, work: float, steps: int, record: dict | None, loads: int = 1,
+              unit: str = "steps") -> Estimate:
     saved = (costs["eager_step_s"] - costs["compiled_step_s"]) * work
-    entry = (record if record is not None else read_record()).get(record_key(objective, args, on_flags(objective, args)))
-    if entry is None:
-        return Estimate(steps, saved, costs["cold_compile_s"], "cold")
-    if entry.get("warm_compile_s") is not None:
-        return Estimate(steps, saved, entry["warm_compile_s"], "measured")
-    return Estimate(steps, saved, costs["warm_compile_s"], "warm")
+    entry = (record if record is not None else read_record()).get(key)
+    warm = (entry or {}).get("warm_compile_s")
+    warm, cache = (warm, "measured") if warm is not None else (costs["warm_compile_s"], "warm")
+    first, cache = (costs["cold_compile_s"], "cold") if entry is None else (warm, cache)
+    return Estimate(steps, saved, first + (loads - 1) * warm, cache, unit)
 
 
 def resolve(objective: str, args, device: torch.device, steps: int) -> str:
@@ -121,13 +162,39 @@ def resolve(objective: str, args, device: torch.device, steps: int) -> str:
     return decided
 
 
-class CompileTimer:
-    """Records, in the compile cache, the compile time of a compiled run (its first step minus its next one) and
-    its step time, for later ``auto`` decisions."""
+def resolve_sampling(args, device: torch.device, calls: int, loads: int = 1) -> str:
+    """``--compile off|on|auto`` of test_teacher.py / test.py, for ``calls`` UNet calls of ``--batch_size``
+    samples planned over ``loads`` sets of weights: sets ``args.compile`` to "on" or "off" and returns what was
+    decided, e.g. ``"auto: off (no GPU)"``. The compile options (``SAMPLING_FLAGS``) apply when it is on."""
+    if args.compile != "auto":
+        return args.compile
+    if device.type != "cuda":
+        decided = "auto: off (no GPU)"
+    elif not calls:
+        decided = "auto: off (nothing to generate)"
+    else:
+        est = estimate_sampling(args, calls, loads)
+        decided = f"auto: {'on' if est.repays else 'off'} ({est})"
+    args.compile = "on" if decided.startswith("auto: on") else "off"
+    return decided
 
-    def __init__(self, objective: str, args):
-        compiled = args.compile_teacher or args.compile_blocks
-        self.key = record_key(objective, args) if compiled else None
+
+def training_timer(objective: str, args) -> "CompileTimer":
+    """The compile timer of a training run (inert when nothing is compiled)."""
+    return CompileTimer(record_key(objective, args) if args.compile_teacher or args.compile_blocks else None)
+
+
+def sampling_timer(args) -> "CompileTimer":
+    """The compile timer of an evaluation: its first two batches of one setting (inert when not compiled)."""
+    return CompileTimer(sampling_key(args) if args.compile == "on" else None, unit="a batch")
+
+
+class CompileTimer:
+    """Records, in the compile cache under ``key``, the compile time of a compiled run (its first step or batch
+    minus its next one) and its step time, for later ``auto`` decisions; ``key`` None: records nothing."""
+
+    def __init__(self, key: str | None, unit: str = "a step"):
+        self.key, self.unit = key, unit
         self.first = None
 
     def observe(self, step_s: float):
@@ -146,6 +213,6 @@ class CompileTimer:
             atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True))
         except OSError as e:  # a read-only cache folder costs later estimates, not this run
             logger.warning("could not record the compile time in %s: %s", path, e)
-        logger.info("compile time %.0f s (first step %.1f s, then %.2f s a step), recorded in %s",
-                    self.first - step_s, self.first, step_s, path)
+        logger.info("compile time %.0f s (first %s %.1f s, then %.2f s %s), recorded in %s", self.first - step_s,
+                    self.unit.split()[-1], self.first, step_s, self.unit, path)
         self.key = None
