@@ -6,7 +6,7 @@
 #   PAPER_REPO=/path/to/direct-cms bash benchmarks/recipe_time.sh setup precompute ours_cold ours_warm paper
 #
 # PAPER_REPO is a checkout of the paper's repository (layer6ai-labs/direct-cms), used to time its scripts only.
-# Stages: setup (model and data folders), precompute (scripts/precompute.sh), ours_cold / ours_warm (train_cm.sh for
+# Stages: setup (model and IMAGES random pictures), precompute (scripts/precompute.sh), ours_cold / ours_warm (train_cm.sh for
 # STEPS steps with an empty / the filled compile cache, COMPILE and the flags OURS_FLAGS as given), ours_dcm (the same
 # for train_direct_cm.py), ours_full (the recipe's 250 steps; resumes), paper (the paper's train_cm.py for
 # PAPER_STEPS steps, validation off: its metrics need weights from the hub), teacher_paper / teacher_ours (teacher
@@ -19,7 +19,8 @@ cd "$(dirname "$0")/.."
 WORK=${WORK:-/tmp/recipe_time}
 LOGS=${LOGS:-$WORK/logs}
 STEPS=${STEPS:-5}
-PAPER_STEPS=${PAPER_STEPS:-6}
+PAPER_STEPS=${PAPER_STEPS:-12}
+IMAGES=${IMAGES:-256}  # 16 steps an epoch at batch 16: the paper's loader restarts its workers at each epoch
 COMPILE=${COMPILE:-1}
 CAPTIONS=${CAPTIONS:-32}
 mkdir -p "$WORK" "$LOGS"
@@ -55,7 +56,7 @@ EOF
 
 for s in "$@"; do
   case $s in
-    setup) stage setup 300 python benchmarks/random_sdxl.py --out "$MODEL_NAME" --data "$TRAIN_DATA_DIR" --images 64 ;;
+    setup) stage setup 300 python benchmarks/random_sdxl.py --out "$MODEL_NAME" --data "$TRAIN_DATA_DIR" --images "$IMAGES" ;;
     precompute) stage precompute 300 bash scripts/precompute.sh ;;
     ours_cold) rm -rf "${TORCHINDUCTOR_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cmdistill/torch_compile}"; ours ours_cold "${COLD_LIMIT:-300}" ;;
     ours_warm) ours ours_warm "${WARM_LIMIT:-150}" ;;

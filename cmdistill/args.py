@@ -183,7 +183,7 @@ def training_parser(objective: str) -> argparse.ArgumentParser:
     g.add_argument("--vae_encode_batch_size", type=int, default=8, help="images per VAE encoder call")
     g.add_argument("--teacher_max_batch", type=int, default=None,
                    help="most samples per teacher call in the Direct CM loop; None: the batch")
-    g.add_argument("--compile", default="auto", choices=plan.CHOICES,
+    g.add_argument("--compile", default="auto", type=plan.choice, choices=plan.CHOICES,
                    help="torch.compile the recipe's compiled set (CM: every block + the merged target; Direct CM: "
                         "the whole teacher + the student's blocks); auto: on a GPU when the planned steps repay "
                         "the compile time (estimated, logged); off: eager, or the flags below by hand")

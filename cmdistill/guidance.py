@@ -51,6 +51,11 @@ class GuidedEps:
     def __init__(self, eps_fn, w: float, batched: bool = False):
         self.eps_fn, self.w, self.batched = eps_fn, float(w), batched
 
+    @staticmethod
+    def passes(w: float) -> int:
+        """Batches of ``eps_fn`` work per call at guidance scale ``w`` (one pass at w = 0 or 1, else two)."""
+        return 1 if float(w) in (0.0, 1.0) else 2
+
     def __call__(self, x: torch.Tensor, t, cond: dict) -> torch.Tensor:
         if self.w == 1.0:
             return self.eps_fn(x, t, cond)

@@ -29,8 +29,7 @@ BATCH_SIZE=${BATCH_SIZE:-16}
 DGM_METRICS=${DGM_METRICS:-fd}
 INSTANCE_METRICS=${INSTANCE_METRICS:-clip_score aesthetic}
 METRICS_WEIGHTS_DIR=${METRICS_WEIGHTS_DIR:-}
-COMPILE=${COMPILE:-auto}                                    # auto, 1 (on) or 0 (off)
-compiled() { [ "$COMPILE" != 0 ] && [ "$COMPILE" != off ]; }  # the compile options go with on and auto
+source scripts/compile_choice.sh                            # COMPILE: auto (default), 1 or 0
 
 # shellcheck disable=SC2086  # the step and metric lists are word-split on purpose
 python -m cmdistill.launch test.py \
@@ -46,7 +45,7 @@ python -m cmdistill.launch test.py \
     --batch_size="$BATCH_SIZE" \
     --image_format="$IMAGE_FORMAT" \
     --compile="$COMPILE" \
-    $(compiled && [ "${CHANNELS_LAST:-1}" != 0 ] && echo --compile_channels_last) \
+    $([ "$COMPILE" != off ] && [ "${CHANNELS_LAST:-1}" != 0 ] && echo --compile_channels_last) \
     --dgm_metrics $DGM_METRICS \
     --instance_metrics $INSTANCE_METRICS \
     ${METRICS_WEIGHTS_DIR:+--metrics_weights_dir="$METRICS_WEIGHTS_DIR"} \

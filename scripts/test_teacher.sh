@@ -29,8 +29,7 @@ SEED=${SEED:-24}
 DGM_METRICS=${DGM_METRICS:-fd}
 INSTANCE_METRICS=${INSTANCE_METRICS:-clip_score aesthetic}
 METRICS_WEIGHTS_DIR=${METRICS_WEIGHTS_DIR:-}
-COMPILE=${COMPILE:-auto}                                    # auto, 1 (on) or 0 (off)
-compiled() { [ "$COMPILE" != 0 ] && [ "$COMPILE" != off ]; }  # the compile options go with on and auto
+source scripts/compile_choice.sh                            # COMPILE: auto (default), 1 or 0
 
 # shellcheck disable=SC2086  # the metric lists are word-split on purpose
 python -m cmdistill.launch test_teacher.py \
@@ -47,8 +46,8 @@ python -m cmdistill.launch test_teacher.py \
     --weight_dtype="$WEIGHT_DTYPE" \
     --batch_size="$BATCH_SIZE" \
     --compile="$COMPILE" \
-    $(compiled && [ "${CHANNELS_LAST:-1}" != 0 ] && echo --compile_channels_last) \
-    $(compiled && [ "${FREEZING:-1}" != 0 ] && echo --compile_freezing) \
+    $([ "$COMPILE" != off ] && [ "${CHANNELS_LAST:-1}" != 0 ] && echo --compile_channels_last) \
+    $([ "$COMPILE" != off ] && [ "${FREEZING:-1}" != 0 ] && echo --compile_freezing) \
     --seed="$SEED" \
     --dgm_metrics $DGM_METRICS \
     --instance_metrics $INSTANCE_METRICS \

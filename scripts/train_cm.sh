@@ -25,10 +25,7 @@ SOLVER=${SOLVER:-ddim}
 N=${N:-100}
 W=${W:-9.0}
 NAME=$(basename "$SCRIPT" .py | sed 's/^train_//')
-case ${COMPILE:-auto} in
-  1|on) COMPILE=on ;; 0|off) COMPILE=off ;; auto) COMPILE=auto ;;
-  *) echo "error: COMPILE=$COMPILE: use auto (the default), 1 or 0" >&2; exit 2 ;;
-esac
+source scripts/compile_choice.sh
 if [ -n "${BATCH_SIZE:-}" ]; then
   echo "error: BATCH_SIZE (per GPU) is replaced by GLOBAL_BATCH (all GPUs together, default 16): set GLOBAL_BATCH" >&2
   exit 2

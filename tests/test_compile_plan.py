@@ -20,6 +20,7 @@ def _args(**kw):
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(plan, "has_compiler", lambda: True)  # as on a GPU machine with Triton
     return tmp_path / "cache"
 
 
@@ -39,7 +40,7 @@ def test_on_sets_each_objectives_compiled_set(cache):
     assert plan.resolve("cm", args, cuda, 250) == "off" and not args.compile_blocks
 
 
-def test_auto_compiles_where_the_planned_steps_repay_it(cache):
+def test_auto_compiles_where_the_planned_steps_repay_it(cache, monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     args = _args()
     assert plan.resolve("cm", args, cpu, 10_000) == "auto: off (no GPU)" and not args.compile_blocks
@@ -54,6 +55,13 @@ def test_auto_compiles_where_the_planned_steps_repay_it(cache):
     small = _args(resolution=512)
     assert plan.resolve("cm", small, cuda, many).startswith("auto: off")
     assert plan.estimate("cm", small, many).saved_per_step_s == pytest.approx(saved / 4)
+    # Without Triton inductor cannot compile for the GPU: auto stays eager (on is the user's choice).
+    monkeypatch.setattr(plan, "has_compiler", lambda: False)
+    assert plan.resolve("cm", _args(), cuda, 10_000) == f"auto: off ({plan.NO_COMPILER})"
+    sampling = _sampling_args()
+    assert plan.resolve_sampling(sampling, "teacher", cuda, 10**6) == f"auto: off ({plan.NO_COMPILER})"
+    assert sampling.compile == "off"
+    monkeypatch.setattr(plan, "has_compiler", lambda: True)
     # Flags given by hand are the user's choice.
     hand = _args(compile_blocks=True)
     assert plan.resolve("cm", hand, cuda, 10_000) == "auto: off (compile flags given by hand)"
@@ -95,44 +103,47 @@ def test_sampling_auto_counts_unet_calls_and_weight_sets(cache):
     weights; on and off as given; never on a CPU."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     args = _sampling_args()
-    assert plan.resolve_sampling(args, cpu, 10**6) == "auto: off (no GPU)" and args.compile == "off"
+    assert plan.resolve_sampling(args, "teacher", cpu, 10**6) == "auto: off (no GPU)" and args.compile == "off"
     args = _sampling_args()
-    assert plan.resolve_sampling(args, cuda, 0) == "auto: off (nothing to generate)" and args.compile == "off"
+    assert plan.resolve_sampling(args, "teacher", cuda, 0) == "auto: off (nothing to generate)" and args.compile == "off"
     c = plan.SAMPLING_COSTS
     saved = c["eager_step_s"] - c["compiled_step_s"]
     # The paper's reference set (10,274 captions, 643 batches of 16, DDIM N = 100: 200 UNet calls a batch) repays a
     # cold compile many times; a quick look at 32 captions (2 batches) does not.
     args = _sampling_args()
-    decided = plan.resolve_sampling(args, cuda, 643 * 200)
+    decided = plan.resolve_sampling(args, "teacher", cuda, 643 * 200)
     assert decided.startswith("auto: on (128600 UNet calls x") and "cold cache" in decided and args.compile == "on"
     assert 2 * 200 * saved < c["cold_compile_s"]
     args = _sampling_args()
-    assert plan.resolve_sampling(args, cuda, 2 * 200).startswith("auto: off") and args.compile == "off"
+    assert plan.resolve_sampling(args, "teacher", cuda, 2 * 200).startswith("auto: off") and args.compile == "off"
     # Every further set of weights (test.py over checkpoints) compiles again, on the graphs the first left.
     calls = int(c["cold_compile_s"] / saved) + 1
-    assert plan.estimate_sampling(_sampling_args(), calls).repays
-    est = plan.estimate_sampling(_sampling_args(), calls, loads=3)
+    assert plan.estimate_sampling(_sampling_args(), "student", calls).repays
+    est = plan.estimate_sampling(_sampling_args(), "student", calls, loads=3)
     assert est.compile_s == c["cold_compile_s"] + 2 * c["warm_compile_s"] and not est.repays
+    assert "to compile 3 sets of weights (cold cache)" in str(est)
     # Half the pixels' side: a quarter of the work saved per call.
-    assert plan.estimate_sampling(_sampling_args(resolution=512), calls).saved_per_step_s == pytest.approx(saved / 4)
+    assert plan.estimate_sampling(_sampling_args(resolution=512), "student", calls).saved_per_step_s == pytest.approx(saved / 4)
     for given in ("on", "off"):
         args = _sampling_args(compile=given)
-        assert plan.resolve_sampling(args, cpu, 10) == given and args.compile == given
+        assert plan.resolve_sampling(args, "student", cpu, 10) == given and args.compile == given
 
 
 def test_a_compiled_evaluation_records_its_compile_time(cache):
     args = _sampling_args(compile="on")
-    timer = plan.sampling_timer(args)
+    timer = plan.sampling_timer(args, "teacher")
     for s in (190.0, 45.0, 45.0):  # the first batch compiles
         timer.observe(s)
     (entry,) = json.loads((cache / plan.RECORD_NAME).read_text()).values()
     assert entry == {"cold_compile_s": 145.0, "step_s": 45.0}
-    assert plan.estimate_sampling(_sampling_args(), 1000).cache == "warm"
-    assert plan.estimate_sampling(_sampling_args(compile_freezing=False), 1000).cache == "cold"  # other graphs
-    timer = plan.sampling_timer(args)
+    assert plan.estimate_sampling(_sampling_args(), "teacher", 1000).cache == "warm"
+    # Other graphs: other compile options, or the student's LoRA UNet.
+    assert plan.estimate_sampling(_sampling_args(compile_freezing=False), "teacher", 1000).cache == "cold"
+    assert plan.estimate_sampling(_sampling_args(), "student", 1000).cache == "cold"
+    timer = plan.sampling_timer(args, "teacher")
     timer.observe(70.0)
     timer.observe(45.0)
-    est = plan.estimate_sampling(_sampling_args(), 1000, loads=2)
+    est = plan.estimate_sampling(_sampling_args(), "teacher", 1000, loads=2)
     assert (est.cache, est.compile_s) == ("measured", 50.0)
-    plan.sampling_timer(_sampling_args(compile="off")).observe(1.0)  # an eager evaluation records nothing
+    plan.sampling_timer(_sampling_args(compile="off"), "teacher").observe(1.0)  # an eager evaluation records nothing
     assert len(json.loads((cache / plan.RECORD_NAME).read_text())) == 1

@@ -348,7 +348,8 @@ def test_rerun_skips_finished_work_and_redoes_missing(tiny_pipeline, tiny_image_
     assert_close(torch.load(folder / "latents.pt"), latents)
 
 
-def test_batches_are_written_behind_the_next_and_a_stop_keeps_them(teacher_models, tmp_path, monkeypatch):
+def test_batches_are_written_behind_the_next_and_a_stop_keeps_them(teacher_models, tmp_path, monkeypatch,
+                                                                     capsys):
     """generate() writes a batch's files on a writer thread while the next batch is sampled: a run stopped in
     sampling has every batch sampled before on disk (the write in flight finishes); a failed write stops the run
     at the next batch with its own error."""
@@ -384,6 +385,37 @@ def test_batches_are_written_behind_the_next_and_a_stop_keeps_them(teacher_model
         generate(store, list(range(5)), TINY_CAPTIONS, noise, lambda *a: sample(*a, stop_at=0), teacher_models, 2,
                  2, "t", False)
     assert sampled == [[0, 1], [2, 3]] and written == [[0, 1]]  # the error surfaced before a third batch
+
+    sampled.clear()  # a failed write while the run stops for another reason: that reason is raised, the write said
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+        generate(store, list(range(5)), TINY_CAPTIONS, noise, lambda *a: sample(*a, stop_at=2), teacher_models, 2,
+                 2, "t", False)
+    err = capsys.readouterr().err
+    assert "warning: a batch's files were not written (OSError: [Errno 28] No space left on device)" in err
+
+
+def test_compile_decision_counts_the_unet_calls_the_run_plans(tiny_pipeline, tiny_image_folder, tmp_path,
+                                                              monkeypatch, capsys):
+    """--compile auto is decided on the UNet calls planned: a teacher batch makes N x the solver's evaluations per
+    step x the guidance passes; student jobs K per batch, with a set of weights per run of jobs on one LoRA."""
+    from cmdistill.evaluation.driver import planned_work
+    from cmdistill.fast import plan
+
+    seen, real = [], plan.resolve_sampling
+    monkeypatch.setattr(plan, "resolve_sampling", lambda args, kind, device, calls, loads=1:
+                        seen.append((kind, calls, loads)) or real(args, kind, device, calls, loads))
+    for w, passes in ((1, 1), (W, 2)):  # w = 1: no unconditional pass
+        teacher_main(teacher_argv(tiny_pipeline, tiny_image_folder, tmp_path / f"heun{w}", "--scheduler", "heun",
+                                  "--guidance_scale", w, "--max_prompts", 3))
+        assert seen.pop() == ("teacher", 2 * N * 2 * passes, 1)  # 2 batches of at most 2, Heun's 2 evaluations
+    assert "--compile auto: off (no GPU)" in capsys.readouterr().out
+
+    a, b = object(), object()  # two LoRAs
+    jobs = [SimpleNamespace(unet_calls=k, attach=lora) for k, lora in ((1, a), (2, a), (4, b), (8, a))]
+    work = [(job, list(range(n))) for job, n in zip(jobs, (5, 4, 1, 2))]
+    assert planned_work(work, 2) == (3 * 1 + 2 * 2 + 1 * 4 + 1 * 8, 3)  # a, then b, then a again: loaded 3 times
+    assert planned_work([], 2) == (0, 0)
 
 
 def test_rerun_with_other_settings_needs_overwrite(tiny_pipeline, tiny_image_folder, teacher_out, capsys):

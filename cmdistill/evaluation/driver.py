@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -38,7 +39,7 @@ class Job:
     tb_group: str
     tb_step: int                        # the number of sampling steps
     make_sampler: Callable[[Models], Callable]
-    unet_calls: int                     # UNet calls of a batch (the teacher's 2 N, a student's K): --compile auto
+    unet_calls: int                     # UNet calls of a batch (a teacher's N x evaluations x passes, a student's K)
     score: Callable[[int], dict]
     grid: Callable[[int], list]         # count -> rows of image paths for the comparison grid
     prepare: Callable[[list[int]], None] | None = None  # per-process work on its indices (reference images)
@@ -60,8 +61,12 @@ def process_state():
 def run_jobs(args, state, jobs: list[Job], captions: list[str], count: int, init_noise: InitNoise) -> list[dict]:
     """Generate, score and record the jobs over ``captions[:count]``; the rows recorded (none off the main
     process)."""
+    with _project_logs():
+        return _run_jobs(args, state, jobs, captions, count, init_noise)
+
+
+def _run_jobs(args, state, jobs: list[Job], captions: list[str], count: int, init_noise: InitNoise) -> list[dict]:
     quiet_libraries(errors_only=True)
-    _show_project_logs()
     main = state.is_main_process
     clear = [job.store.check_config(job.identity, captions, args.overwrite) for job in jobs]
     state.wait_for_everyone()
@@ -78,20 +83,24 @@ def run_jobs(args, state, jobs: list[Job], captions: list[str], count: int, init
         todo.append([i for i in mine if i not in done])
         if main and done:
             print(f"{job.desc}: {len(done)} of this process's {len(mine)} captions already done, skipped", flush=True)
-    # --compile auto: whether the UNet calls this process plans repay a compile per set of weights.
+    # --compile auto: one decision for every process, on the largest share of the work (it sets the wall time).
     work = [(job, td) for job, td in zip(jobs, todo) if td]
-    compiled = plan.resolve_sampling(args, state.device, sum(-(-len(td) // args.batch_size) * job.unet_calls
-                                                             for job, td in work),
-                                     loads=sum(1 for k, (job, _) in enumerate(work)
-                                               if k == 0 or job.attach is not work[k - 1][0].attach))
+    shares = [(planned_work(work, args.batch_size), [bool(td) for td in todo])]
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        shares = gather_object(shares)
+    kind = jobs[0].row["kind"]
+    compiled = plan.resolve_sampling(args, kind, state.device, *max(plans for plans, _ in shares))
     if main:
         print(f"--compile {compiled}", flush=True)
-        for job in jobs:
-            job.store.write_config({**job.config, "compile": compiled}, captions)
+        for j, job in enumerate(jobs):  # the decision goes with the samples it makes
+            made = any(has[j] for _, has in shares)
+            job.store.write_config({**job.config, **({"compile": compiled} if made else {})}, captions)
     state.wait_for_everyone()
     if work:
         featurize = scoring.instance_featurizer(args, state.device)  # before the generator: missing weights fail fast
-        timer = plan.sampling_timer(args) if main else plan.CompileTimer(None)
+        timer = plan.sampling_timer(args, kind) if main else plan.CompileTimer(None)
         models, attached = None, None
         for k, (job, td) in enumerate(work):
             if models is None or job.attach is not attached:  # jobs of one set of weights share the loaded models
@@ -144,15 +153,32 @@ def run_jobs(args, state, jobs: list[Job], captions: list[str], count: int, init
     return out
 
 
-def _show_project_logs() -> None:
-    """This project's log lines (the compile cache, the compile time recorded) on stderr, where nothing else
-    configured logging; other libraries' stay as they are."""
+def planned_work(work: list[tuple[Job, list[int]]], batch_size: int) -> tuple[int, int]:
+    """(UNet calls, sets of weights) that generating ``work`` (jobs with their captions to do) takes: each job's
+    batches x its calls per batch; a set of weights per run of consecutive jobs with the same ``attach`` (the
+    models are loaded, and the UNet compiled, once per set)."""
+    calls = sum(-(-len(todo) // batch_size) * job.unet_calls for job, todo in work)
+    loads = sum(1 for k, (job, _) in enumerate(work) if k == 0 or job.attach is not work[k - 1][0].attach)
+    return calls, loads
+
+
+@contextmanager
+def _project_logs():
+    """This project's log lines (the compile cache, the compile time recorded) on stderr while the jobs run, where
+    nothing else configured logging; other libraries' stay as they are."""
     log = logging.getLogger("cmdistill")
-    if not log.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
+    if log.handlers or logging.getLogger().handlers:
+        yield
+        return
+    handler, level = logging.StreamHandler(), log.level
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 def _log_plots(args, trackers, rows: list[dict]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 
 from .. import models as M
+from ..errors import one_line
 from ..fast import DynamicBatch, compile_unet, to_device
 from ..guidance import GuidedEps, UNetEps
 from ..noise import per_sample_noise
@@ -140,20 +142,28 @@ def generate(store: SampleStore, todo: list[int], captions: list[str], init_nois
                    bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}, {rate_fmt}]")
     with ThreadPoolExecutor(1, thread_name_prefix="sample-writer") as writer:
         pending = None
-        for b in range(0, len(todo), batch_size):
-            t0 = time.perf_counter()
-            idx = todo[b:b + batch_size]
-            cond = conditioning(models, [captions[i] for i in idx], store.resolution)
-            x_T = init_noise(idx).to(models.device)
-            latents = sample(x_T, cond, idx, lambda f: bar.update(f * len(idx)))
-            images = decode(models.vae, latents, vae_batch_size)
-            features = featurize(images) if featurize else None
-            if pending is not None:
-                pending.result()  # the previous batch is on disk (or its error is raised here)
-            pending = writer.submit(store.write_batch, idx, latents.float().cpu(), images, features)
-            if on_batch is not None and len(idx) == batch_size:
-                on_batch(time.perf_counter() - t0)
-            bar.update(b + len(idx) - bar.n)  # the batch counted whole, whatever its ticks added up to
+        try:
+            for b in range(0, len(todo), batch_size):
+                t0 = time.perf_counter()
+                idx = todo[b:b + batch_size]
+                cond = conditioning(models, [captions[i] for i in idx], store.resolution)
+                x_T = init_noise(idx).to(models.device)
+                latents = sample(x_T, cond, idx, lambda f: bar.update(f * len(idx)))
+                images = decode(models.vae, latents, vae_batch_size)
+                features = featurize(images) if featurize else None
+                if on_batch is not None and len(idx) == batch_size:
+                    on_batch(time.perf_counter() - t0)
+                previous, pending = pending, None
+                if previous is not None:
+                    previous.result()  # the previous batch is on disk (or its error is raised here)
+                pending = writer.submit(store.write_batch, idx, latents.float().cpu(), images, features)
+                bar.update(b + len(idx) - bar.n)  # the batch counted whole, whatever its ticks added up to
+        except BaseException:
+            failed = pending.exception() if pending is not None else None  # waits for the write in flight
+            if failed is not None:  # raised from here it would hide the error that stopped the loop
+                print(f"warning: a batch's files were not written ({one_line(failed)}): rerun to make them",
+                      file=sys.stderr, flush=True)
+            raise
         if pending is not None:
             pending.result()
     bar.close()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..data import empty_caption_note
 from ..errors import UserError, exit_on_user_error
+from ..guidance import GuidedEps
 from ..models import SDXL_BASE
 from ..solvers import EVALUATIONS, SOLVERS
 from ..trackers import check_trackers
@@ -119,7 +120,7 @@ def teacher_main(argv=None) -> list[dict]:
                    "resolution": args.resolution, "seed": args.seed, "image_format": args.image_format,
                    "real_reference": "crop" if args.real_image_crop else "raw"},
               tb_group=f"teacher_{args.scheduler}_w{w}", tb_step=N,
-              unet_calls=2 * N * EVALUATIONS[args.scheduler],  # a conditional and an unconditional pass each
+              unet_calls=N * EVALUATIONS[args.scheduler] * GuidedEps.passes(w),
               make_sampler=lambda m: teacher_sampler(m, args.scheduler, N, w, args.cfg_batched, args.compile == "on",
                                                      freezing=args.compile_freezing,
                                                      channels_last=args.compile_channels_last),

@@ -16,8 +16,9 @@ compiled run records its measured compile time (first step minus a steady one) a
 ``auto`` decisions use them.
 
 The evaluation programs (``test_teacher.py``, ``test.py``) decide the same way (``resolve_sampling``), counting
-UNet calls instead of training steps: a teacher reference batch makes 2 N of them (the conditional and the
-unconditional pass of each of N solver steps), a student batch K; a compile is paid once per set of weights.
+UNet calls instead of training steps: a teacher reference batch makes N x the solver's evaluations per step x the
+guidance passes (2 N for DDIM with guidance), a student batch K; a compile is paid once per set of weights.
+Where inductor cannot compile (no Triton), ``auto`` stays eager.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ CHOICES = ("off", "on", "auto")
 def choice(value: str) -> str:
     """A ``--compile`` value as given, with the scripts' ``1`` / ``0`` (``COMPILE=1``) read as on / off."""
     return {"1": "on", "0": "off"}.get(value, value)
+
+
 FLAGS = ("compile_teacher", "teacher_channels_last", "teacher_freezing", "compile_blocks", "merged_target")
 
 # Seconds on one H200 at 1024 px with 16 samples per device: the recipe's eager and compiled steps (precomputed
@@ -50,9 +53,10 @@ RECIPE_COSTS = {
 }
 
 
-# The same for sampling (test_teacher.py, test.py): one UNet call of 16 samples at 1024 px in fp16, no grad, eager and
-# compiled as COMPILE=1 compiles it (channels_last, freezing), and that compile (benchmarks/RESULTS.md, ibid.).
-SAMPLING_COSTS = dict(eager_step_s=0.3254, compiled_step_s=0.2131, cold_compile_s=143.0, warm_compile_s=72.0)
+# The same for sampling (test_teacher.py, test.py): one no-grad call of the teacher's UNet on 16 samples at 1024 px,
+# eager and compiled as COMPILE=1 compiles it (channels_last, freezing), and that compile (benchmarks/RESULTS.md,
+# ibid.; bench.py's 16-bit rows of the teacher, also used for a student's LoRA UNet).
+SAMPLING_COSTS = dict(eager_step_s=0.3210, compiled_step_s=0.2131, cold_compile_s=143.0, warm_compile_s=72.0)
 SAMPLING_FLAGS = ("compile_channels_last", "compile_freezing")
 
 
@@ -70,9 +74,10 @@ def record_key(objective: str, args, flags: dict | None = None) -> str:
     return _key(objective, args.resolution, args.train_batch_size, args.mixed_precision, flags)
 
 
-def sampling_key(args) -> str:
-    """``record_key`` of the evaluation's compiled UNet: sizes, --weight_dtype and its compile options."""
-    return _key("sample", args.resolution, args.batch_size, args.weight_dtype,
+def sampling_key(args, kind: str) -> str:
+    """``record_key`` of the evaluation's compiled UNet (``kind``: "teacher" or "student", with its LoRA): sizes,
+    --weight_dtype and its compile options."""
+    return _key(f"sample {kind}", args.resolution, args.batch_size, args.weight_dtype,
                 {k: getattr(args, k, False) for k in SAMPLING_FLAGS})
 
 
@@ -101,6 +106,7 @@ class Estimate:
     compile_s: float
     cache: str  # "cold", "warm" or "measured": the first compile's
     unit: str = "steps"
+    compiles: int = 1
 
     @property
     def repays(self) -> bool:
@@ -109,7 +115,7 @@ class Estimate:
     def __str__(self):
         return (f"{self.steps} {self.unit} x {self.saved_per_step_s:.2f} s saved = "
                 f"{self.steps * self.saved_per_step_s:.0f} s {'>' if self.repays else '<='} {self.compile_s:.0f} s "
-                f"to compile ({self.cache} cache)")
+                f"to compile{f' {self.compiles} sets of weights' if self.compiles > 1 else ''} ({self.cache} cache)")
 
 
 def estimate(objective: str, args, steps: int, record: dict | None = None) -> Estimate:
@@ -118,10 +124,10 @@ def estimate(objective: str, args, steps: int, record: dict | None = None) -> Es
                      _work(args.resolution, args.train_batch_size), steps, record)
 
 
-def estimate_sampling(args, calls: int, loads: int = 1, record: dict | None = None) -> Estimate:
+def estimate_sampling(args, kind: str, calls: int, loads: int = 1, record: dict | None = None) -> Estimate:
     """The same for the evaluation: ``calls`` UNet calls of ``--batch_size`` samples, over ``loads`` sets of
     weights (each compiled once: the first as the cache stands, the later ones on the graphs it left)."""
-    return _estimate(SAMPLING_COSTS, sampling_key(args), _work(args.resolution, args.batch_size), calls, record,
+    return _estimate(SAMPLING_COSTS, sampling_key(args, kind), _work(args.resolution, args.batch_size), calls, record,
                      loads, unit="UNet calls")
 
 
@@ -137,7 +143,7 @@ def _estimate(costs: dict, key: str, work: float, steps: int, record: dict | Non
     warm = (entry or {}).get("warm_compile_s")
     warm, cache = (warm, "measured") if warm is not None else (costs["warm_compile_s"], "warm")
     first, cache = (costs["cold_compile_s"], "cold") if entry is None else (warm, cache)
-    return Estimate(steps, saved, first + (loads - 1) * warm, cache, unit)
+    return Estimate(steps, saved, first + (loads - 1) * warm, cache, unit, loads)
 
 
 def resolve(objective: str, args, device: torch.device, steps: int) -> str:
@@ -149,6 +155,8 @@ def resolve(objective: str, args, device: torch.device, steps: int) -> str:
     if choice == "auto":
         if device.type != "cuda":
             return "auto: off (no GPU)"
+        if not has_compiler():
+            return f"auto: off ({NO_COMPILER})"
         if any(getattr(args, k, False) for k in FLAGS):
             return "auto: off (compile flags given by hand)"
         est = estimate(objective, args, steps)
@@ -162,18 +170,21 @@ def resolve(objective: str, args, device: torch.device, steps: int) -> str:
     return decided
 
 
-def resolve_sampling(args, device: torch.device, calls: int, loads: int = 1) -> str:
-    """``--compile off|on|auto`` of test_teacher.py / test.py, for ``calls`` UNet calls of ``--batch_size``
-    samples planned over ``loads`` sets of weights: sets ``args.compile`` to "on" or "off" and returns what was
-    decided, e.g. ``"auto: off (no GPU)"``. The compile options (``SAMPLING_FLAGS``) apply when it is on."""
+def resolve_sampling(args, kind: str, device: torch.device, calls: int, loads: int = 1) -> str:
+    """``--compile off|on|auto`` of test_teacher.py / test.py (``kind``: "teacher" or "student"), for ``calls`` UNet
+    calls of ``--batch_size`` samples planned over ``loads`` sets of weights: sets ``args.compile`` to "on" or
+    "off" and returns what was decided, e.g. ``"auto: off (no GPU)"``. The compile options (``SAMPLING_FLAGS``)
+    apply when it is on."""
     if args.compile != "auto":
         return args.compile
     if device.type != "cuda":
         decided = "auto: off (no GPU)"
+    elif not has_compiler():
+        decided = f"auto: off ({NO_COMPILER})"
     elif not calls:
         decided = "auto: off (nothing to generate)"
     else:
-        est = estimate_sampling(args, calls, loads)
+        est = estimate_sampling(args, kind, calls, loads)
         decided = f"auto: {'on' if est.repays else 'off'} ({est})"
     args.compile = "on" if decided.startswith("auto: on") else "off"
     return decided
@@ -184,9 +195,19 @@ def training_timer(objective: str, args) -> "CompileTimer":
     return CompileTimer(record_key(objective, args) if args.compile_teacher or args.compile_blocks else None)
 
 
-def sampling_timer(args) -> "CompileTimer":
+def sampling_timer(args, kind: str) -> "CompileTimer":
     """The compile timer of an evaluation: its first two batches of one setting (inert when not compiled)."""
-    return CompileTimer(sampling_key(args) if args.compile == "on" else None, unit="a batch")
+    return CompileTimer(sampling_key(args, kind) if args.compile == "on" else None, unit="a batch")
+
+
+NO_COMPILER = "no Triton: inductor cannot compile for this GPU"
+
+
+def has_compiler() -> bool:
+    """Whether torch.compile's inductor can generate GPU code here (Triton installed and usable)."""
+    from torch.utils._triton import has_triton
+
+    return has_triton()
 
 
 class CompileTimer:
