@@ -193,7 +193,8 @@ class Bench:
             args = SimpleNamespace(compile="on" if compile else "off", lora_dropout=0.0, compile_mode=None, w=self.w,
                                    teacher_max_batch=None, train_batch_size=self.B, **dict.fromkeys(fast.plan.FLAGS))
             fast.plan.resolve(objective, args, self.device, steps=1)  # sets fast.plan.on_flags(objective) for "on"
-            self._fast[key] = fast.build(self.unet, self.unet, args, optimizer_step=lambda: self.optimizer_steps)
+            self._fast[key] = fast.build(self.unet, self.unet, args, objective,
+                                         optimizer_step=lambda: self.optimizer_steps)
         return self._fast[key]
 
     def context(self, side: Side, objective: str) -> tuple[DistillContext, object]:

@@ -143,7 +143,7 @@ class Trainer:
         logger.info("--compile %s", self.compiled)
         self.compile_timer = fast.plan.training_timer(objective, args)
         # The step: eps functions from the speed wing, the target source chosen once.
-        self.fast = fast.build(self.unet, self.base_unet, args, optimizer_step=lambda: self.global_step)
+        self.fast = fast.build(self.unet, self.base_unet, args, objective, optimizer_step=lambda: self.global_step)
         self.ctx = DistillContext(teacher_eps=self.fast.teacher_eps, student_eps_nograd=self.fast.target_eps,
                                   step=get_solver(args.solver), sched=self.sched, grid=self.grid,
                                   timestep_scaling=args.timestep_scaling_factor, max_batch=args.teacher_max_batch)

@@ -436,7 +436,8 @@ def test_compile_flags_give_the_same_losses(tiny_pipeline, tiny_image_folder, tm
                         lambda unet, **kw: compiled.append(unet) or modes.append(kw.get("mode"))
                         or real(unet, backend="eager"))
     real_blocks, blocks = fast.compile_blocks, []
-    monkeypatch.setattr(fast, "compile_blocks", lambda unet: blocks.append(real_blocks(unet, backend="eager")))
+    monkeypatch.setattr(fast, "compile_blocks", lambda unet, **kw: blocks.append(real_blocks(unet, backend="eager",
+                                                                                             **kw)))
     losses = {}
     for flag in ([], ["--compile_teacher", "--compile_mode", "max-autotune-no-cudagraphs"],
                  ["--compile_blocks", "--compile_teacher"]):  # --compile on's set for Direct CM (fast.plan)
@@ -455,6 +456,41 @@ def test_compile_flags_give_the_same_losses(tiny_pipeline, tiny_image_folder, tm
     eager = losses.pop("")
     for flag, got in losses.items():
         assert len(got) == 2 and got == pytest.approx(eager, rel=1e-4, abs=1e-7), flag
+
+
+def test_block_graphs_are_static_where_the_batch_never_changes(tiny_pipeline, tiny_image_folder, tmp_path,
+                                                               monkeypatch):
+    """--compile_blocks: the student's blocks, and CM's teacher view and merged target, compile with static shapes
+    (without it dynamo compiles the later block shapes of a class with symbolic sizes); Direct CM's teacher view,
+    called at shrinking active sets, keeps dynamo's automatic dynamic shapes."""
+    from cmdistill.args import training_parser
+    from cmdistill.train import Trainer
+
+    symbolic, static = [], []
+
+    def record(gm, inputs):
+        symbolic.append(sum(isinstance(x, torch.SymInt) for x in inputs))
+        return gm.forward
+
+    real = fast.compile_blocks
+    monkeypatch.setattr(fast, "compile_blocks",
+                        lambda unet, **kw: static.append(kw.get("static")) or real(unet, backend=record, **kw))
+
+    def trainer(objective, *flag):
+        return Trainer(training_parser(objective).parse_args([
+            "--pretrained_teacher_model", str(tiny_pipeline), "--train_data_dir", str(tiny_image_folder),
+            "--output_dir", str(tmp_path / objective), "--resolution", "64", "--train_batch_size", "2",
+            "--max_train_steps", "2", "--num_discr_timesteps", "10", "--w", "3", "--report_to", "none",
+            "--validation_steps", "0", "--checkpointing_steps", "100", "--no_precomputed", "--gradient_checkpointing",
+            "--compile_blocks", *flag]), objective)
+
+    torch._dynamo.reset()
+    trainer("cm", "--merged_target").train()
+    assert static == [True, True, True]  # the student, the teacher view, the merged target
+    assert len(symbolic) >= 4 and not any(symbolic)  # several block shapes, grad and no grad: none symbolic
+    static.clear()
+    trainer("direct_cm")
+    assert static == [True, False]  # the student; the teacher view
 
 
 def test_merged_target_gives_the_same_cm_losses(tiny_pipeline, tiny_image_folder, tmp_path, monkeypatch):

@@ -47,22 +47,25 @@ class Fast:
     merged: MergedAdapters | None = None  # --merged_target: refreshed at the first target pass of each optimizer step
 
 
-def build(unet, base_unet, args, optimizer_step: Callable[[], int] = lambda: None) -> Fast:
+def build(unet, base_unet, args, objective: str = "cm", optimizer_step: Callable[[], int] = lambda: None) -> Fast:
     """The training step's eps functions for the student ``unet`` (as the optimizer sees it, e.g. wrapped for DDP)
     and ``base_unet`` (the unwrapped module), made fast as ``args`` asks (``--compile_teacher``,
     ``--compile_blocks``, ``--teacher_freezing``, ``--teacher_channels_last``, ``--merged_target``,
     ``--teacher_max_batch``; under mixed precision without ``--lora_dropout``, no fp32 copy of the LoRA inputs).
     ``optimizer_step()`` is the trainer's optimizer step: the merged CM target is refreshed
-    once per step. The same function as the plain UNet passes, to kernel rounding (tests/test_speed.py)."""
+    once per step. ``objective``: CM calls its teacher with the whole batch, Direct CM with the shrinking active
+    sets of its trajectories. The same function as the plain UNet passes, to kernel rounding (tests/test_speed.py)."""
     compiled = bool(args.compile_teacher)
     # Every adapter forward of a 16-bit UNet runs under autocast: skip PEFT's copy of each input to fp32 (same values).
     skip_lora_input_casting(base_unet, args.lora_dropout)
     # The teacher: the same frozen weights seen without the adapter layers (no switch to flip per call).
     teacher_view = base_view(base_unet)
-    if args.compile_blocks:  # regional compilation: every pass through the UNet runs compiled blocks
-        compile_blocks(base_unet)
+    # Regional compilation: every pass through the UNet runs compiled blocks, with static shapes where a tree is
+    # only called with the batch size (the student; CM's teacher and merged target), else dynamic after a change.
+    if args.compile_blocks:
+        compile_blocks(base_unet, static=True)
         if not compiled:
-            compile_blocks(teacher_view)
+            compile_blocks(teacher_view, static=objective == "cm")
     channels_last = getattr(args, "teacher_channels_last", False)
     teacher_unet = (compile_unet(teacher_view, mode=args.compile_mode, freezing=getattr(args, "teacher_freezing", False),
                                  channels_last=channels_last) if compiled else teacher_view)
@@ -70,7 +73,7 @@ def build(unet, base_unet, args, optimizer_step: Callable[[], int] = lambda: Non
     # optimizer step, at its first target pass), compiled whole with --compile_teacher (default mode).
     merged = MergedAdapters(base_unet) if getattr(args, "merged_target", False) else None
     if merged is not None and args.compile_blocks and not compiled:
-        compile_blocks(merged.tree)
+        compile_blocks(merged.tree, static=True)
     target_unet = (base_unet if merged is None else
                    compile_unet(merged.tree, channels_last=channels_last) if compiled else merged.tree)
     # A compiled whole UNet (teacher, merged target) is called with a symbolic batch dimension (DynamicBatch).

@@ -152,15 +152,18 @@ BLOCK_TYPES = ("ResnetBlock2D", "BasicTransformerBlock")  # the blocks gradient 
 RECOMPILE_LIMIT = 512  # compiled entries allowed per block class (compile_blocks)
 
 
-def compile_blocks(unet, enabled: bool = True, backend: str = "inductor", mode: str | None = None) -> int:
+def compile_blocks(unet, enabled: bool = True, backend: str = "inductor", mode: str | None = None,
+                   static: bool = False) -> int:
     """Regional compilation: ``torch.compile`` of each ResNet and transformer block of ``unet`` in place
     (``nn.Module.compile``), or (``enabled=False``) back to eager. Every pass through the UNet uses the
     compiled blocks: the student's forward and backward (LoRA and checkpointing included: a checkpointed
     block recomputes through its compiled forward), the CM target pass, an eager teacher. Blocks of one class
     share their compiled code (the weights are graph inputs), so the compile takes a fraction of a
     whole-model compile with grad. Same values to kernel rounding (tests/test_speed.py). ``mode``
-    (inductor only), e.g. "max-autotune-no-cudagraphs": kernels tuned per block shape. Returns the number of
-    blocks."""
+    (inductor only), e.g. "max-autotune-no-cudagraphs": kernels tuned per block shape. ``static``: every graph
+    with static shapes, for a tree called at one batch size: without it dynamo compiles the second and later
+    block shapes of a class with symbolic sizes (its automatic dynamic shapes), which takes longer to compile
+    (benchmarks/RESULTS.md) and serves the next batch size without a recompile. Returns the number of blocks."""
     blocks = [m for m in unet.modules() if type(m).__name__ in BLOCK_TYPES]
     if enabled:
         compile_cache()
@@ -175,7 +178,7 @@ def compile_blocks(unet, enabled: bool = True, backend: str = "inductor", mode: 
         setattr(cfg, name, max(getattr(cfg, name), 4 * RECOMPILE_LIMIT))
     for m in blocks:
         if enabled:
-            m.compile(**_compile_kwargs(backend, mode))
+            m.compile(**_compile_kwargs(backend, mode), **({"dynamic": False} if static else {}))
         else:
             m._compiled_call_impl = None
     return len(blocks)
