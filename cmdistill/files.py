@@ -4,6 +4,7 @@ renamed into it, so that a reader (a rerun, another process, a crash's survivor)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import uuid
@@ -85,3 +86,12 @@ def atomic_dir(final: str | Path):
     os.replace(tmp, final)
     fsync(final.parent, directory=True)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256(path: Path) -> str:
+    """The SHA-256 digest of a file's bytes (hex): the identity of the weights in it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -223,6 +223,23 @@ def test_compute_metrics_with_toy_encoder(world, tmp_path, monkeypatch):
     assert res["toy_caption_acc"] > 0.9 and res["fd_toy"] >= 0
 
 
+def test_toy_features_are_known_by_the_encoder_weights_not_their_folder(world, tmp_path):
+    """The toy extractor's identity (which keys stored instance features and reference caches) follows the weights'
+    bytes: a copy of the encoder folder elsewhere gives the same identity, other weights another."""
+    import shutil
+
+    from cmdistill.toy.encoders import ENCODER_WEIGHTS, toy_feature_extractor
+
+    out, _ = world
+    moved = shutil.copytree(out / "encoder", tmp_path / "moved" / "encoder")
+    same = toy_feature_extractor(weights_dir=str(out / "encoder")).identity
+    assert toy_feature_extractor(weights_dir=str(moved)).identity == same
+    data = bytearray((moved / ENCODER_WEIGHTS).read_bytes())
+    data[-1] ^= 1
+    (moved / ENCODER_WEIGHTS).write_bytes(bytes(data))
+    assert toy_feature_extractor(weights_dir=str(moved)).identity != same
+
+
 def test_every_call_runs_with_the_workers_threads(tmp_path, monkeypatch):
     """A program that sets its own torch threads (the toy world's build: 2) does not leave them to the next call
     of the same worker: two workers of one thread each would otherwise run three threads on two cores (the demo's

@@ -13,6 +13,7 @@ from pathlib import Path
 from .. import results
 from ..data import empty_caption_note
 from ..errors import UserError, exit_on_user_error
+from ..files import sha256
 from ..models import DEFAULT_LORA_TARGETS, LORA_WEIGHT_NAME, SDXL_BASE, add_lora, load_lora_into
 from ..run_folder import CONFIG_NAME
 from ..schedule import check_sampling_steps
@@ -25,7 +26,7 @@ from .inputs import InitNoise, read_captions_file, read_json
 from .references import (check_teacher_images, check_teacher_latents, read_teacher_latents, reference_mismatches,
                          teacher_folder, teacher_format)
 from .store import CAPTIONS_NAME, EVAL_CONFIG_NAME, LATENTS_NAME, SampleStore
-from .weights import check_lora_file, lora_sha256, resolve_lora, select_checkpoints, weights_step
+from .weights import check_lora_file, resolve_lora, select_checkpoints, weights_step
 
 
 def student_parser() -> argparse.ArgumentParser:
@@ -215,7 +216,7 @@ def student_jobs(args, state, out, lora_dir, weights, train_step, N, c, init, tr
     # it, the metrics.json row as the flag (results, summary and the toy study read that column).
     base_identity = {"kind": "student", "model": args.pretrained_teacher_model,
                      "vae": args.pretrained_vae_model_name_or_path, "revision": args.revision,
-                     "teacher_revision": args.teacher_revision, "lora_sha256": lora_sha256(lora_dir / LORA_WEIGHT_NAME),
+                     "teacher_revision": args.teacher_revision, "lora_sha256": sha256(lora_dir / LORA_WEIGHT_NAME),
                      "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
                      "lora_target_modules": args.lora_target_modules, "lora_scale": args.lora_scale,
                      "fuse_lora": args.fuse_lora, "num_discr_timesteps": N, "timestep_scaling_factor": c,

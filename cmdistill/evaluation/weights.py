@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -89,13 +88,6 @@ def select_checkpoints(output_dir: Path, spec: str) -> list[tuple[Path, str, int
     return [(found[s][0], found[s][1], s if found[s][1] != "final" or final is not None else None) for s in steps]
 
 
-def lora_sha256(path: Path) -> str:
-    """The digest of a LoRA file: the identity of the weights a sample folder was made with."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_lora_file(path: Path) -> None:

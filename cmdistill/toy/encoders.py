@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..files import sha256
 from .data import ATTRIBUTES, label_indices, parse_caption
 
 ENCODER_WEIGHTS = "toy_encoder.safetensors"
@@ -268,7 +269,8 @@ def toy_feature_extractor(*, device="cpu", weights_dir=None):
     def preprocess(img):
         return as_batch([img], res)[0]
 
-    identity = f"toy:{(d / ENCODER_WEIGHTS).resolve()}:{(d / ENCODER_WEIGHTS).stat().st_size}"
+    # The weights by content, not by path: features stored beside samples stay valid when the folders move.
+    identity = f"toy:{ENCODER_WEIGHTS}:{sha256(d / ENCODER_WEIGHTS)[:16]}"
     return FeatureExtractor("toy", _Features(enc).to(device), preprocess, FEATURE_DIM, identity,
                             f"toy/v1: RGB, PIL bilinear resize to {res}, to [0, 1]", extras={"encoder": enc})
 
