@@ -21,6 +21,12 @@ from test_train import ROOT, common, losses
 ENV = {"HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
+# A document cited by file name, or by its upper-case name before a section sign ("METHOD §3" means METHOD.md).
+CITED_DOC = re.compile(r"[\w./-]+\.md\b|\b[A-Z][A-Z_]{2,}(?=\s*§)")
+REPO_DOCS = subprocess.run(["git", "ls-files", "*.md"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+
+
 def flags(parser):
     return [a for a in parser._actions if a.option_strings and a.dest != "help"]
 
@@ -33,7 +39,9 @@ def test_every_flag_has_terse_help_with_its_default(parser):
     for a in flags(parser):
         assert a.help and a.help.strip(), f"{a.option_strings[0]} has no help"
         assert not measured.search(a.help), f"{a.option_strings[0]}: measurements belong in RESULTS.md: {a.help}"
-        assert "SPEC" not in a.help
+        for doc in CITED_DOC.findall(a.help):  # a document a reader can open: one of this repository's
+            doc = doc if doc.endswith(".md") else doc + ".md"
+            assert any(path == doc or path.endswith("/" + doc) for path in REPO_DOCS), f"{a.option_strings[0]}: {doc}"
     text = parser.format_help()
     assert text.count("(default") == len(flags(parser))
 
