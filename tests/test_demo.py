@@ -4,6 +4,7 @@ sweep's files and report. Plumbing only: the world is far too small for its numb
 
 import json
 import shlex
+import shutil
 import os
 import subprocess
 import sys
@@ -139,3 +140,22 @@ def test_toy_sweep_runs_skips_reproduces_and_reports(small_world, tmp_path, caps
                                                                        for k, r in m.items()}))
     report_main(["--results", str(res), "--doc", str(doc)])
     assert f"On the seed mean it holds in {2 - lower} of 2" in doc.read_text()
+
+    # Cells run again on another device: the report sets their numbers side by side and says whether Direct CM
+    # against CM goes the same way on both.
+    check = res / "device_check" / "cells"
+    for cell in cells:
+        shutil.copytree(res / "cells" / cell, check / cell)
+        info = json.loads((check / cell / "cell.json").read_text())
+        (check / cell / "cell.json").write_text(json.dumps({**info, "device": "cuda (a GPU)"}))
+    m = _cell_metrics(check / cells[0])
+    m[1]["fd_toy"] *= 1.1
+    # CM's ODE error at 1 step moves to the other side of Direct CM's: that comparison turns on the other device.
+    m[1]["ode_error"] = dcm[1]["ode_error"] * (0.5 if dcm[1]["ode_error"] < m[1]["ode_error"] else 2)
+    (check / cells[0] / "metrics.json").write_text(json.dumps({f"student/final/{k}_steps": r for k, r in m.items()}))
+    report_main(["--results", str(res), "--doc", str(doc)])
+    text = doc.read_text()
+    assert "## Same cells on two devices" in text and "toy FD 10 %, caption acc. 0 %" in text
+    assert f"| {cells[0]} | 1 | {cm[1]['fd_toy']:.4g} / {1.1 * cm[1]['fd_toy']:.4g} |" in text
+    assert "goes the same way on both devices in 5 of 6 comparisons" in text
+    assert "Devices: 2 cells ran on" not in text  # every cell of the study itself ran on one device

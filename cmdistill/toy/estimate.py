@@ -6,9 +6,10 @@ guided steps (``teacher_step`` each: one for CM, the solve to t = 0 for Direct C
 sampling step (``sample``) and a decoded, saved and scored image (``image``); per program, its start in a warm
 worker (``start``); the precompute once. CPU: fitted to the sweep's cells at budget 150 on the 2-core development
 machine, one torch thread each (the measured seconds of every program of a cell are in its ``cell.json`` under
-``docs/toy_study/cells``, the cells of docs/toy_study.md). CUDA: not measured; a GPU runs these 8x8-latent
-networks bound by kernel launches, whatever the batch. The finished cells of a sweep scale the estimate of the
-rest (``calibration``).
+``docs/toy_study/cells``, the cells of docs/toy_study.md). CUDA: fitted to the cells that ran on an H100 with eight
+workers sharing it (their ``cell.json`` says so): these 8x8-latent networks are bound by Python and kernel
+launches, so a process runs a step little faster than one CPU core does, and the GPU's gain is the many workers
+side by side. The finished cells of a sweep scale the estimate of the rest (``calibration``).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from pathlib import Path
 
 COSTS = {"cpu": {"student": 0.21, "teacher_step": 0.073, "sample": 0.00185, "image": 0.009, "start": 6.0,
                  "precompute": 35.0},
-         "cuda": {"student": 0.04, "teacher_step": 0.02, "sample": 0.0001, "image": 0.001, "start": 4.0,
-                  "precompute": 15.0}}
+         "cuda": {"student": 0.15, "teacher_step": 0.033, "sample": 0.0002, "image": 0.001, "start": 10.0,
+                  "precompute": 20.0}}
 
 
 def train_estimate(cost: dict, cell) -> float:

@@ -13,7 +13,13 @@ from pathlib import Path
 
 from .. import results, summary
 from ..errors import UserError
-from .sweep import AXES, CONFIG_FLAGS, SWEEP_CONFIG_NAME, Cell, cells, dry_run, finished, parser, run, setting_name
+from .sweep import (AXES, CONFIG_FLAGS, OBJECTIVES, SWEEP_CONFIG_NAME, Cell, cells, dry_run, final_rows, finished,
+                    parser, run, setting_name)
+
+# The folder in --results with cells that ran again on another device (a results folder of its own): the report
+# compares their numbers with the cells' own.
+CHECK_NAME = "device_check"
+CHECK_METRICS = (("fd_toy", "toy FD"), ("toy_caption_acc", "caption acc."), ("ode_error", "ODE error"))
 
 
 def _rows(a, cell_names=None, teachers=None) -> list[dict]:
@@ -143,6 +149,73 @@ def _section(a, title: str, members: list[Cell], rel: Path) -> list[str]:
     return lines + [""]
 
 
+def _devices(by_device: dict[str, list[str]], checked: bool) -> list[str]:
+    """Which cells ran where, when they ran on more than one kind of device (the rest ran on the first);
+    ``checked``: the report has the section that compares devices."""
+    if len(by_device) < 2:
+        return []
+    main, *others = sorted(by_device, key=lambda k: -len(by_device[k]))
+    return [f"Devices: {len(by_device[main])} cells ran on {main}; "
+            + "; ".join(f"on {k}: {', '.join(sorted(by_device[k]))}" for k in others)
+            + "." + (" The section \"Same cells on two devices\" measures what the device changes." if checked
+                     else ""), ""]
+
+
+def device_check(a, check: Path, shown: Path) -> list[str]:
+    """The section comparing the cells in ``check`` (a results folder of the same recipe, run on another device;
+    ``shown``: its path in the report) with the same cells in ``--results``: their numbers side by side, the
+    largest differences, and whether Direct CM against CM goes the same way on both devices."""
+    pairs = {}
+    for d in sorted((check / "cells").glob("*")):
+        here = Path(a.results) / "cells" / d.name
+        try:
+            c = Cell.parse(d.name)
+            ia, ib = (json.loads((f / "cell.json").read_text()) for f in (here, d))
+        except (UserError, OSError, ValueError):
+            continue
+        if (ia.get("recipe") != ib.get("recipe") or ia.get("device") == ib.get("device")
+                or not (finished(a, c) and _complete(a, d))):
+            continue
+        pairs[c] = (ia.get("device", "?"), ib.get("device", "?"), final_rows(results.load(here)),
+                    final_rows(results.load(d)))
+    if not pairs:
+        return []
+    steps = a.num_inference_steps
+    table = ["| Cell | Steps | " + " | ".join(name for _, name in CHECK_METRICS) + " |",
+             "|" + "---|" * (2 + len(CHECK_METRICS))]
+    worst = {m: 0.0 for m, _ in CHECK_METRICS}
+    for c, (_, _, ra, rb) in pairs.items():
+        for k in steps:
+            table.append(f"| {c.name} | {k} | " + " | ".join(f"{ra[k][m]:.4g} / {rb[k][m]:.4g}"
+                                                              for m, _ in CHECK_METRICS) + " |")
+            for m, _ in CHECK_METRICS:
+                worst[m] = max(worst[m], abs(ra[k][m] - rb[k][m]) / max(abs(ra[k][m]), 1e-12))
+    same = total = 0
+    for c, (_, _, ra, rb) in pairs.items():
+        other = pairs.get(Cell(OBJECTIVES[1], c.budget, c.N, c.w, c.seed))
+        if c.objective != OBJECTIVES[0] or other is None:
+            continue
+        for k in steps:
+            for m, _ in CHECK_METRICS:
+                total += 1
+                same += (ra[k][m] < other[2][k][m]) == (rb[k][m] < other[3][k][m])
+    here = sorted({v[0] for v in pairs.values()})
+    there = sorted({v[1] for v in pairs.values()})
+    return ["## Same cells on two devices", "",
+            f"{len(pairs)} cells ran again on {', '.join(there)} (`{shown.as_posix()}`), with the same recipe and "
+            f"seeds; each entry below reads: on {', '.join(here)} / on {', '.join(there)}. Largest relative "
+            "difference: " + ", ".join(f"{name} {100 * worst[m]:.2g} %" for m, name in CHECK_METRICS) + "."
+            + (f" Direct CM against CM goes the same way on both devices in {same} of {total} comparisons "
+               "(metric x sampling steps)." if total else ""), "", *table, ""]
+
+
+def _complete(a, folder: Path) -> bool:
+    """Whether ``folder`` (a cell of another results folder) has every number of steps and metric."""
+    rows = final_rows(results.load(folder))
+    return all(k in rows and all(isinstance(rows[k].get(m), (int, float)) for m, _ in CHECK_METRICS)
+               for k in a.num_inference_steps)
+
+
 def report(a) -> Path:
     """docs/toy_study.md from the finished cells: the statements of where each half holds, the tables per axis,
     the plots per setting; every number read from ``--results``."""
@@ -154,14 +227,18 @@ def report(a) -> Path:
     rel = Path(os.path.relpath(Path(a.results), doc.parent))
     rows = _rows(a, {c.name for c in done})
     infos = [json.loads((Path(a.results) / "cells" / c.name / "cell.json").read_text()) for c in done]
-    devices = sorted({i.get("device", "?") for i in infos})
+    check = device_check(a, Path(a.results) / CHECK_NAME, rel / CHECK_NAME)
+    by_device: dict[str, list[str]] = {}
+    for i in infos:
+        by_device.setdefault(i.get("device", "?"), []).append(i["cell"])
+    devices = ", ".join(f"{len(v)} on {k}" for k, v in sorted(by_device.items(), key=lambda kv: -len(kv[1])))
     seeds = sorted({c.seed for c in done})
     steps = ", ".join(map(str, a.num_inference_steps))
     lines = [
         "# The toy study: where does \"better ODE solving, worse samples\" hold?",
         "",
         f"Written by `python -m cmdistill.toy report` from the {len(done)} finished cells in `{a.results}` "
-        f"(on {', '.join(devices)}); every number below is read from there. The paper's finding has two halves: "
+        f"({devices}); every number below is read from there. The paper's finding has two halves: "
         "Direct CM solves the teacher's ODE better than CM (a lower ODE error), yet its samples are worse. Each "
         "cell distils one seed of one objective with the demo's recipe (batch "
         f"{a.train_batch_size}, LoRA rank {a.lora_rank}, lr {a.learning_rate:g}, {a.solver.upper()} teacher) and "
@@ -173,6 +250,7 @@ def report(a) -> Path:
         "Reproduce: `python -m cmdistill.toy sweep` (it skips finished cells), one cell with the command in its "
         "`cell.json`.",
         "",
+        *_devices(by_device, bool(check)),
         "## Where each half holds",
         "",
     ]
@@ -201,6 +279,7 @@ def report(a) -> Path:
     others = [c for c in done if c.name not in placed]
     if others:
         lines += _section(a, "Other settings", others, rel)
+    lines += check
     missing = [c.name for c in cells(a) if c.name not in finished_names]
     if missing:
         lines += ["## Not run yet", "", f"{len(missing)} cells: " + ", ".join(missing) + ".", ""]
