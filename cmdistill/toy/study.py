@@ -202,8 +202,8 @@ def device_check(a, check: Path, shown: Path) -> list[str]:
     here = sorted({v[0] for v in pairs.values()})
     there = sorted({v[1] for v in pairs.values()})
     return ["## Same cells on two devices", "",
-            f"{len(pairs)} cells ran again on {', '.join(there)} (`{shown.as_posix()}`), with the same recipe and "
-            f"seeds; each entry below reads: on {', '.join(here)} / on {', '.join(there)}. Largest relative "
+            f"{len(pairs)} cells ran again on {', '.join(there)} (`{shown.as_posix()}`, each with its command in "
+            f"its `cell.json`), with the same recipe and seeds; each entry below reads: on {', '.join(here)} / on {', '.join(there)}. Largest relative "
             "difference: " + ", ".join(f"{name} {100 * worst[m]:.2g} %" for m, name in CHECK_METRICS) + "."
             + (f" Direct CM against CM goes the same way on both devices in {same} of {total} comparisons "
                "(metric x sampling steps)." if total else ""), "", *table, ""]

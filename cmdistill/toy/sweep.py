@@ -26,6 +26,8 @@ Two folders: ``--out`` holds the work (precomputed latents, references, runs wit
 and ``cells.csv`` (every cell and number of steps). A cell is finished when its metrics in ``--results`` are
 complete (every number of steps, every metric, every caption): a rerun skips it, so the sweep runs in parts
 (``--time_limit_s`` starts no cell that would not finish in time by its estimate; ``--only`` picks axes).
+Cells run again on another device, as a sweep of their own with ``--results <results>/device_check``, are set
+beside the same cells in the report ("Same cells on two devices").
 """
 
 from __future__ import annotations
