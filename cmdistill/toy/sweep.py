@@ -312,7 +312,7 @@ def dry_run(a) -> None:
     done = {c.name for c in selected if finished(a, c)}
     ref_done = {(N, w) for N, w in {(c.N, c.w) for c in selected}
                 if (Path(a.results) / "teachers" / f"N{N}_w{w:g}" / results.METRICS_NAME).is_file()}
-    total, seen_refs = 0.0, set()
+    total, longest, seen_refs = 0.0, 0.0, set()
     print(f"{'cell':<32} {'axis':<9} {'status':<9} est. s ({kind}, one worker)")
     per_axis = {}
     seen = set()
@@ -330,6 +330,7 @@ def dry_run(a) -> None:
                         est += teacher_estimate(cost, a, N)
                     per_axis[axis] = per_axis.get(axis, 0.0) + est
                     total += est
+                    longest = max(longest, est)
                     print(f"{c.name:<32} {axis:<9} {'finished' if c.name in done else 'to run':<9} {est:8.0f}")
     workers = default_worker_count(a, kind)
     if measured:
@@ -337,7 +338,8 @@ def dry_run(a) -> None:
               "estimates)")
     print(f"\n{len(selected)} cells, {len(done)} finished; estimated {total:.0f} s of one worker ("
           + ", ".join(f"{k} {v:.0f} s" for k, v in per_axis.items()) + ")"
-          + (f"; with {workers} workers about {total / workers / 60:.1f} min if they run side by side at full speed"
+          + (f"; with {workers} workers about {max(total / workers, longest) / 60:.1f} min if they run side by side "
+             "at full speed (no less than the longest cell)"
              if workers > 1 else f", {total / 60:.1f} min"))
 
 
