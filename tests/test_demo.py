@@ -76,7 +76,7 @@ def test_toy_sweep_runs_skips_reproduces_and_reports(small_world, tmp_path, caps
                 "--budgets", str(budget), "--seeds", "0", "--num_inference_steps", "1", "2", "--num_prompts", "8",
                 "--lora_rank", "4", "--train_batch_size", "4"]
 
-    main(flags() + ["--workers", "2"])
+    main(flags() + ["--workers", "2", "--checkpoint_every", "1"])
     cells = ["cm_b2_N10_w3_s0", "direct_cm_b2_N10_w3_s0"]
     for cell in cells:
         m = _cell_metrics(res / "cells" / cell)
@@ -108,13 +108,17 @@ def test_toy_sweep_runs_skips_reproduces_and_reports(small_world, tmp_path, caps
     assert "stopping here" in capsys.readouterr().out and not (res / "cells" / "cm_b3_N10_w3_s0").exists()
 
     # The cell's recorded training command, run as a process of its own, trains the same LoRA weights (the file's
-    # bytes may differ: safetensors writes its metadata keys in a per-process hash order).
+    # bytes may differ: safetensors writes its metadata keys in a per-process hash order), and so it does without
+    # the checkpoint the sweep saved after every step (of which it kept the latest).
     info = json.loads((res / "cells" / cells[1] / "cell.json").read_text())
     train = shlex.split(info["programs"][0])
     python = train.index("python")
     env = dict(a.split("=", 1) for a in train[:python])
     argv = [sys.executable, *train[python + 1:]]
     argv[argv.index("--output_dir") + 1] = str(tmp_path / "again")
+    assert argv[argv.index("--checkpointing_steps") + 1] == "1"
+    assert sorted(p.name for p in (out / "cells" / cells[1]).glob("checkpoint-*")) == ["checkpoint-2"]
+    argv[argv.index("--checkpointing_steps") + 1] = "0"
     subprocess.run(argv, check=True, env={**os.environ, **env}, cwd=str(Path(__file__).parents[1]),
                    capture_output=True)
     from safetensors.torch import load_file
