@@ -8,8 +8,8 @@ worker (``start``); the precompute once. CPU: fitted to the sweep's cells at bud
 machine, one torch thread each (the measured seconds of every program of a cell are in its ``cell.json`` under
 ``docs/toy_study/cells``, the cells of docs/toy_study.md). CUDA: fitted to the cells that ran on an H100 with eight
 workers sharing it (their ``cell.json`` says so): these 8x8-latent networks are bound by Python and kernel
-launches, so a process runs a step little faster than one CPU core does, and the GPU's gain is the many workers
-side by side. The finished cells of a sweep scale the estimate of the rest (``calibration``).
+launches, so one process gains far less over a CPU core than the GPU's size suggests; most of the gain is the many
+workers side by side. The finished cells of a sweep scale the estimate of the rest (``calibration``).
 """
 
 from __future__ import annotations
