@@ -162,4 +162,11 @@ def test_toy_sweep_runs_skips_reproduces_and_reports(small_world, tmp_path, caps
     assert "## Same cells on two devices" in text and "toy FD 10 %, caption acc. 0 %" in text
     assert f"| {cells[0]} | 1 | {cm[1]['fd_toy']:.4g} / {1.1 * cm[1]['fd_toy']:.4g} |" in text
     assert "goes the same way on both devices in 5 of 6 comparisons" in text
-    assert "Devices: 2 cells ran on" not in text  # every cell of the study itself ran on one device
+    assert "Devices:" not in text  # every cell of the study itself ran on one device
+    # A study whose cells ran on two devices names the cells off the first.
+    info = json.loads((res / "cells" / cells[1] / "cell.json").read_text())
+    (res / "cells" / cells[1] / "cell.json").write_text(json.dumps({**info, "device": "cuda (a GPU)"}))
+    report_main(["--results", str(res), "--doc", str(doc)])
+    text = doc.read_text()
+    assert f"Devices: 1 cell ran on cpu; on cuda (a GPU): {cells[1]}." in text
+    assert "(1 on cpu, 1 on cuda (a GPU))" in text

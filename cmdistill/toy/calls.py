@@ -102,9 +102,9 @@ def train_call(a, rdir: Path, objective: str, seed: int, steps: int, N: int, w: 
     return Call(f"train_{objective}.py", [
         *_common(a, N, w), "--output_dir", rdir, "--seed", seed, "--center_crop", "--train_batch_size",
         a.train_batch_size, "--max_train_steps", steps, "--learning_rate", a.learning_rate, "--lora_rank", a.lora_rank,
-        "--lora_alpha", a.lora_rank, "--checkpointing_steps", min(steps, a.checkpoint_every), "--checkpoints_total_limit",
-        1, "--validation_steps", 0, "--mixed_precision", "no", "--precomputed_dir", precomputed,
-        "--resume_from_checkpoint", "latest"], log,
+        "--lora_alpha", a.lora_rank, "--checkpointing_steps", min(steps, a.checkpoint_every),
+        "--checkpoints_total_limit", 1, "--validation_steps", 0, "--mixed_precision", "no", "--precomputed_dir",
+        precomputed, "--resume_from_checkpoint", "latest"], log,
         f"train_{objective}.py seed {seed}")
 
 

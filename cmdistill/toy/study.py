@@ -155,7 +155,8 @@ def _devices(by_device: dict[str, list[str]], checked: bool) -> list[str]:
     if len(by_device) < 2:
         return []
     main, *others = sorted(by_device, key=lambda k: -len(by_device[k]))
-    return [f"Devices: {len(by_device[main])} cells ran on {main}; "
+    n = len(by_device[main])
+    return [f"Devices: {n} cell{'s' if n != 1 else ''} ran on {main}; "
             + "; ".join(f"on {k}: {', '.join(sorted(by_device[k]))}" for k in others)
             + "." + (" The section \"Same cells on two devices\" measures what the device changes." if checked
                      else ""), ""]
@@ -203,8 +204,8 @@ def device_check(a, check: Path, shown: Path) -> list[str]:
     there = sorted({v[1] for v in pairs.values()})
     return ["## Same cells on two devices", "",
             f"{len(pairs)} cells ran again on {', '.join(there)} (`{shown.as_posix()}`, each with its command in "
-            f"its `cell.json`), with the same recipe and seeds; each entry below reads: on {', '.join(here)} / on {', '.join(there)}. Largest relative "
-            "difference: " + ", ".join(f"{name} {100 * worst[m]:.2g} %" for m, name in CHECK_METRICS) + "."
+            f"its `cell.json`), with the same recipe and seeds; each entry below reads: on {', '.join(here)} / on "
+            f"{', '.join(there)}. Largest relative difference: " + ", ".join(f"{name} {100 * worst[m]:.2g} %" for m, name in CHECK_METRICS) + "."
             + (f" Direct CM against CM goes the same way on both devices in {same} of {total} comparisons "
                "(metric x sampling steps)." if total else ""), "", *table, ""]
 
