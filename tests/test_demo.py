@@ -3,6 +3,7 @@ train_cm.py, train_direct_cm.py, test.py) in worker processes and in this one, t
 sweep's files and report. Plumbing only: the world is far too small for its numbers to mean anything."""
 
 import json
+import logging
 import shlex
 import shutil
 import os
@@ -67,7 +68,7 @@ def _cell_metrics(folder):
     return {r["num_inference_steps"]: r for r in json.loads((folder / "metrics.json").read_text()).values()}
 
 
-def test_toy_sweep_runs_skips_reproduces_and_reports(small_world, tmp_path, capsys):
+def test_toy_sweep_runs_skips_reproduces_and_reports(small_world, tmp_path, capsys, caplog):
     from cmdistill.toy.study import main, report_main
 
     out, res, doc = tmp_path / "work", tmp_path / "results", tmp_path / "docs" / "toy_study.md"
@@ -117,7 +118,7 @@ def test_toy_sweep_runs_skips_reproduces_and_reports(small_world, tmp_path, caps
     argv = [sys.executable, *train[python + 1:]]
     argv[argv.index("--output_dir") + 1] = str(tmp_path / "again")
     assert argv[argv.index("--checkpointing_steps") + 1] == "1"
-    assert sorted(p.name for p in (out / "cells" / cells[1]).glob("checkpoint-*")) == ["checkpoint-2"]
+    assert sorted(p.name for p in (out / "cells" / cells[1]).glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     argv[argv.index("--checkpointing_steps") + 1] = "0"
     subprocess.run(argv, check=True, env={**os.environ, **env}, cwd=str(Path(__file__).parents[1]),
                    capture_output=True)
@@ -126,6 +127,21 @@ def test_toy_sweep_runs_skips_reproduces_and_reports(small_world, tmp_path, caps
     lora = "pytorch_lora_weights.safetensors"
     again, before = load_file(tmp_path / "again" / lora), load_file(out / "cells" / cells[1] / lora)
     assert sorted(again) == sorted(before) and all(bool((again[k] == before[k]).all()) for k in again)
+
+    # A run stopped after its first checkpoint (no final weights, no later checkpoint, no scores) resumes from it
+    # and trains the same weights (CM resumes exactly).
+    run = out / "cells" / cells[0]
+    trained_before = load_file(run / lora)
+    for f in (run / lora, run / "metrics.json"):
+        f.unlink()
+    shutil.rmtree(run / "checkpoint-2")
+    shutil.rmtree(res / "cells" / cells[0])
+    with caplog.at_level(logging.INFO):  # the program runs in this process (--workers 0), its log records here
+        main(flags() + ["--workers", "0", "--checkpoint_every", "1"])
+    assert f"resuming from {run / 'checkpoint-1'}" in caplog.text
+    again = load_file(run / lora)
+    assert all(bool((again[k] == trained_before[k]).all()) for k in trained_before)
+    assert _cell_metrics(res / "cells" / cells[0]).keys() == {1, 2}
 
     # The report states each half from the numbers: where Direct CM's ODE error is lower, where its samples worse.
     report_main(["--results", str(res), "--doc", str(doc)])
@@ -160,8 +176,9 @@ def test_toy_sweep_runs_skips_reproduces_and_reports(small_world, tmp_path, caps
     report_main(["--results", str(res), "--doc", str(doc)])
     text = doc.read_text()
     assert "## Same cells on two devices" in text and "toy FD 10 %, caption acc. 0 %" in text
-    assert f"| {cells[0]} | 1 | {cm[1]['fd_toy']:.4g} / {1.1 * cm[1]['fd_toy']:.4g} |" in text
-    assert "goes the same way on both devices in 5 of 6 comparisons" in text
+    assert f"| {cells[0]} | cpu / cuda (a GPU) | 1 | {cm[1]['fd_toy']:.4g} / {1.1 * cm[1]['fd_toy']:.4g} |" in text
+    fd_turns = (dcm[1]["fd_toy"] > cm[1]["fd_toy"]) != (dcm[1]["fd_toy"] > 1.1 * cm[1]["fd_toy"])
+    assert f"goes the same way on both devices in {5 - fd_turns} of 6 comparisons" in text
     assert "Devices:" not in text  # every cell of the study itself ran on one device
     # A study whose cells ran on two devices names the cells off the first.
     info = json.loads((res / "cells" / cells[1] / "cell.json").read_text())
@@ -169,4 +186,5 @@ def test_toy_sweep_runs_skips_reproduces_and_reports(small_world, tmp_path, caps
     report_main(["--results", str(res), "--doc", str(doc)])
     text = doc.read_text()
     assert f"Devices: 1 cell ran on cpu; on cuda (a GPU): {cells[1]}." in text
+    assert f"Not compared: {cells[1]} (the same device)." in text
     assert "(1 on cpu, 1 on cuda (a GPU))" in text

@@ -42,8 +42,9 @@ def recipe_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=1,
                    help="torch threads of each worker (each program's numbers depend on it, not on --workers)")
     g.add_argument("--checkpoint_every", type=_count, default=100,
-                   help="training steps between a run's checkpoints (only the latest is kept; 0: none): a stopped "
-                        "study resumes a run from its last one (the numbers are the same whatever this is)")
+                   help="training steps between a run's checkpoints (the latest two are kept; 0: none): a stopped "
+                        "study resumes a run from its last one (checkpoints change no number; a resumed Direct CM "
+                        "run matches an unbroken one up to rounding)")
     return p
 
 
@@ -103,7 +104,7 @@ def train_call(a, rdir: Path, objective: str, seed: int, steps: int, N: int, w: 
         *_common(a, N, w), "--output_dir", rdir, "--seed", seed, "--center_crop", "--train_batch_size",
         a.train_batch_size, "--max_train_steps", steps, "--learning_rate", a.learning_rate, "--lora_rank", a.lora_rank,
         "--lora_alpha", a.lora_rank, "--checkpointing_steps", min(steps, a.checkpoint_every),
-        "--checkpoints_total_limit", 1, "--validation_steps", 0, "--mixed_precision", "no", "--precomputed_dir",
+        "--checkpoints_total_limit", 2, "--validation_steps", 0, "--mixed_precision", "no", "--precomputed_dir",
         precomputed, "--resume_from_checkpoint", "latest"], log,
         f"train_{objective}.py seed {seed}")
 

@@ -7,9 +7,9 @@ sampling step (``sample``) and a decoded, saved and scored image (``image``); pe
 worker (``start``); the precompute once. CPU: fitted to the sweep's cells at budget 150 on the 2-core development
 machine, one torch thread each (the measured seconds of every program of a cell are in its ``cell.json`` under
 ``docs/toy_study/cells``, the cells of docs/toy_study.md). CUDA: fitted to the cells that ran on an H100 with eight
-workers sharing it (their ``cell.json`` says so): these 8x8-latent networks are bound by Python and kernel
-launches, so one process gains far less over a CPU core than the GPU's size suggests; most of the gain is the many
-workers side by side. The finished cells of a sweep scale the estimate of the rest (``calibration``).
+workers sharing it (benchmarks/RESULTS.md, "The toy sweep on a GPU"): these 8x8-latent networks are bound by Python
+and kernel launches, so one process gains far less over a CPU core than the GPU's size suggests; most of the gain is
+the many workers side by side. The finished cells of a sweep scale the estimate of the rest (``calibration``).
 """
 
 from __future__ import annotations

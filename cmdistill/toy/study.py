@@ -13,8 +13,8 @@ from pathlib import Path
 
 from .. import results, summary
 from ..errors import UserError
-from .sweep import (AXES, CONFIG_FLAGS, OBJECTIVES, SWEEP_CONFIG_NAME, Cell, cells, dry_run, final_rows, finished,
-                    parser, run, setting_name)
+from .sweep import (AXES, CONFIG_FLAGS, OBJECTIVES, SWEEP_CONFIG_NAME, Cell, cells, complete, dry_run, final_rows,
+                    finished, parser, run, setting_name)
 
 # The folder in --results with cells that ran again on another device (a results folder of its own): the report
 # compares their numbers with the cells' own.
@@ -165,56 +165,67 @@ def _devices(by_device: dict[str, list[str]], checked: bool) -> list[str]:
 def device_check(a, check: Path, shown: Path) -> list[str]:
     """The section comparing the cells in ``check`` (a results folder of the same recipe, run on another device;
     ``shown``: its path in the report) with the same cells in ``--results``: their numbers side by side, the
-    largest differences, and whether Direct CM against CM goes the same way on both devices."""
-    pairs = {}
+    largest differences, whether Direct CM against CM goes the same way on both devices, and the cells left out
+    with the reason."""
+    pairs, skipped = {}, []
     for d in sorted((check / "cells").glob("*")):
-        here = Path(a.results) / "cells" / d.name
         try:
             c = Cell.parse(d.name)
+        except UserError:
+            continue
+        here = Path(a.results) / "cells" / d.name
+        try:
             ia, ib = (json.loads((f / "cell.json").read_text()) for f in (here, d))
-        except (UserError, OSError, ValueError):
+            ra, rb = results.load(here), results.load(d)
+        except (OSError, ValueError):
+            skipped.append(f"{c.name} (no readable cell.json and metrics.json in both folders)")
             continue
-        if (ia.get("recipe") != ib.get("recipe") or ia.get("device") == ib.get("device")
-                or not (finished(a, c) and _complete(a, d))):
+        why = ("made with another recipe" if ia.get("recipe") != ib.get("recipe") else
+               "the same device" if ia.get("device") == ib.get("device") else
+               "not trained there (its cell.json has no training time)"
+               if not any(k.startswith("train_") for k in ib.get("seconds", {})) else
+               "incomplete metrics" if not (complete(a, ra) and complete(a, rb)) else None)
+        if why:
+            skipped.append(f"{c.name} ({why})")
             continue
-        pairs[c] = (ia.get("device", "?"), ib.get("device", "?"), final_rows(results.load(here)),
-                    final_rows(results.load(d)))
-    if not pairs:
+        pairs[c] = (ia.get("device", "?"), ib.get("device", "?"), final_rows(ra), final_rows(rb))
+    if not pairs and not skipped:
         return []
     steps = a.num_inference_steps
-    table = ["| Cell | Steps | " + " | ".join(name for _, name in CHECK_METRICS) + " |",
-             "|" + "---|" * (2 + len(CHECK_METRICS))]
+    table = ["| Cell | Devices | Steps | " + " | ".join(name for _, name in CHECK_METRICS) + " |",
+             "|" + "---|" * (3 + len(CHECK_METRICS))]
     worst = {m: 0.0 for m, _ in CHECK_METRICS}
-    for c, (_, _, ra, rb) in pairs.items():
+    for c, (da, db, ra, rb) in pairs.items():
         for k in steps:
-            table.append(f"| {c.name} | {k} | " + " | ".join(f"{ra[k][m]:.4g} / {rb[k][m]:.4g}"
-                                                              for m, _ in CHECK_METRICS) + " |")
+            table.append(f"| {c.name} | {da} / {db} | {k} | " + " | ".join(
+                f"{ra[k][m]:.4g} / {rb[k][m]:.4g}" for m, _ in CHECK_METRICS) + " |")
             for m, _ in CHECK_METRICS:
                 worst[m] = max(worst[m], abs(ra[k][m] - rb[k][m]) / max(abs(ra[k][m]), 1e-12))
     same = total = 0
-    for c, (_, _, ra, rb) in pairs.items():
+    for c, (da, db, ra, rb) in pairs.items():
         other = pairs.get(Cell(OBJECTIVES[1], c.budget, c.N, c.w, c.seed))
-        if c.objective != OBJECTIVES[0] or other is None:
+        if c.objective != OBJECTIVES[0] or other is None or other[:2] != (da, db):
             continue
         for k in steps:
             for m, _ in CHECK_METRICS:
                 total += 1
-                same += (ra[k][m] < other[2][k][m]) == (rb[k][m] < other[3][k][m])
-    here = sorted({v[0] for v in pairs.values()})
-    there = sorted({v[1] for v in pairs.values()})
-    return ["## Same cells on two devices", "",
-            f"{len(pairs)} cells ran again on {', '.join(there)} (`{shown.as_posix()}`, each with its command in "
-            f"its `cell.json`), with the same recipe and seeds; each entry below reads: on {', '.join(here)} / on "
-            f"{', '.join(there)}. Largest relative difference: " + ", ".join(f"{name} {100 * worst[m]:.2g} %" for m, name in CHECK_METRICS) + "."
-            + (f" Direct CM against CM goes the same way on both devices in {same} of {total} comparisons "
-               "(metric x sampling steps)." if total else ""), "", *table, ""]
+                same += _sign(ra[k][m] - other[2][k][m]) == _sign(rb[k][m] - other[3][k][m])
+    lines = ["## Same cells on two devices", ""]
+    if pairs:
+        n = len(pairs)
+        lines += [f"{n} cell{'s' if n != 1 else ''} ran again on another device (`{shown.as_posix()}`, each with its "
+                  "command in its `cell.json`), with the same recipe and seeds; each entry below reads: on the "
+                  "first device / on the second, as the Devices column names them. Largest relative difference: "
+                  + ", ".join(f"{name} {100 * worst[m]:.2g} %" for m, name in CHECK_METRICS) + "."
+                  + (f" Direct CM against CM goes the same way on both devices in {same} of {total} comparisons "
+                     "(metric x sampling steps; a tie goes neither way)." if total else ""), "", *table, ""]
+    if skipped:
+        lines += [f"Not compared: {'; '.join(skipped)}.", ""]
+    return lines
 
 
-def _complete(a, folder: Path) -> bool:
-    """Whether ``folder`` (a cell of another results folder) has every number of steps and metric."""
-    rows = final_rows(results.load(folder))
-    return all(k in rows and all(isinstance(rows[k].get(m), (int, float)) for m, _ in CHECK_METRICS)
-               for k in a.num_inference_steps)
+def _sign(x: float) -> int:
+    return (x > 0) - (x < 0)
 
 
 def report(a) -> Path:
@@ -283,7 +294,8 @@ def report(a) -> Path:
     lines += check
     missing = [c.name for c in cells(a) if c.name not in finished_names]
     if missing:
-        lines += ["## Not run yet", "", f"{len(missing)} cells: " + ", ".join(missing) + ".", ""]
+        lines += ["## Not run yet", "", f"{len(missing)} cell{'s' if len(missing) != 1 else ''}: "
+                  + ", ".join(missing) + ".", ""]
     lines += ["Files: " + ", ".join(f"`{(rel / k).as_posix()}`" for k in ("sweep.csv", "sweep.json", "cells.csv")
                                      if k in files) + "; per setting `<setting>/table.md` and its plots.", ""]
     doc.parent.mkdir(parents=True, exist_ok=True)

@@ -26,8 +26,9 @@ Two folders: ``--out`` holds the work (precomputed latents, references, runs wit
 and ``cells.csv`` (every cell and number of steps). A cell is finished when its metrics in ``--results`` are
 complete (every number of steps, every metric, every caption): a rerun skips it, so the sweep runs in parts
 (``--time_limit_s`` starts no cell that would not finish in time by its estimate; ``--only`` picks axes).
-Cells run again on another device, as a sweep of their own with ``--results <results>/device_check``, are set
-beside the same cells in the report ("Same cells on two devices").
+Cells run again on another device, as a sweep of their own with ``--results <results>/device_check`` and a
+fresh ``--out`` (one that holds the first device's runs would only re-score them), are set beside the same cells
+in the report ("Same cells on two devices").
 """
 
 from __future__ import annotations
@@ -152,6 +153,12 @@ def finished(a, cell: Cell) -> bool:
     if diff:
         raise UserError(f"'{folder}' holds cell {cell.name} made with other settings (recorded, asked): {diff}; "
                         "pass another --results (and --out) for this recipe")
+    return complete(a, rows)
+
+
+def complete(a, rows: dict) -> bool:
+    """Whether a cell's metrics (``rows``: its metrics.json) hold every number of steps of ``a`` for its final
+    weights, on every caption, with every metric finite."""
     final = final_rows(rows)
     for k in a.num_inference_steps:
         r = final.get(k)
