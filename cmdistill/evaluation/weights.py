@@ -88,8 +88,6 @@ def select_checkpoints(output_dir: Path, spec: str) -> list[tuple[Path, str, int
     return [(found[s][0], found[s][1], s if found[s][1] != "final" or final is not None else None) for s in steps]
 
 
-
-
 def check_lora_file(path: Path) -> None:
     """A LoRA file that loads and holds finite weights, checked before any model loads."""
     from safetensors.torch import load_file

@@ -149,14 +149,17 @@ def _section(a, title: str, members: list[Cell], rel: Path) -> list[str]:
     return lines + [""]
 
 
+def _cells(n: int) -> str:
+    return f"{n} cell{'s' if n != 1 else ''}"
+
+
 def _devices(by_device: dict[str, list[str]], checked: bool) -> list[str]:
-    """Which cells ran where, when they ran on more than one kind of device (the rest ran on the first);
-    ``checked``: the report has the section that compares devices."""
+    """Which cells ran where (``by_device``: device -> its cells, the most used first), when they ran on more
+    than one kind of device; ``checked``: the report has the section that compares devices."""
     if len(by_device) < 2:
         return []
-    main, *others = sorted(by_device, key=lambda k: -len(by_device[k]))
-    n = len(by_device[main])
-    return [f"Devices: {n} cell{'s' if n != 1 else ''} ran on {main}; "
+    main, *others = by_device
+    return [f"Devices: {_cells(len(by_device[main]))} ran on {main}; "
             + "; ".join(f"on {k}: {', '.join(sorted(by_device[k]))}" for k in others)
             + "." + (" The section \"Same cells on two devices\" measures what the device changes." if checked
                      else ""), ""]
@@ -212,8 +215,7 @@ def device_check(a, check: Path, shown: Path) -> list[str]:
                 same += _sign(ra[k][m] - other[2][k][m]) == _sign(rb[k][m] - other[3][k][m])
     lines = ["## Same cells on two devices", ""]
     if pairs:
-        n = len(pairs)
-        lines += [f"{n} cell{'s' if n != 1 else ''} ran again on another device (`{shown.as_posix()}`, each with its "
+        lines += [f"{_cells(len(pairs))} ran again on another device (`{shown.as_posix()}`, each with its "
                   "command in its `cell.json`), with the same recipe and seeds; each entry below reads: on the "
                   "first device / on the second, as the Devices column names them. Largest relative difference: "
                   + ", ".join(f"{name} {100 * worst[m]:.2g} %" for m, name in CHECK_METRICS) + "."
@@ -243,7 +245,8 @@ def report(a) -> Path:
     by_device: dict[str, list[str]] = {}
     for i in infos:
         by_device.setdefault(i.get("device", "?"), []).append(i["cell"])
-    devices = ", ".join(f"{len(v)} on {k}" for k, v in sorted(by_device.items(), key=lambda kv: -len(kv[1])))
+    by_device = dict(sorted(by_device.items(), key=lambda kv: -len(kv[1])))  # the most used device first
+    devices = ", ".join(f"{len(v)} on {k}" for k, v in by_device.items())
     seeds = sorted({c.seed for c in done})
     steps = ", ".join(map(str, a.num_inference_steps))
     lines = [
@@ -294,8 +297,7 @@ def report(a) -> Path:
     lines += check
     missing = [c.name for c in cells(a) if c.name not in finished_names]
     if missing:
-        lines += ["## Not run yet", "", f"{len(missing)} cell{'s' if len(missing) != 1 else ''}: "
-                  + ", ".join(missing) + ".", ""]
+        lines += ["## Not run yet", "", f"{_cells(len(missing))}: " + ", ".join(missing) + ".", ""]
     lines += ["Files: " + ", ".join(f"`{(rel / k).as_posix()}`" for k in ("sweep.csv", "sweep.json", "cells.csv")
                                      if k in files) + "; per setting `<setting>/table.md` and its plots.", ""]
     doc.parent.mkdir(parents=True, exist_ok=True)
